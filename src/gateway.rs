@@ -1,0 +1,119 @@
+//! The gateway's shared state, built once from a validated config and shared by every connection.
+
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+
+use crate::config::{Config, Limits};
+use crate::http::HttpContext;
+use crate::ssh::hostkey::{self, HostKeyError};
+use crate::ssh::keys::{AuthorizedKeys, KeysError};
+use crate::ssh::{KeyPolicy, SshContext};
+use crate::tls::{self, CertResolver, TlsError};
+use crate::tunnels::{Registry, Tunnels};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    HostKey(#[from] HostKeyError),
+    #[error("{0}")]
+    Keys(#[from] KeysError),
+    #[error("no certificate configured: add a [[tls.certificate]] (or run `edgemux dev`)")]
+    NoCertificates,
+}
+
+pub struct Gateway {
+    config: Config,
+    resolver: Arc<CertResolver>,
+    tls: Arc<ServerConfig>,
+    ssh: Arc<SshContext>,
+    http: Arc<HttpContext>,
+    tunnels: Arc<Tunnels>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("domain", &self.config.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Loads certificates and keys; any failure here stops start-up with a clear message.
+    pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
+        let table = tls::load_table(&config.certificates)?;
+        if table.is_empty() {
+            return Err(BuildError::NoCertificates);
+        }
+        let resolver = Arc::new(CertResolver::new(table));
+        let tls = tls::server_config(resolver.clone())?;
+        let host_key = hostkey::load_or_generate(&config.ssh.host_key)?;
+        let policy = match &config.ssh.authorized_keys {
+            Some(path) => KeyPolicy::File(AuthorizedKeys::load(path)?),
+            None => {
+                tracing::warn!("no ssh.authorized_keys configured: any SSH key may open tunnels in its own namespace");
+                KeyPolicy::Open
+            }
+        };
+        let tunnels = Registry::new();
+        let ssh = Arc::new(SshContext::new(
+            &config.ssh,
+            host_key,
+            policy,
+            tunnels.clone(),
+            config.domain.clone(),
+            config.public_port,
+        ));
+        let http = Arc::new(HttpContext::new(&config, tunnels.clone(), ssh.clone()));
+        Ok(Arc::new(Self {
+            config,
+            resolver,
+            tls,
+            ssh,
+            http,
+            tunnels,
+        }))
+    }
+
+    /// SIGHUP: re-read certificates and authorized keys. A broken file keeps the old state in force.
+    pub fn reload(&self) {
+        match tls::load_table(&self.config.certificates) {
+            Ok(table) if !table.is_empty() => {
+                self.resolver.swap(table);
+                tracing::info!("certificates reloaded");
+            }
+            Ok(_) => tracing::warn!("certificates not reloaded: none configured"),
+            Err(e) => {
+                tracing::warn!(error = %e, "certificates not reloaded; the previous ones stay in service")
+            }
+        }
+        self.ssh.policy.reload();
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub fn tls_config(&self) -> Arc<ServerConfig> {
+        self.tls.clone()
+    }
+
+    pub fn ssh(&self) -> Arc<SshContext> {
+        self.ssh.clone()
+    }
+
+    pub fn http(&self) -> Arc<HttpContext> {
+        self.http.clone()
+    }
+
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
+    }
+}

@@ -1,0 +1,72 @@
+//! edgemux: a one-port edge gateway. TLS termination, an embedded SSH server for `ssh -R` tunnels
+//! and an HTTP reverse proxy into them, demultiplexed on one listener.
+//!
+//! The binary (`main.rs`) parses flags, loads the config, binds listeners and calls [`run`].
+
+pub mod admin;
+pub mod certs;
+pub mod config;
+pub mod conn;
+pub mod gateway;
+pub mod http;
+pub mod listener;
+pub mod prefixed;
+pub mod route;
+pub mod sniff;
+pub mod ssh;
+pub mod tls;
+pub mod tunnels;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use gateway::Gateway;
+
+/// How long in-flight connections get to finish after shutdown starts.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bound listeners, in config order, and the optional admin listener.
+#[derive(Debug)]
+pub struct Listeners {
+    pub main: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Serves until `shutdown` is cancelled, then drains connections up to a deadline.
+pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(gw.limits().max_connections));
+    for (listener, cfg) in listeners.main.into_iter().zip(gw.config().listeners.iter()) {
+        tokio::spawn(listener::run(
+            listener,
+            Arc::new(cfg.clone()),
+            gw.clone(),
+            slots.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(admin::run(admin, gw.clone(), shutdown.clone()));
+    }
+    shutdown.cancelled().await;
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(open, "draining connections");
+    }
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            cut = tracker.len(),
+            "drain deadline reached; cutting the remaining connections"
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The edgemux binary: flags, config, tracing, binding; then `edgemux::run`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use edgemux::config::{self, Config};
+use edgemux::{Gateway, Listeners};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edgemux",
+    version,
+    about = "One-port edge gateway: TLS, SSH tunnels and HTTPS on one listener"
+)]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=edgemux=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config: print every problem with its key path; exit 1 if there is any.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run with the embedded development defaults: domain `localhost`, a generated local CA.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "certs/dev")]
+        certs: PathBuf,
+    },
+    /// Print the key id that a client's tunnel hosts carry.
+    Keyid { key: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { config } => config::load(&config)
+            .with_context(|| format!("invalid config {}", config.display()))
+            .and_then(|c| serve(c, None)),
+        Command::Check { config } => return check(&config),
+        Command::Dev { listen, certs } => dev(listen, &certs),
+        Command::Keyid { key } => keyid(&key),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgemux: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}:\n{e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keyid(path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let key = edgemux::ssh::keys::parse_public_key_line(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!("{}", edgemux::ssh::keys::key_id(&key));
+    Ok(())
+}
+
+/// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
+/// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
+/// Called once every listener is bound, with their addresses.
+type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
+
+fn serve(config: Config, after_ready: Option<OnReady>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let gw = Gateway::build(config)?;
+        let mut main = Vec::new();
+        let mut bound = Vec::new();
+        for l in &gw.config().listeners {
+            let listener = tokio::net::TcpListener::bind(l.bind)
+                .await
+                .with_context(|| format!("cannot bind {}", l.bind))?;
+            let addr = listener.local_addr()?;
+            println!("listening {addr}");
+            bound.push(addr);
+            main.push(listener);
+        }
+        let admin = match &gw.config().admin {
+            Some(a) => {
+                let listener = tokio::net::TcpListener::bind(a.bind)
+                    .await
+                    .with_context(|| format!("cannot bind admin {}", a.bind))?;
+                println!("admin {}", listener.local_addr()?);
+                Some(listener)
+            }
+            None => None,
+        };
+        println!("ready");
+        if let Some(f) = after_ready {
+            f(&bound);
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(gw.clone(), shutdown.clone()));
+        edgemux::run(gw, Listeners { main, admin }, shutdown).await;
+        Ok(())
+    })
+}
+
+async fn signals(gw: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); gw.reload(); }
+        }
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+fn dev(listen: SocketAddr, certs: &Path) -> Result<()> {
+    let files = edgemux::certs::ensure_dev_certs(certs)?;
+    let toml = format!(
+        r#"domain = "localhost"
+[[listener]]
+bind = "{listen}"
+[tls]
+certs_dir = {dir:?}
+[[tls.certificate]]
+cert = {cert:?}
+key = {key:?}
+[admin]
+bind = "127.0.0.1:9090"
+"#,
+        dir = certs.display().to_string(),
+        cert = files.leaf.cert.display().to_string(),
+        key = files.leaf.key.display().to_string(),
+    );
+    let config = config::parse(&toml).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let ca = files.ca_cert.display().to_string();
+    serve(
+        config,
+        Some(Box::new(move |bound: &[SocketAddr]| {
+            print_dev_help(bound, &ca)
+        })),
+    )
+}
+
+fn print_dev_help(bound: &[SocketAddr], ca: &str) {
+    let Some(addr) = bound.first() else { return };
+    let port = addr.port();
+    let keyid = default_key_id().unwrap_or_else(|| "<keyid>".into());
+    println!(
+        "\nedgemux dev is running on {addr} (TLS + SSH, domain localhost, admin on 127.0.0.1:9090).\n\
+         \n1. Expose a local app on port 3000:\n\
+         \x20  ssh -o ProxyCommand=\"openssl s_client -quiet -verify_return_error -CAfile {ca} -connect {addr} -servername localhost\" -R myapp:80:localhost:3000 localhost\n\
+         \n2. Reach it:\n\
+         \x20  curl --cacert {ca} https://myapp-{keyid}.localhost:{port}/\n\
+         \n(key id of your default key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
+    );
+}
+
+fn default_key_id() -> Option<String> {
+    let home = std::env::var_os("HOME")?;
+    ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"]
+        .iter()
+        .find_map(|f| {
+            let text = std::fs::read_to_string(Path::new(&home).join(".ssh").join(f)).ok()?;
+            let key = edgemux::ssh::keys::parse_public_key_line(&text).ok()?;
+            Some(edgemux::ssh::keys::key_id(&key))
+        })
+}

@@ -1,0 +1,444 @@
+//! The per-connection russh handler: authentication, `tcpip-forward` registration, `direct-tcpip`
+//! to private tunnels, and the session channel that reports tunnels.
+//!
+//! Nothing here awaits a channel open on a session handle: russh would deadlock the session, so
+//! every such open happens in a spawned task.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect};
+
+use super::keys::key_id;
+use super::names::{self, TunnelName};
+use super::pump::channel_io;
+use super::SshContext;
+use crate::tunnels::{Kind, Member, Registration, Route, TunnelKey};
+
+/// How many `tcpip-forward`s one SSH connection may hold.
+const MAX_FORWARDS_PER_CONN: usize = 64;
+/// A `-N` client whose every forward was refused is told why and disconnected after this long
+/// (OpenSSH sends its forwards before it opens a session, so wait for a session briefly).
+const REFUSAL_GRACE: Duration = Duration::from_millis(700);
+/// Where ports are handed out for `-R 0:…` requests.
+const FIRST_ASSIGNED_PORT: u32 = 10_000;
+
+pub struct Handler {
+    ctx: Arc<SshContext>,
+    conn: u64,
+    client: SocketAddr,
+    user: String,
+    keyid: Option<String>,
+    forwards: HashMap<(String, u32), Registration<Member>>,
+    /// Live forwards and whether a session channel exists, shared with the refusal timer.
+    forward_count: Arc<AtomicUsize>,
+    has_session: Arc<AtomicBool>,
+    sessions: HashSet<ChannelId>,
+    refusals: Vec<String>,
+}
+
+impl Handler {
+    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr) -> Self {
+        Self {
+            ctx,
+            conn,
+            client,
+            user: String::new(),
+            keyid: None,
+            forwards: HashMap::new(),
+            forward_count: Arc::new(AtomicUsize::new(0)),
+            has_session: Arc::new(AtomicBool::new(false)),
+            sessions: HashSet::new(),
+            refusals: Vec::new(),
+        }
+    }
+
+    fn refuse_forward(&mut self, message: String, session: &Session) {
+        tracing::info!(conn = self.conn, client = %self.client, %message, "tunnel refused");
+        if let Some(&id) = self.sessions.iter().next() {
+            let handle = session.handle();
+            let text = format!("edgemux: {message}\r\n");
+            tokio::spawn(async move {
+                let _ = handle.extended_data(id, 1, text.into_bytes()).await;
+            });
+            return;
+        }
+        self.refusals.push(message.clone());
+        let (count, has_session, handle) = (
+            self.forward_count.clone(),
+            self.has_session.clone(),
+            session.handle(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(REFUSAL_GRACE).await;
+            if count.load(Ordering::Acquire) == 0 && !has_session.load(Ordering::Acquire) {
+                let _ = handle
+                    .disconnect(
+                        Disconnect::ByApplication,
+                        format!("edgemux: {message}"),
+                        String::new(),
+                    )
+                    .await;
+            }
+        });
+    }
+
+    fn assign_port(&self, host: &str) -> u32 {
+        let used: HashSet<u32> = self
+            .ctx
+            .tunnels
+            .snapshot()
+            .into_iter()
+            .filter(|(k, _)| k.host == host)
+            .filter_map(|(k, _)| match k.route {
+                Route::Tcp(p) => Some(p),
+                Route::Http => None,
+            })
+            .collect();
+        (FIRST_ASSIGNED_PORT..u32::from(u16::MAX))
+            .find(|p| !used.contains(p))
+            .unwrap_or(FIRST_ASSIGNED_PORT)
+    }
+
+    /// The caller's tunnels, as `ssh gw tunnels` prints them.
+    fn tunnels_json(&self) -> String {
+        let keyid = self.keyid.clone().unwrap_or_default();
+        let tunnels: Vec<serde_json::Value> = self
+            .ctx
+            .tunnels
+            .snapshot()
+            .into_iter()
+            .filter_map(|(key, members)| {
+                let m = members.first().filter(|m| m.keyid == keyid)?;
+                Some(self.describe(&key, &m.name, m.bind_port))
+            })
+            .collect();
+        serde_json::json!({ "keyid": keyid, "tunnels": tunnels }).to_string()
+    }
+
+    fn describe(&self, key: &TunnelKey, name: &str, bind_port: u32) -> serde_json::Value {
+        let (kind, port, url) = match key.route {
+            Route::Http => (Kind::Http, bind_port, self.ctx.url_for(&key.host)),
+            Route::Tcp(p) => (Kind::Tcp, p, format!("tcp://{}:{p}", key.host)),
+        };
+        serde_json::json!({ "name": name, "host": key.host, "url": url, "port": port, "kind": kind })
+    }
+
+    fn banner(&self) -> String {
+        let mut text = String::from("edgemux: your tunnels\r\n");
+        let mut any = false;
+        for ((addr, port), reg) in &self.forwards {
+            any = true;
+            let key = reg.key();
+            let line = match key.route {
+                Route::Http => format!(
+                    "  {}  ->  -R {addr}:{port}\r\n",
+                    self.ctx.url_for(&key.host)
+                ),
+                Route::Tcp(p) => format!(
+                    "  tcp {host}:{p}  (reach it with: ssh -L {p}:{host}:{p} {domain})\r\n",
+                    host = key.host,
+                    domain = self.ctx.domain
+                ),
+            };
+            text.push_str(&line);
+        }
+        if !any {
+            text.push_str("  none yet: add -R myapp:80:localhost:3000 to your ssh command\r\n");
+        }
+        text.push_str("Press Ctrl-C to close.\r\n");
+        text
+    }
+
+    fn flush_refusals(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        for message in std::mem::take(&mut self.refusals) {
+            session.extended_data(channel, 1, format!("edgemux: {message}\r\n").into_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+impl russh::server::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let allowed = self.ctx.policy.allows(&key_id(offer.public_key));
+        Ok(if allowed {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let keyid = key_id(key.public_key);
+        if !self.ctx.policy.allows(&keyid) {
+            tracing::info!(conn = self.conn, client = %self.client, %keyid, "ssh key refused");
+            return Ok(Auth::reject());
+        }
+        tracing::info!(conn = self.conn, client = %self.client, user, %keyid, "ssh authenticated");
+        self.user = user.to_owned();
+        self.keyid = Some(keyid);
+        Ok(Auth::Accept)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(keyid) = self.keyid.clone() else {
+            return Ok(false);
+        };
+        let name: TunnelName = match names::name_for_bind(address, &self.user) {
+            Ok(n) => n,
+            Err(e) => {
+                self.refuse_forward(format!("{e}; try -R myapp:80:localhost:3000"), session);
+                return Ok(false);
+            }
+        };
+        if self.forwards.len() >= MAX_FORWARDS_PER_CONN {
+            self.refuse_forward(
+                format!("at most {MAX_FORWARDS_PER_CONN} tunnels per connection"),
+                session,
+            );
+            return Ok(false);
+        }
+        let host = names::host_for(&name, &keyid, &self.ctx.domain);
+        if *port == 0 {
+            *port = self.assign_port(&host);
+        }
+        if *port > u32::from(u16::MAX) || self.forwards.contains_key(&(address.to_owned(), *port)) {
+            self.refuse_forward(format!("port {port} is not available for {name}"), session);
+            return Ok(false);
+        }
+        let key = TunnelKey {
+            host: host.clone(),
+            route: Route::for_port(*port),
+        };
+        let member = Member {
+            conn: self.conn,
+            keyid,
+            name: name.to_string(),
+            bind_address: address.to_owned(),
+            bind_port: *port,
+            client: self.client,
+            since: SystemTime::now(),
+            handle: session.handle(),
+        };
+        let reg = self.ctx.tunnels.register(key, member);
+        self.forwards.insert((address.to_owned(), *port), reg);
+        self.forward_count.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let removed = self.forwards.remove(&(address.to_owned(), port)).is_some();
+        if removed {
+            self.forward_count.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(removed)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Keystrokes arrive through `data`; dropping the channel object keeps its queue from filling.
+        self.sessions.insert(channel.id());
+        self.has_session.store(true, Ordering::Release);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.flush_refusals(channel, session)?;
+        session.data(channel, self.banner().into_bytes())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.flush_refusals(channel, session)?;
+        let command = String::from_utf8_lossy(data);
+        let status = match command.trim() {
+            "tunnels" => {
+                session.data(channel, (self.tunnels_json() + "\n").into_bytes())?;
+                0
+            }
+            other => {
+                let msg = format!("edgemux: unknown command {other:?}; try: tunnels\n");
+                session.extended_data(channel, 1, msg.into_bytes())?;
+                1
+            }
+        };
+        session.exit_status_request(channel, status)?;
+        session.eof(channel)?;
+        session.close(channel)
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Ctrl-C or Ctrl-D in the interactive session ends it.
+        if self.sessions.contains(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
+            session.data(channel, b"bye\r\n".to_vec())?;
+            session.exit_status_request(channel, 0)?;
+            session.eof(channel)?;
+            session.close(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.sessions.remove(&channel);
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(visitor) = self.keyid.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let target =
+            names::canonical_host(host_to_connect, &self.ctx.domain).map(|host| TunnelKey {
+                host,
+                route: Route::for_port(port_to_connect),
+            });
+        let members = target
+            .as_ref()
+            .map(|k| self.ctx.tunnels.members(k))
+            .unwrap_or_default();
+        let allowed = members.first().is_some_and(|m| {
+            target.as_ref().is_some_and(|t| t.route == Route::Http)
+                || self.ctx.may_reach(&m.keyid, &visitor)
+        });
+        if !allowed {
+            tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let origin = (originator_address.to_owned(), originator_port);
+        let limit = self.ctx.channel_buffer;
+        tokio::spawn(bridge(members, channel, reply, origin, limit));
+        Ok(())
+    }
+}
+
+/// Opens a `forwarded-tcpip` channel to the first pool member that accepts, then copies bytes both
+/// ways. Runs in its own task (see the module doc).
+async fn bridge(
+    members: Vec<Arc<Member>>,
+    visitor: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    origin: (String, u32),
+    limit: usize,
+) {
+    let Some(upstream) = open_forwarded(&members, &origin.0, origin.1).await else {
+        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        return;
+    };
+    reply.accept().await;
+    let mut a = channel_io(visitor, limit);
+    let mut b = channel_io(upstream, limit);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        tracing::debug!(error = %e, "tunnel bridge ended");
+    }
+}
+
+/// Tries each member in turn; the first that accepts a `forwarded-tcpip` channel serves.
+pub async fn open_forwarded(
+    members: &[Arc<Member>],
+    origin_addr: &str,
+    origin_port: u32,
+) -> Option<Channel<Msg>> {
+    for m in members {
+        let opened = m
+            .handle
+            .channel_open_forwarded_tcpip(
+                m.bind_address.clone(),
+                m.bind_port,
+                origin_addr,
+                origin_port,
+            )
+            .await;
+        match opened {
+            Ok(ch) => return Some(ch),
+            Err(e) => {
+                tracing::info!(conn = m.conn, error = %e, "pool member refused a channel; trying the next")
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,189 @@
+//! Client keys: the key id that namespaces tunnel hosts, and the `authorized_keys` set.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use russh::keys::{HashAlg, PublicKey};
+
+/// 8 base32 characters = 40 bits of SHA-256: collisions need ~10^12 keys, and a host label
+/// `<name>-<keyid>` still leaves 54 characters for the name.
+pub const KEY_ID_LEN: usize = 8;
+
+/// The key id of a public key: the first [`KEY_ID_LEN`] characters of the lowercase base32 of its
+/// SHA-256 fingerprint (the same digest `ssh-keygen -lf` shows in base64).
+pub fn key_id(key: &PublicKey) -> String {
+    let fp = key.fingerprint(HashAlg::Sha256);
+    // Lowercase RFC 4648 base32: DNS-safe.
+    let mut id = data_encoding::BASE32_NOPAD
+        .encode(fp.as_bytes())
+        .to_ascii_lowercase();
+    id.truncate(KEY_ID_LEN);
+    id
+}
+
+pub fn is_key_id(s: &str) -> bool {
+    s.len() == KEY_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: not a public key: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`, options prefix allowed).
+pub fn parse_public_key_line(line: &str) -> Result<PublicKey, String> {
+    let line = line.trim();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let at = fields
+        .iter()
+        .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-") || f.starts_with("sk-"))
+        .ok_or_else(|| "no key type (ssh-ed25519, ecdsa-sha2-…, ssh-rsa) found".to_string())?;
+    let blob = fields.get(at + 1).ok_or("key type without key data")?;
+    russh::keys::parse_public_key_base64(blob).map_err(|e| e.to_string())
+}
+
+/// Reads an `authorized_keys` file into the set of key ids it allows.
+pub fn read_authorized_keys(path: &Path) -> Result<HashSet<String>, KeysError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut ids = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let key = parse_public_key_line(line).map_err(|reason| KeysError::Parse {
+            path: path.to_owned(),
+            line: i + 1,
+            reason,
+        })?;
+        ids.insert(key_id(&key));
+    }
+    Ok(ids)
+}
+
+/// Who may authenticate: anyone (open mode), or the keys of an `authorized_keys` file that is
+/// re-read when it changes (checked at most once per authentication) or on SIGHUP.
+#[derive(Debug)]
+pub enum KeyPolicy {
+    Open,
+    File(AuthorizedKeys),
+}
+
+#[derive(Debug)]
+pub struct AuthorizedKeys {
+    path: PathBuf,
+    state: RwLock<(Option<SystemTime>, Arc<HashSet<String>>)>,
+}
+
+impl AuthorizedKeys {
+    pub fn load(path: &Path) -> Result<Self, KeysError> {
+        let ids = read_authorized_keys(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            state: RwLock::new((mtime(path), Arc::new(ids))),
+        })
+    }
+
+    /// Re-reads the file if its modification time changed, or always when `force`. A file that no
+    /// longer parses keeps the previous set in force and logs why.
+    pub fn refresh(&self, force: bool) {
+        let now = mtime(&self.path);
+        let stale = self.state.read().map(|s| s.0 != now).unwrap_or(true);
+        if !(force || stale) {
+            return;
+        }
+        match read_authorized_keys(&self.path) {
+            Ok(ids) => {
+                tracing::info!(path = %self.path.display(), keys = ids.len(), "authorized_keys reloaded");
+                if let Ok(mut s) = self.state.write() {
+                    *s = (now, Arc::new(ids));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "authorized_keys not reloaded; the previous keys stay in force")
+            }
+        }
+    }
+
+    pub fn allows(&self, keyid: &str) -> bool {
+        self.refresh(false);
+        self.state
+            .read()
+            .map(|s| s.1.contains(keyid))
+            .unwrap_or(false)
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl KeyPolicy {
+    pub fn allows(&self, keyid: &str) -> bool {
+        match self {
+            Self::Open => true,
+            Self::File(keys) => keys.allows(keyid),
+        }
+    }
+
+    pub fn reload(&self) {
+        if let Self::File(keys) = self {
+            keys.refresh(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    const ED25519: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL9UJGX+IcLv7evKDJzFMGiLFt4l2/P3lY/AT+Hh+BSB alice@laptop";
+
+    #[test]
+    fn key_id_is_stable_and_dns_safe() {
+        let key = parse_public_key_line(ED25519).unwrap();
+        let id = key_id(&key);
+        assert!(is_key_id(&id), "{id}");
+        assert_eq!(id, key_id(&parse_public_key_line(ED25519).unwrap()));
+    }
+
+    #[test]
+    fn options_prefix_and_garbage() {
+        let with_opts = format!("no-pty,command=\"x\" {ED25519}");
+        assert!(parse_public_key_line(&with_opts).is_ok());
+        assert!(parse_public_key_line("hello world").is_err());
+        assert!(parse_public_key_line("ssh-ed25519").is_err());
+        assert!(parse_public_key_line("ssh-ed25519 !!!!").is_err());
+    }
+
+    #[test]
+    fn authorized_keys_file_reports_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ak");
+        std::fs::write(&p, format!("# comment\n\n{ED25519}\nbogus line\n")).unwrap();
+        match read_authorized_keys(&p) {
+            Err(KeysError::Parse { line, .. }) => assert_eq!(line, 4),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&p, format!("{ED25519}\n")).unwrap();
+        assert_eq!(read_authorized_keys(&p).unwrap().len(), 1);
+    }
+}

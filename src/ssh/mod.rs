@@ -1,0 +1,152 @@
+//! The embedded SSH tunnel endpoint: public-key auth, `ssh -R` tunnels, `ssh -L` to private
+//! tunnels, and a session channel that shows the tunnel URLs.
+
+pub mod handler;
+pub mod hostkey;
+pub mod keys;
+pub mod names;
+pub mod pump;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use russh::{MethodKind, MethodSet};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::SshConfig;
+use crate::tunnels::Tunnels;
+
+pub use keys::KeyPolicy;
+
+/// SSH flow-control window: at least 8 MiB so one channel fills a long fat link
+/// (100 ms × 640 Mbit/s).
+const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+/// Largest SSH packet we send or accept per channel; OpenSSH's own default is 32 KiB.
+const MAX_PACKET: u32 = 32 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("ssh protocol: {0}")]
+    Protocol(#[from] russh::Error),
+}
+
+impl SshError {
+    pub fn reason(&self) -> &'static str {
+        "protocol"
+    }
+
+    /// The client went away (TCP close, TLS without close_notify as `openssl s_client` does).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            Self::Protocol(russh::Error::IO(e)) => matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            Self::Protocol(russh::Error::Disconnect | russh::Error::HUP) => true,
+            Self::Protocol(_) => false,
+        }
+    }
+}
+
+/// Everything the SSH side shares between connections.
+pub struct SshContext {
+    pub server: Arc<russh::server::Config>,
+    pub policy: KeyPolicy,
+    pub tunnels: Arc<Tunnels>,
+    pub domain: String,
+    pub public_port: u16,
+    /// owner key id → key ids that may reach the owner's private tunnels.
+    pub grants: HashMap<String, HashSet<String>>,
+    pub channel_buffer: usize,
+    conn_ids: AtomicU64,
+}
+
+impl std::fmt::Debug for SshContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshContext")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SshContext {
+    pub fn new(
+        cfg: &SshConfig,
+        host_key: PrivateKey,
+        policy: KeyPolicy,
+        tunnels: Arc<Tunnels>,
+        domain: String,
+        public_port: u16,
+    ) -> Self {
+        let mut grants: HashMap<String, HashSet<String>> = HashMap::new();
+        for g in &cfg.grants {
+            grants
+                .entry(g.owner.clone())
+                .or_default()
+                .extend(g.keys.iter().cloned());
+        }
+        Self {
+            server: Arc::new(server_config(cfg, host_key)),
+            policy,
+            tunnels,
+            domain,
+            public_port,
+            grants,
+            channel_buffer: cfg.channel_buffer,
+            conn_ids: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `visitor` may open channels to `owner`'s private tunnels.
+    pub fn may_reach(&self, owner: &str, visitor: &str) -> bool {
+        owner == visitor || self.grants.get(owner).is_some_and(|g| g.contains(visitor))
+    }
+
+    /// The URL users type for a host: `https://host` plus the port when it is not 443.
+    pub fn url_for(&self, host: &str) -> String {
+        match self.public_port {
+            443 => format!("https://{host}"),
+            p => format!("https://{host}:{p}"),
+        }
+    }
+}
+
+fn server_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(
+            concat!("SSH-2.0-edgemux_", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(500),
+        // OpenSSH probes with "none" first; answering it at once is not an oracle.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        max_auth_attempts: 6,
+        // Dead clients are found by keepalives, not by the 10-minute inactivity default.
+        inactivity_timeout: None,
+        keepalive_interval: Some(cfg.keepalive_interval),
+        keepalive_max: cfg.keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Runs one SSH connection to completion on an already-routed stream.
+pub async fn serve<S>(ctx: Arc<SshContext>, stream: S, client: SocketAddr) -> Result<(), SshError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = ctx.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let handler = handler::Handler::new(ctx.clone(), conn, client);
+    let session = russh::server::run_stream(ctx.server.clone(), stream, handler).await?;
+    session.await?;
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Tunnel names and hosts: `<name>-<keyid>.<domain>`. Pure functions, fuzzed.
+//!
+//! The key id in every host is what stops one user from taking over another's hostname.
+
+use super::keys::KEY_ID_LEN;
+
+/// A DNS label is at most 63 bytes; the host label is `<name>-<keyid>`.
+pub const MAX_NAME: usize = 63 - 1 - KEY_ID_LEN;
+/// A DNS name is at most 253 characters in text form.
+pub const MAX_DOMAIN: usize = 253;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("tunnel name {0:?} is empty")]
+    Empty(String),
+    #[error("tunnel name {name:?} is longer than {MAX_NAME} characters")]
+    TooLong { name: String },
+    #[error("tunnel name {0:?} may only hold letters a-z, digits and '-', and may not start or end with '-'")]
+    BadCharacters(String),
+}
+
+/// A validated, lowercase tunnel name (one DNS label short enough to carry the key id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TunnelName(String);
+
+impl TunnelName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TunnelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates a tunnel name; ASCII case is folded since hostnames are case-insensitive.
+pub fn parse_name(raw: &str) -> Result<TunnelName, NameError> {
+    let shown: String = raw.chars().take(80).collect();
+    if raw.is_empty() {
+        return Err(NameError::Empty(shown));
+    }
+    if raw.len() > MAX_NAME {
+        return Err(NameError::TooLong { name: shown });
+    }
+    if !is_label(raw) {
+        return Err(NameError::BadCharacters(shown));
+    }
+    Ok(TunnelName(raw.to_ascii_lowercase()))
+}
+
+fn is_label(s: &str) -> bool {
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(ok_char)
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The name a `tcpip-forward` bind address asks for: `-R myapp:80:…` binds "myapp"; an empty bind,
+/// `localhost` (OpenSSH's default) or a wildcard means "use my SSH user name".
+pub fn name_for_bind(bind_address: &str, user: &str) -> Result<TunnelName, NameError> {
+    match bind_address {
+        "" | "localhost" | "*" | "0.0.0.0" | "::" | "127.0.0.1" | "::1" => parse_name(user),
+        other => parse_name(other),
+    }
+}
+
+/// `myapp-abcdefgh.gw.example.com`.
+pub fn host_for(name: &TunnelName, keyid: &str, domain: &str) -> String {
+    format!("{}.{domain}", short_host(name, keyid))
+}
+
+/// `myapp-abcdefgh`, the host's first label.
+pub fn short_host(name: &TunnelName, keyid: &str) -> String {
+    format!("{name}-{keyid}")
+}
+
+/// Whether `domain` is a DNS name made of valid labels.
+pub fn is_domain(domain: &str) -> bool {
+    !domain.is_empty() && domain.len() <= MAX_DOMAIN && domain.split('.').all(is_label)
+}
+
+/// Resolves a host that a client names (Host header, `ssh -L` target) to a full tunnel host under
+/// `domain`: accepts `name-keyid.domain` and the short `name-keyid`, with any ASCII case and an
+/// optional trailing dot. Returns `None` for anything that cannot be a tunnel host.
+pub fn canonical_host(host: &str, domain: &str) -> Option<String> {
+    if host.len() > MAX_DOMAIN {
+        return None;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let label = match host.strip_suffix(domain) {
+        Some(rest) => rest.strip_suffix('.')?,
+        None => host.as_str(),
+    };
+    if !is_label(label) {
+        return None;
+    }
+    Some(format!("{label}.{domain}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(parse_name("MyApp").unwrap().as_str(), "myapp");
+        assert_eq!(parse_name("a-1").unwrap().as_str(), "a-1");
+        assert!(matches!(parse_name(""), Err(NameError::Empty(_))));
+        assert!(matches!(parse_name("-a"), Err(NameError::BadCharacters(_))));
+        assert!(matches!(parse_name("a-"), Err(NameError::BadCharacters(_))));
+        assert!(matches!(
+            parse_name("bad_name!"),
+            Err(NameError::BadCharacters(_))
+        ));
+        assert!(matches!(
+            parse_name("a.b"),
+            Err(NameError::BadCharacters(_))
+        ));
+        assert!(matches!(parse_name("é"), Err(NameError::BadCharacters(_))));
+        assert!(parse_name(&"a".repeat(MAX_NAME)).is_ok());
+        assert!(matches!(
+            parse_name(&"a".repeat(MAX_NAME + 1)),
+            Err(NameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn host_label_fits_dns() {
+        let name = parse_name(&"a".repeat(MAX_NAME)).unwrap();
+        assert_eq!(short_host(&name, "abcdefgh").len(), 63);
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(
+            name_for_bind("localhost", "Alice").unwrap().as_str(),
+            "alice"
+        );
+        assert_eq!(name_for_bind("", "bob").unwrap().as_str(), "bob");
+        assert_eq!(name_for_bind("web", "bob").unwrap().as_str(), "web");
+        assert!(name_for_bind("localhost", "bob@corp").is_err());
+    }
+
+    #[test]
+    fn canonical_hosts() {
+        let d = "gw.test";
+        assert_eq!(
+            canonical_host("App-AbCd.GW.test.", d).unwrap(),
+            "app-abcd.gw.test"
+        );
+        assert_eq!(canonical_host("app-abcd", d).unwrap(), "app-abcd.gw.test");
+        assert_eq!(canonical_host("127.0.0.1", d), None);
+        assert_eq!(canonical_host("a.b.gw.test", d), None);
+        assert_eq!(canonical_host("gw.test", d), None);
+        assert_eq!(canonical_host("", d), None);
+        assert_eq!(canonical_host("xgw.test", d), None);
+    }
+
+    #[test]
+    fn domains() {
+        assert!(is_domain("gw.example.com"));
+        assert!(is_domain("localhost"));
+        assert!(!is_domain("not a domain"));
+        assert!(!is_domain("a..b"));
+        assert!(!is_domain(""));
+    }
+}

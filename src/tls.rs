@@ -1,0 +1,259 @@
+//! TLS termination: certificates chosen by SNI (exact, then wildcard, then the default), TLS 1.2+
+//! only, ALPN `h2`, `http/1.1`, `ssh`. The ClientHello is read first (`LazyConfigAcceptor`) so the
+//! SNI and ALPN are known before the handshake finishes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::aws_lc_rs;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::config::CertificatePaths;
+
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_SSH: &[u8] = b"ssh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate {path}: {reason}")]
+    Certificate { path: String, reason: String },
+    #[error("{path} holds no DNS names (subjectAltName)")]
+    NoNames { path: String },
+    #[error("TLS set-up failed: {0}")]
+    Setup(#[from] rustls::Error),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+}
+
+impl TlsError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Certificate { .. } | Self::NoNames { .. } | Self::Setup(_) => "setup",
+            Self::Handshake(_) => "handshake",
+        }
+    }
+}
+
+/// The certificates in service, by name. Swapped whole, so a reload is atomic for new handshakes
+/// and leaves established connections alone.
+#[derive(Debug, Default)]
+pub struct CertTable {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the parent domain: `*.gw.test` is stored under `gw.test`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl CertTable {
+    /// Adds a certificate under each of its names; the first certificate added is the default.
+    pub fn insert(&mut self, names: &[String], key: Arc<CertifiedKey>) {
+        for name in names {
+            let name = name.to_ascii_lowercase();
+            match name.strip_prefix("*.") {
+                Some(parent) => self.wildcard.entry(parent.to_owned()),
+                None => self.exact.entry(name),
+            }
+            .or_insert_with(|| key.clone());
+        }
+        self.default.get_or_insert(key);
+    }
+
+    /// The most specific certificate for `sni`: exact, then a wildcard one label up, then the default.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = sni.map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        let wildcard = || sni.split_once('.').and_then(|(_, p)| self.wildcard.get(p));
+        self.exact
+            .get(&sni)
+            .or_else(wildcard)
+            .or(self.default.as_ref())
+            .cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.default.is_none()
+    }
+}
+
+/// rustls' certificate hook over a hot-swappable [`CertTable`].
+#[derive(Debug, Default)]
+pub struct CertResolver {
+    table: RwLock<Arc<CertTable>>,
+}
+
+impl CertResolver {
+    pub fn new(table: CertTable) -> Self {
+        Self {
+            table: RwLock::new(Arc::new(table)),
+        }
+    }
+
+    pub fn swap(&self, table: CertTable) {
+        if let Ok(mut t) = self.table.write() {
+            *t = Arc::new(table);
+        }
+    }
+
+    fn current(&self) -> Arc<CertTable> {
+        self.table
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current().lookup(hello.server_name())
+    }
+}
+
+/// Loads a PEM chain and key into a `CertifiedKey`, returning it with the names it covers.
+pub fn load_certificate(paths: &CertificatePaths) -> Result<(Vec<String>, CertifiedKey), TlsError> {
+    let cert_err = |path: &Path, reason: String| TlsError::Certificate {
+        path: path.display().to_string(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| cert_err(&paths.cert, e.to_string()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(cert_err(&paths.cert, "no certificate in file".into()));
+    };
+    let names = dns_names(leaf).map_err(|r| cert_err(&paths.cert, r))?;
+    if names.is_empty() {
+        return Err(TlsError::NoNames {
+            path: paths.cert.display().to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&paths.key)
+        .map_err(|e| cert_err(&paths.key, e.to_string()))?;
+    let certified = certified_key(chain, key)?;
+    Ok((names, certified))
+}
+
+/// Builds a `CertifiedKey` with the aws-lc-rs key loader, checking that key and certificate match.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsError> {
+    let provider = aws_lc_rs::default_provider();
+    let certified = CertifiedKey::from_der(chain, key, &provider)?;
+    Ok(certified)
+}
+
+/// DNS names in the certificate's subjectAltName extension.
+pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Loads every configured certificate into a table.
+pub fn load_table(certs: &[CertificatePaths]) -> Result<CertTable, TlsError> {
+    let mut table = CertTable::default();
+    for paths in certs {
+        let (names, key) = load_certificate(paths)?;
+        table.insert(&names, Arc::new(key));
+    }
+    Ok(table)
+}
+
+/// The server configuration: TLS 1.2 and 1.3 only, our ALPN list, certificates from `resolver`.
+pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_SSH.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What the handshake settled, for routing and the connection span.
+#[derive(Debug, Clone, Default)]
+pub struct Negotiated {
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// Reads the ClientHello and finishes the handshake.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    config: Arc<ServerConfig>,
+) -> Result<(TlsStream<S>, Negotiated), TlsError> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+        .await
+        .map_err(TlsError::Handshake)?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let tls = start
+        .into_stream(config)
+        .await
+        .map_err(TlsError::Handshake)?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    Ok((tls, Negotiated { sni, alpn }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn key_for(name: &str) -> Arc<CertifiedKey> {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let key = PrivateKeyDer::try_from(kp.serialize_der()).unwrap();
+        Arc::new(certified_key(vec![cert.der().clone()], key).unwrap())
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_default() {
+        let (first, exact, wild) = (key_for("a.test"), key_for("gw.test"), key_for("*.gw.test"));
+        let mut t = CertTable::default();
+        t.insert(&["a.test".into()], first.clone());
+        t.insert(&["*.gw.test".into()], wild.clone());
+        t.insert(&["GW.test".into()], exact.clone());
+        let pick = |sni| t.lookup(sni).unwrap();
+        assert!(Arc::ptr_eq(&pick(Some("gw.test")), &exact));
+        assert!(Arc::ptr_eq(&pick(Some("App-X.GW.test")), &wild));
+        assert!(
+            Arc::ptr_eq(&pick(Some("a.b.gw.test")), &first),
+            "wildcards span one label"
+        );
+        assert!(Arc::ptr_eq(&pick(None), &first));
+        assert!(Arc::ptr_eq(&pick(Some("unknown.example")), &first));
+    }
+
+    #[test]
+    fn names_come_from_the_san() {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x.test".into(), "*.x.test".into()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        assert_eq!(dns_names(cert.der()).unwrap(), vec!["x.test", "*.x.test"]);
+    }
+}

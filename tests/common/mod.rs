@@ -1,0 +1,302 @@
+//! Integration-test harness: a temp dir per test with a throwaway PKI, the `edgemux` binary
+//! started on `127.0.0.1:0` (ports learned from its stdout, never guessed, never slept for), and
+//! real peers (`ssh`, `openssl`, `curl`) as child processes killed on drop.
+//!
+//! Each test crate uses a different subset of this module.
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod pki;
+pub mod process;
+pub mod ssh;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pki::Pki;
+use ssh::{KeyKind, SshClient, SshKey, Transport};
+
+/// The tunnel domain of every test gateway.
+pub const DOMAIN: &str = "gw.test";
+
+/// Deadline for setup steps (start, ssh login, tunnel registration). Generous: tests run in
+/// parallel on small machines, and a deadline only costs time when something is broken.
+pub const SETUP: Duration = Duration::from_secs(20);
+
+const TOOLS: [&str; 4] = ["ssh", "ssh-keygen", "openssl", "curl"];
+const INSTALL_HINT: &str = "apt-get install -y openssh-client openssl curl";
+
+/// Panics with the install line when a peer program is missing: these tests never skip.
+pub fn require_tools() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in TOOLS {
+        let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
+        assert!(
+            found,
+            "the integration tests need `{tool}` on PATH; install it with: {INSTALL_HINT}"
+        );
+    }
+}
+
+/// `edgemux` as built by cargo for these tests.
+pub fn edgemux() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgemux"))
+}
+
+/// `edgemux keyid PUB`, checked to be 8 lowercase base32 characters.
+pub fn keyid(public: &Path) -> String {
+    let out = edgemux()
+        .arg("keyid")
+        .arg(public)
+        .output()
+        .expect("run edgemux keyid");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success(),
+        "edgemux keyid failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base32 = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    assert!(id.len() == 8 && id.chars().all(base32), "bad key id {id:?}");
+    id
+}
+
+/// One test's world: temp dir, PKI, keys, and the gateways it starts.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        require_tools();
+        let dir = tempfile::Builder::new()
+            .prefix("edgemux-")
+            .tempdir()
+            .expect("temp dir");
+        let pki = Pki::generate(dir.path());
+        TestEnv { dir, pki }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn key(&self, name: &str, kind: KeyKind) -> SshKey {
+        SshKey::generate(self.path(), name, kind)
+    }
+
+    pub fn gateway(&self) -> GatewayBuilder<'_> {
+        GatewayBuilder {
+            env: self,
+            authorized_keys: None,
+            grants: Vec::new(),
+            sniff_timeout: "500ms".to_owned(),
+        }
+    }
+}
+
+pub struct GatewayBuilder<'a> {
+    env: &'a TestEnv,
+    authorized_keys: Option<Vec<SshKey>>,
+    grants: Vec<(String, Vec<String>)>,
+    sniff_timeout: String,
+}
+
+impl GatewayBuilder<'_> {
+    /// Only these keys may log in (omitted: open mode).
+    pub fn authorized_keys(mut self, keys: &[&SshKey]) -> Self {
+        self.authorized_keys = Some(keys.iter().map(|k| (*k).clone()).collect());
+        self
+    }
+
+    /// `[[ssh.grant]]`: `keys` may reach `owner`'s private TCP tunnels.
+    pub fn grant(mut self, owner: &SshKey, keys: &[&SshKey]) -> Self {
+        let ids = keys.iter().map(|k| k.keyid.clone()).collect();
+        self.grants.push((owner.keyid.clone(), ids));
+        self
+    }
+
+    pub fn sniff_timeout(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.sniff_timeout);
+        self
+    }
+
+    /// The config as TOML; files it names are created in the temp dir.
+    pub fn render(&self) -> String {
+        let dir = self.env.path();
+        let certs = dir.join("certs");
+        fs::create_dir_all(&certs).expect("create certs dir");
+        let pki = &self.env.pki;
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut toml = format!(
+            "domain = \"{DOMAIN}\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+             [tls]\ncerts_dir = {}\n\n\
+             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
+             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
+             [ssh]\nhost_key = {}\nkeepalive_interval = \"1s\"\nkeepalive_max = 2\n",
+            q(&certs),
+            q(&pki.gw.chain),
+            q(&pki.gw.key),
+            q(&pki.other.chain),
+            q(&pki.other.key),
+            q(&certs.join("ssh_host_ed25519_key")),
+        );
+        if let Some(keys) = &self.authorized_keys {
+            let file = dir.join("authorized_keys");
+            let lines: Vec<String> = keys
+                .iter()
+                .map(|k| fs::read_to_string(&k.public).expect("read public key"))
+                .collect();
+            fs::write(&file, lines.concat()).expect("write authorized_keys");
+            let _ = writeln!(toml, "authorized_keys = {}", q(&file));
+        }
+        for (owner, keys) in &self.grants {
+            let _ = write!(
+                toml,
+                "\n[[ssh.grant]]\nowner = {owner:?}\nkeys = {keys:?}\n"
+            );
+        }
+        let _ = write!(
+            toml,
+            "\n[limits]\nsniff_timeout = {:?}\npre_routing_timeout = \"10s\"\n\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n",
+            self.sniff_timeout
+        );
+        toml
+    }
+
+    /// Writes the config to a fresh file and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = self.env.path().join(format!("edgemux-{n}.toml"));
+        fs::write(&path, self.render()).expect("write config");
+        path
+    }
+
+    pub fn start(self) -> Gateway {
+        Gateway::start(self.env, &self.write_config())
+    }
+}
+
+/// A running `edgemux serve`, killed on drop; its stderr is printed when the test fails.
+pub struct Gateway {
+    child: Child,
+    dir: PathBuf,
+    ca: PathBuf,
+    stderr: PathBuf,
+    listeners: Vec<u16>,
+    admin: Option<u16>,
+}
+
+impl Gateway {
+    /// Spawns the gateway and reads stdout until `ready`, learning the bound ports.
+    pub fn start(env: &TestEnv, config: &Path) -> Gateway {
+        let stderr = config.with_extension("stderr");
+        let mut child = edgemux()
+            .arg("serve")
+            .arg("-c")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info,edgemux=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).expect("create gateway stderr"))
+            .spawn()
+            .expect("spawn edgemux serve");
+        let stdout = child.stdout.take().expect("gateway stdout");
+        let (lines_tx, lines) = mpsc::channel();
+        // Keeps draining stdout after `ready` so the gateway never blocks on a full pipe.
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let mut gw = Gateway {
+            child,
+            dir: env.path().to_owned(),
+            ca: env.pki.ca.clone(),
+            stderr,
+            listeners: Vec::new(),
+            admin: None,
+        };
+        gw.read_ports(&lines);
+        gw
+    }
+
+    fn read_ports(&mut self, lines: &mpsc::Receiver<String>) {
+        let deadline = Instant::now() + SETUP;
+        let port_of = |addr: &str| -> u16 {
+            let port = addr.strip_prefix("127.0.0.1:").and_then(|p| p.parse().ok());
+            port.unwrap_or_else(|| panic!("unexpected address {addr:?} on gateway stdout"))
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("gateway not ready within {SETUP:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    panic!("gateway exited before `ready` ({status:?})");
+                }
+            };
+            match line.split_once(' ') {
+                _ if line == "ready" => break,
+                Some(("listening", addr)) => self.listeners.push(port_of(addr)),
+                Some(("admin", addr)) => self.admin = Some(port_of(addr)),
+                _ => panic!("unexpected line on gateway stdout before `ready`: {line:?}"),
+            }
+        }
+        assert!(
+            !self.listeners.is_empty(),
+            "gateway printed `ready` without a listener"
+        );
+    }
+
+    /// The first (main) listener's port.
+    pub fn port(&self) -> u16 {
+        self.listeners[0]
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin.expect("gateway printed no `admin` line")
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// An ssh client for `key` over `transport`, user name `tester`.
+    pub fn ssh(&self, key: &SshKey, transport: Transport) -> SshClient {
+        SshClient {
+            dir: self.dir.clone(),
+            port: self.port(),
+            ca: self.ca.clone(),
+            key: key.clone(),
+            transport,
+            user: "tester".to_owned(),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- edgemux serve stderr ---\n{}", self.stderr());
+        }
+    }
+}

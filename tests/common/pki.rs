@@ -1,0 +1,121 @@
+//! A throwaway test PKI made with the `openssl` CLI in the test's temp dir: one CA and two leaves,
+//! `gw.test` + `*.gw.test` (the default certificate) and `other.test` (for SNI tests).
+//! Nothing here is ever written outside the temp dir.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A leaf certificate: PEM chain (leaf then CA) and its PKCS#8 key.
+pub struct Leaf {
+    pub chain: PathBuf,
+    pub key: PathBuf,
+}
+
+pub struct Pki {
+    /// The CA certificate (PEM), for `-CAfile` and rustls roots.
+    pub ca: PathBuf,
+    /// The same CA in DER, so rustls can trust it without a PEM parser.
+    pub ca_der: PathBuf,
+    /// SAN `gw.test`, `*.gw.test`.
+    pub gw: Leaf,
+    /// SAN `other.test`.
+    pub other: Leaf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        let dir = dir.join("pki");
+        fs::create_dir_all(&dir).expect("create pki dir");
+        let mut args = vec!["req", "-x509", "-nodes", "-days", "2"];
+        args.extend(EC_KEY);
+        args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=edgemux test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&dir, &args);
+        openssl(
+            &dir,
+            &["x509", "-in", "ca.pem", "-outform", "DER", "-out", "ca.der"],
+        );
+        let gw = leaf(&dir, "gw", "gw.test", "DNS:gw.test,DNS:*.gw.test", "2");
+        let other = leaf(&dir, "other", "other.test", "DNS:other.test", "3");
+        Pki {
+            ca: dir.join("ca.pem"),
+            ca_der: dir.join("ca.der"),
+            gw,
+            other,
+        }
+    }
+}
+
+fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
+    let (key, csr, crt, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    let subject = format!("/CN={cn}");
+    let mut args = vec!["req", "-nodes"];
+    args.extend(EC_KEY);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+    openssl(dir, &args);
+    let extensions = format!(
+        "subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+    );
+    fs::write(dir.join(&ext), extensions).expect("write extensions");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            serial,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    );
+    let mut chain = fs::read(dir.join(&crt)).expect("read leaf");
+    chain.extend(fs::read(dir.join("ca.pem")).expect("read ca"));
+    let chain_path = dir.join(format!("{name}-fullchain.pem"));
+    fs::write(&chain_path, chain).expect("write chain");
+    Leaf {
+        chain: chain_path,
+        key: dir.join(key),
+    }
+}

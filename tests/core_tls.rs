@@ -1,0 +1,296 @@
+//! The TLS front and protocol routing of the one port: versions, SNI certificate choice, a
+//! fragmented ClientHello, SSH for silent clients; plus `edgemux check` on configs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection};
+
+use common::process::{run_bounded, Output};
+use common::{edgemux, Gateway, TestEnv, DOMAIN, SETUP};
+
+/// `openssl s_client -connect 127.0.0.1:PORT ARGS` with stdin closed: it handshakes, then quits.
+fn s_client(env: &TestEnv, gw: &Gateway, args: &[&str]) -> Output {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{}", gw.port())])
+        .args(args);
+    run_bounded(env.path(), "s_client", cmd, SETUP)
+}
+
+#[test]
+fn tls_1_0_and_1_1_are_refused() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    for version in ["-tls1", "-tls1_1"] {
+        // Debian's OpenSSL will not even offer TLS < 1.2 above security level 0.
+        let out = s_client(
+            &env,
+            &gw,
+            &[
+                version,
+                "-cipher",
+                "DEFAULT@SECLEVEL=0",
+                "-servername",
+                DOMAIN,
+            ],
+        );
+        let text = out.combined();
+        assert!(
+            !text.contains("no protocols available"),
+            "{version}: the client could not try:\n{text}"
+        );
+        assert!(
+            !out.status.success(),
+            "{version} handshake succeeded:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn tls_1_2_and_1_3_are_accepted() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    for (flag, name) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let out = s_client(&env, &gw, &[flag, "-servername", DOMAIN]);
+        let text = out.combined();
+        assert!(out.status.success(), "{name} handshake failed:\n{text}");
+        assert!(
+            text.contains(&format!("Protocol  : {name}")),
+            "{name} not negotiated:\n{text}"
+        );
+    }
+}
+
+/// The `subject=` line of s_client's output with spaces removed (`subject=CN=gw.test`).
+fn subject(text: &str) -> String {
+    let line = text.lines().find(|l| l.starts_with("subject="));
+    line.unwrap_or_default().replace(' ', "")
+}
+
+#[test]
+fn certificate_is_chosen_by_sni() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let ca = env.pki.ca.display().to_string();
+    // (SNI sent, name to verify, certificate expected); the first certificate is the default.
+    let cases = [
+        (Some("gw.test"), "gw.test", "gw.test"),
+        (Some("x.gw.test"), "x.gw.test", "gw.test"),
+        (Some("other.test"), "other.test", "other.test"),
+        (Some("unknown.example"), "gw.test", "gw.test"),
+        (None, "gw.test", "gw.test"),
+    ];
+    for (sni, verify, cn) in cases {
+        let mut args = vec![
+            "-CAfile",
+            &ca,
+            "-verify_return_error",
+            "-verify_hostname",
+            verify,
+        ];
+        match sni {
+            Some(name) => args.extend(["-servername", name]),
+            None => args.push("-noservername"),
+        }
+        let out = s_client(&env, &gw, &args);
+        let text = out.combined();
+        assert!(
+            out.status.success(),
+            "SNI {sni:?}: verification as {verify} failed:\n{text}"
+        );
+        assert_eq!(
+            subject(&text),
+            format!("subject=CN={cn}"),
+            "SNI {sni:?}:\n{text}"
+        );
+    }
+}
+
+fn client_config(ca_der: &Path, alpn: Vec<Vec<u8>>) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(fs::read(ca_der).unwrap()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Arc::new(config)
+}
+
+fn connect(port: u16) -> TcpStream {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(SETUP)).unwrap();
+    tcp
+}
+
+/// Reads up to the first `\n` (at most 255 bytes, the SSH identification limit).
+fn read_line(stream: &mut impl Read) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 255 && !line.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            other => panic!("connection ended before a full line ({other:?}): {line:?}"),
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[test]
+fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
+    let env = TestEnv::new();
+    // A long sniff timeout: the banner must come from ALPN routing, not from the silence fallback.
+    let gw = env.gateway().sniff_timeout("10s").start();
+    let mut alpn: Vec<Vec<u8>> = (0..9)
+        .map(|i| format!("x-pad-{i}-{}", "p".repeat(190)).into_bytes())
+        .collect();
+    alpn.push(b"ssh".to_vec());
+    let config = client_config(&env.pki.ca_der, alpn);
+    let mut conn = ClientConnection::new(config, ServerName::try_from(DOMAIN).unwrap()).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    assert!(
+        hello.len() >= 2000,
+        "ClientHello is only {} bytes",
+        hello.len()
+    );
+
+    let mut tcp = connect(gw.port());
+    for chunk in hello.chunks(100) {
+        tcp.write_all(chunk).unwrap();
+        tcp.flush().unwrap();
+        // A pause makes each chunk its own TCP segment: this is the point of the test, not a wait.
+        thread::sleep(Duration::from_millis(5));
+    }
+    let started = Instant::now();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    assert_eq!(conn.alpn_protocol(), Some(&b"ssh"[..]));
+    let banner = read_line(&mut rustls::Stream::new(&mut conn, &mut tcp));
+    assert!(
+        banner.starts_with("SSH-2.0-"),
+        "not an SSH banner: {banner:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "banner took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The banner of a client that never speaks must come after the sniff timeout (500 ms), not
+/// before: an HTTP client would otherwise read SSH.
+fn assert_banner_after_silence(stream: &mut impl Read, started: Instant) {
+    let banner = read_line(stream);
+    let waited = started.elapsed();
+    assert!(
+        banner.starts_with("SSH-2.0-"),
+        "not an SSH banner: {banner:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(400),
+        "banner after only {waited:?}, before the sniff timeout"
+    );
+}
+
+#[test]
+fn silent_tls_client_without_alpn_gets_the_ssh_banner_after_the_sniff_timeout() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let config = client_config(&env.pki.ca_der, Vec::new());
+    let mut conn = ClientConnection::new(config, ServerName::try_from(DOMAIN).unwrap()).unwrap();
+    let mut tcp = connect(gw.port());
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    assert_eq!(conn.alpn_protocol(), None);
+    let started = Instant::now();
+    assert_banner_after_silence(&mut rustls::Stream::new(&mut conn, &mut tcp), started);
+}
+
+#[test]
+fn silent_plain_tcp_client_gets_the_ssh_banner_after_the_sniff_timeout() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let mut tcp = connect(gw.port());
+    let started = Instant::now();
+    assert_banner_after_silence(&mut tcp, started);
+}
+
+/// `edgemux check -c` on `toml`.
+fn check(env: &TestEnv, toml: &str) -> Output {
+    let path = env.path().join("check.toml");
+    fs::write(&path, toml).unwrap();
+    let mut cmd = edgemux();
+    cmd.args(["check", "-c"]).arg(&path);
+    run_bounded(env.path(), "check", cmd, SETUP)
+}
+
+fn assert_rejected(out: &Output, words: &[&str]) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check should exit 1:\n{}",
+        out.combined()
+    );
+    for word in words {
+        assert!(
+            out.stderr.contains(word),
+            "stderr does not name {word:?}:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let env = TestEnv::new();
+    let out = check(&env, &env.gateway().render());
+    assert!(
+        out.status.success(),
+        "check rejected a good config:\n{}",
+        out.combined()
+    );
+}
+
+#[test]
+fn check_names_the_key_path_of_every_problem() {
+    let env = TestEnv::new();
+    let good = env.gateway().render();
+    assert!(good.contains("keepalive_max = 2\n") && good.contains("bind = \"127.0.0.1:0\""));
+
+    let unknown = good.replace(
+        "keepalive_max = 2\n",
+        "keepalive_max = 2\nkeepalive_maxx = 3\n",
+    );
+    assert_rejected(&check(&env, &unknown), &["keepalive_maxx", "ssh"]);
+
+    let bad_bind = good.replacen("bind = \"127.0.0.1:0\"", "bind = \"not-an-address\"", 1);
+    assert_rejected(&check(&env, &bad_bind), &["listener", "bind"]);
+
+    // Two bad values in one file: both are reported, each with its own path.
+    let two = bad_bind.replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        "[admin]\nbind = \"also-bad\"",
+    );
+    assert_ne!(two, bad_bind);
+    assert_rejected(&check(&env, &two), &["listener", "admin"]);
+}
