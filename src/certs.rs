@@ -5,7 +5,13 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 
 use crate::config::CertificatePaths;
 
@@ -45,20 +51,26 @@ pub enum DevCertError {
 /// Files of the development CA under `dir`.
 #[derive(Debug, Clone)]
 pub struct DevCerts {
-    pub ca_cert: PathBuf,
+    pub ca: CertificatePaths,
     pub leaf: CertificatePaths,
 }
 
-/// Creates (once) a local CA and a certificate for `localhost` and `*.localhost` signed by it.
+/// Creates (once) a local CA and a certificate for `localhost` signed by it. Tunnel hosts get
+/// certificates minted by [`LocalCa`] on first use: clients refuse a `*.localhost` wildcard
+/// (a wildcard directly under a top-level name).
 pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
     let files = DevCerts {
-        ca_cert: dir.join("ca.pem"),
+        ca: CertificatePaths {
+            cert: dir.join("ca.pem"),
+            key: dir.join("ca.key"),
+        },
         leaf: CertificatePaths {
             cert: dir.join("localhost.pem"),
             key: dir.join("localhost.key"),
         },
     };
-    if files.ca_cert.is_file() && files.leaf.cert.is_file() && files.leaf.key.is_file() {
+    let all = [&files.ca.cert, &files.ca.key, &files.leaf.cert, &files.leaf.key];
+    if all.iter().all(|p| p.is_file()) {
         return Ok(files);
     }
     let ca_key = KeyPair::generate()?;
@@ -68,14 +80,11 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca, ca_key);
 
     let leaf_key = KeyPair::generate()?;
-    let mut leaf =
-        CertificateParams::new(vec!["localhost".to_string(), "*.localhost".to_string()])?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+    let leaf_cert = leaf_params("localhost")?.signed_by(&leaf_key, &issuer)?;
 
     let write = |path: &Path, bytes: &[u8], secret: bool| {
         let res = if secret {
@@ -89,10 +98,77 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
         })
     };
     let chain = leaf_cert.pem() + &ca_cert.pem();
-    write(&files.ca_cert, ca_cert.pem().as_bytes(), false)?;
+    write(&files.ca.key, ca_key_pem.as_bytes(), true)?;
+    write(&files.ca.cert, ca_cert.pem().as_bytes(), false)?;
     write(&files.leaf.key, leaf_key.serialize_pem().as_bytes(), true)?;
     write(&files.leaf.cert, chain.as_bytes(), false)?;
     Ok(files)
+}
+
+fn leaf_params(host: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut leaf = CertificateParams::new(vec![host.to_string()])?;
+    leaf.distinguished_name.push(DnType::CommonName, host);
+    Ok(leaf)
+}
+
+/// Most minted certificates kept; past this the cache starts over (they are cheap to mint).
+const MAX_MINTED: usize = 4096;
+
+/// A local CA that mints a certificate for any tunnel host under the domain on first use
+/// (`[tls] local_ca`): development, and private deployments with their own CA.
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    minted: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalCa")
+    }
+}
+
+impl LocalCa {
+    pub fn load(paths: &CertificatePaths) -> Result<Self, crate::tls::TlsError> {
+        let err = |path: &Path, reason: String| crate::tls::TlsError::Certificate {
+            path: path.display().to_string(),
+            reason,
+        };
+        let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()));
+        let key = KeyPair::from_pem(&read(&paths.key)?).map_err(|e| err(&paths.key, e.to_string()))?;
+        let ca_pem = read(&paths.cert)?;
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| err(&paths.cert, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| err(&paths.cert, e.to_string()))?;
+        Ok(Self {
+            issuer,
+            ca_der,
+            minted: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The certificate for `host`, minted on first use.
+    pub fn certificate_for(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let mut minted = self.minted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = minted.get(host) {
+            return Some(k.clone());
+        }
+        let key = self.mint(host).map_err(|e| tracing::warn!(host, error = %e, "cannot mint a certificate")).ok()?;
+        if minted.len() >= MAX_MINTED {
+            minted.clear();
+        }
+        minted.insert(host.to_owned(), key.clone());
+        Some(key)
+    }
+
+    fn mint(&self, host: &str) -> Result<Arc<CertifiedKey>, String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = leaf_params(host)
+            .and_then(|p| p.signed_by(&key, &self.issuer))
+            .map_err(|e| e.to_string())?;
+        let der = PrivateKeyDer::try_from(key.serialize_der())?;
+        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        crate::tls::certified_key(chain, der).map(Arc::new).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +189,18 @@ mod tests {
         ensure_dev_certs(dir.path()).unwrap();
         assert_eq!(first, std::fs::read(&files.leaf.cert).unwrap());
         let (names, _) = crate::tls::load_certificate(&files.leaf).unwrap();
-        assert_eq!(names, vec!["localhost", "*.localhost"]);
+        assert_eq!(names, vec!["localhost"]);
+    }
+
+    #[test]
+    fn local_ca_mints_once_per_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ensure_dev_certs(dir.path()).unwrap();
+        let ca = LocalCa::load(&files.ca).unwrap();
+        let a = ca.certificate_for("app-abcdefgh.localhost").unwrap();
+        assert!(Arc::ptr_eq(&a, &ca.certificate_for("app-abcdefgh.localhost").unwrap()));
+        let names = crate::tls::dns_names(&a.cert[0]).unwrap();
+        assert_eq!(names, vec!["app-abcdefgh.localhost"]);
+        assert_eq!(a.cert.len(), 2, "chain carries the CA");
     }
 }

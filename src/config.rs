@@ -47,6 +47,8 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub certs_dir: Option<PathBuf>,
+    /// A CA that mints certificates for tunnel hosts on first use (development, private CAs).
+    pub local_ca: Option<RawCertificate>,
     #[serde(default)]
     pub certificate: Vec<RawCertificate>,
 }
@@ -83,6 +85,9 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub pre_routing_timeout: Option<String>,
     pub sniff_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub upstream_timeout: Option<String>,
+    pub tunnel_open_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +141,12 @@ pub struct Limits {
     pub max_connections: usize,
     pub pre_routing_timeout: Duration,
     pub sniff_timeout: Duration,
+    /// Time a client gets to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    /// Time a tunnel gets to answer with response headers before the visitor gets 504.
+    pub upstream_timeout: Duration,
+    /// Time a tunnel client gets to accept a channel before the next pool member is tried.
+    pub tunnel_open_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +163,7 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub certs_dir: PathBuf,
     pub certificates: Vec<CertificatePaths>,
+    pub local_ca: Option<CertificatePaths>,
     pub ssh: SshConfig,
     pub limits: Limits,
     pub admin: Option<AdminConfig>,
@@ -170,6 +182,10 @@ pub mod defaults {
     pub const PRE_ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
     /// sslh's default probe timeout is 2 s; SSH clients that wait for the banner pay it once.
     pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    /// nginx's proxy_read_timeout default.
+    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// One problem found in a config, with the key path it belongs to.
@@ -295,11 +311,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             None
         }
     });
-    for (i, cert) in raw.tls.certificate.iter().enumerate() {
+    let cert_files = raw.tls.certificate.iter().enumerate().map(|(i, c)| (format!("tls.certificate[{i}]"), c));
+    for (at, cert) in cert_files.chain(raw.tls.local_ca.iter().map(|c| ("tls.local_ca".to_string(), c))) {
         for (key, path) in [("cert", &cert.cert), ("key", &cert.key)] {
             if !path.is_file() {
                 c.push(
-                    format!("tls.certificate[{i}].{key}"),
+                    format!("{at}.{key}"),
                     format!("{} does not exist or is not a file", path.display()),
                 );
             }
@@ -323,6 +340,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 key: r.key,
             })
             .collect(),
+        local_ca: raw.tls.local_ca.map(|r| CertificatePaths {
+            cert: r.cert,
+            key: r.key,
+        }),
         ssh,
         limits,
         admin,
@@ -452,6 +473,21 @@ fn validate_limits(c: &mut Collector, raw: &RawLimits) -> Limits {
             "limits.sniff_timeout",
             raw.sniff_timeout.as_deref(),
             defaults::SNIFF_TIMEOUT,
+        ),
+        header_timeout: c.duration(
+            "limits.header_timeout",
+            raw.header_timeout.as_deref(),
+            defaults::HEADER_TIMEOUT,
+        ),
+        upstream_timeout: c.duration(
+            "limits.upstream_timeout",
+            raw.upstream_timeout.as_deref(),
+            defaults::UPSTREAM_TIMEOUT,
+        ),
+        tunnel_open_timeout: c.duration(
+            "limits.tunnel_open_timeout",
+            raw.tunnel_open_timeout.as_deref(),
+            defaults::TUNNEL_OPEN_TIMEOUT,
         ),
     }
 }

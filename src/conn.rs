@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
 use crate::config::ListenerConfig;
@@ -66,6 +67,7 @@ pub async fn handle(
     listener: Arc<ListenerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
+    shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!(
         "conn",
@@ -87,7 +89,7 @@ pub async fn handle(
                 Err(_) => Err(ConnError::Deadline),
             };
         match routed {
-            Ok(r) => serve(&gw, r, addr).await,
+            Ok(r) => serve(&gw, r, addr, shutdown).await,
             Err(ConnError::NoRoute(NoRoute::Closed)) => {
                 tracing::debug!("closed before sending anything")
             }
@@ -98,7 +100,7 @@ pub async fn handle(
     .await
 }
 
-async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr) {
+async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: CancellationToken) {
     tracing::Span::current().record("route", r.dest.as_str());
     match r.dest {
         Dest::Ssh => match crate::ssh::serve(gw.ssh(), r.stream, addr.client).await {
@@ -106,7 +108,7 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr) {
             Err(e) if e.is_disconnect() => tracing::info!("ssh connection closed by the client"),
             Err(e) => tracing::info!(error = %e, "ssh connection ended"),
         },
-        Dest::Http => crate::http::serve(gw.http(), r.stream, addr, r.tls).await,
+        Dest::Http => crate::http::serve(gw.http(), r.stream, addr, r.tls, shutdown).await,
     }
 }
 

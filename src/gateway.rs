@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 
+use crate::certs::LocalCa;
 use crate::config::{Config, Limits};
 use crate::http::HttpContext;
 use crate::ssh::hostkey::{self, HostKeyError};
@@ -48,7 +49,11 @@ impl Gateway {
         if table.is_empty() {
             return Err(BuildError::NoCertificates);
         }
-        let resolver = Arc::new(CertResolver::new(table));
+        let local_ca = match &config.local_ca {
+            Some(paths) => Some((LocalCa::load(paths)?, config.domain.clone())),
+            None => None,
+        };
+        let resolver = Arc::new(CertResolver::new(table, local_ca));
         let tls = tls::server_config(resolver.clone())?;
         let host_key = hostkey::load_or_generate(&config.ssh.host_key)?;
         let policy = match &config.ssh.authorized_keys {
@@ -67,7 +72,7 @@ impl Gateway {
             config.domain.clone(),
             config.public_port,
         ));
-        let http = Arc::new(HttpContext::new(&config, tunnels.clone(), ssh.clone()));
+        let http = Arc::new(HttpContext::new(&config, tunnels.clone()));
         Ok(Arc::new(Self {
             config,
             resolver,

@@ -41,9 +41,9 @@ pub async fn run(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
-                let (gw, cfg) = (gw.clone(), cfg.clone());
+                let (gw, cfg, shutdown) = (gw.clone(), cfg.clone(), shutdown.clone());
                 tracker.spawn(async move {
-                    crate::conn::handle(gw, cfg, tcp, peer).await;
+                    crate::conn::handle(gw, cfg, tcp, peer, shutdown).await;
                     drop(permit);
                 });
             }

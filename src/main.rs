@@ -180,6 +180,7 @@ fn dev(listen: SocketAddr, certs: &Path) -> Result<()> {
 bind = "{listen}"
 [tls]
 certs_dir = {dir:?}
+local_ca = {{ cert = {ca_cert:?}, key = {ca_key:?} }}
 [[tls.certificate]]
 cert = {cert:?}
 key = {key:?}
@@ -189,9 +190,11 @@ bind = "127.0.0.1:9090"
         dir = certs.display().to_string(),
         cert = files.leaf.cert.display().to_string(),
         key = files.leaf.key.display().to_string(),
+        ca_cert = files.ca.cert.display().to_string(),
+        ca_key = files.ca.key.display().to_string(),
     );
     let config = config::parse(&toml).map_err(|p| anyhow::anyhow!("{p:?}"))?;
-    let ca = files.ca_cert.display().to_string();
+    let ca = files.ca.cert.display().to_string();
     serve(
         config,
         Some(Box::new(move |bound: &[SocketAddr]| {

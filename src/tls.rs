@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::certs::LocalCa;
 use crate::config::CertificatePaths;
 
 pub const ALPN_H2: &[u8] = b"h2";
@@ -69,15 +70,14 @@ impl CertTable {
 
     /// The most specific certificate for `sni`: exact, then a wildcard one label up, then the default.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let Some(sni) = sni.map(str::to_ascii_lowercase) else {
-            return self.default.clone();
-        };
+        sni.and_then(|s| self.lookup_named(s)).or_else(|| self.default.clone())
+    }
+
+    /// A certificate that names `sni` (exactly or by wildcard), without falling back to the default.
+    pub fn lookup_named(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let sni = sni.to_ascii_lowercase();
         let wildcard = || sni.split_once('.').and_then(|(_, p)| self.wildcard.get(p));
-        self.exact
-            .get(&sni)
-            .or_else(wildcard)
-            .or(self.default.as_ref())
-            .cloned()
+        self.exact.get(&sni).or_else(wildcard).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -85,17 +85,27 @@ impl CertTable {
     }
 }
 
-/// rustls' certificate hook over a hot-swappable [`CertTable`].
+/// rustls' certificate hook over a hot-swappable [`CertTable`], with an optional local CA that
+/// mints certificates for tunnel hosts under the domain.
 #[derive(Debug, Default)]
 pub struct CertResolver {
     table: RwLock<Arc<CertTable>>,
+    local_ca: Option<(LocalCa, String)>,
 }
 
 impl CertResolver {
-    pub fn new(table: CertTable) -> Self {
+    pub fn new(table: CertTable, local_ca: Option<(LocalCa, String)>) -> Self {
         Self {
             table: RwLock::new(Arc::new(table)),
+            local_ca,
         }
+    }
+
+    fn mint(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let (ca, domain) = self.local_ca.as_ref()?;
+        let under_domain = sni.len() > domain.len() && sni.to_ascii_lowercase().ends_with(&format!(".{domain}"));
+        let host = crate::ssh::names::canonical_host(sni, domain).filter(|_| under_domain)?;
+        ca.certificate_for(&host)
     }
 
     pub fn swap(&self, table: CertTable) {
@@ -114,7 +124,11 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current().lookup(hello.server_name())
+        let table = self.current();
+        let sni = hello.server_name();
+        sni.and_then(|s| table.lookup_named(s))
+            .or_else(|| sni.and_then(|s| self.mint(s)))
+            .or_else(|| table.lookup(None))
     }
 }
 

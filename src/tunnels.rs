@@ -63,6 +63,8 @@ pub struct Member {
     pub client: SocketAddr,
     pub since: SystemTime,
     pub handle: russh::server::Handle,
+    /// Kept-alive HTTP connections into this member.
+    pub idle: crate::http::upstream::IdleConns,
 }
 
 /// The registry of the running gateway.

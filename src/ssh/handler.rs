@@ -246,6 +246,7 @@ impl russh::server::Handler for Handler {
             client: self.client,
             since: SystemTime::now(),
             handle: session.handle(),
+            idle: Default::default(),
         };
         let reg = self.ctx.tunnels.register(key, member);
         self.forwards.insert((address.to_owned(), *port), reg);

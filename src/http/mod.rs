@@ -1,0 +1,256 @@
+//! The HTTP side: a hyper server (HTTP/1.1 and h2 by ALPN, with upgrades) that routes by Host into
+//! the tunnels, speaks HTTP/1.1 upstream over `forwarded-tcpip` channels, redirects plain HTTP to
+//! https and answers the apex host itself.
+
+pub mod forward;
+pub mod host;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Limits};
+use crate::conn::{BoxStream, ClientAddr};
+use crate::tunnels::{Route, TunnelKey, Tunnels};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The path ACME HTTP-01 challenges are served under; never redirected.
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+#[derive(Debug)]
+pub struct HttpContext {
+    domain: String,
+    public_port: u16,
+    limits: Limits,
+    channel_buffer: usize,
+    tunnels: Arc<Tunnels>,
+}
+
+impl HttpContext {
+    pub fn new(config: &Config, tunnels: Arc<Tunnels>) -> Self {
+        Self {
+            domain: config.domain.clone(),
+            public_port: config.public_port,
+            limits: config.limits.clone(),
+            channel_buffer: config.ssh.channel_buffer,
+            tunnels,
+        }
+    }
+}
+
+/// Why a request was not proxied; [`ProxyError::status`] is the one place errors become statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad Host header: {0}")]
+    BadHost(#[from] host::HostError),
+    #[error("no tunnel for {0}")]
+    NoTunnel(String),
+    #[error("{0}")]
+    Unavailable(#[from] upstream::UpstreamError),
+    #[error("the tunnel did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the tunnel's response failed: {0}")]
+    Upstream(hyper::Error),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::NoTunnel(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// Serves HTTP on a routed stream until the client leaves or `shutdown` asks for a graceful end.
+pub async fn serve(ctx: Arc<HttpContext>, stream: BoxStream, addr: ClientAddr, tls: bool, shutdown: CancellationToken) {
+    let header_timeout = ctx.limits.header_timeout;
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, req, addr, tls).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended");
+    }
+}
+
+async fn handle(ctx: &HttpContext, req: Request<Incoming>, addr: ClientAddr, tls: bool) -> Response<Body> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let host = authority(&req).map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_default();
+    let version = req.version();
+    let started = std::time::Instant::now();
+    let response = match route(ctx, req, addr, tls).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = %e, "request not proxied");
+            text(e.status(), format!("{e}\n"))
+        }
+    };
+    tracing::info!(
+        client = %addr.client, host, %method, path, ?version, status = response.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64, "request"
+    );
+    response
+}
+
+async fn route(ctx: &HttpContext, req: Request<Incoming>, addr: ClientAddr, tls: bool) -> Result<Response<Body>, ProxyError> {
+    let host = host::parse_host(authority(&req).unwrap_or_default())?;
+    if !tls {
+        return Ok(redirect(ctx, &req, &host));
+    }
+    if host == ctx.domain {
+        return Ok(apex(req.uri().path()));
+    }
+    let key = TunnelKey {
+        host: host.clone(),
+        route: Route::Http,
+    };
+    let members = ctx.tunnels.members(&key);
+    if members.is_empty() {
+        return Err(ProxyError::NoTunnel(host));
+    }
+    proxy(ctx, req, addr, &members, &host).await
+}
+
+/// `:authority` for h2 (and absolute-form HTTP/1.1), else the `Host` header.
+fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(header::HOST).map(HeaderValue::as_bytes))
+}
+
+async fn proxy(
+    ctx: &HttpContext,
+    mut req: Request<Incoming>,
+    addr: ClientAddr,
+    members: &[Arc<crate::tunnels::Member>],
+    host: &str,
+) -> Result<Response<Body>, ProxyError> {
+    let upgrade = req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let shown_host = authority(&req)
+        .and_then(|a| HeaderValue::from_bytes(a).ok())
+        .unwrap_or_else(|| HeaderValue::from_static(""));
+    prepare_upstream_request(&mut req, shown_host, addr, host);
+
+    let limits = &ctx.limits;
+    let (mut sender, member) = upstream::connect(
+        members,
+        addr.client,
+        limits.tunnel_open_timeout,
+        ctx.channel_buffer,
+        upgrade,
+    )
+    .await?;
+    let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
+        Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
+        Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
+        Ok(Ok(r)) => r,
+    };
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(splice_upgrade(downstream, upstream));
+        return Ok(resp.map(|b| b.boxed()));
+    }
+    if !upgrade {
+        upstream::release(member, sender);
+    }
+    forward::strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp.map(|b| b.boxed()))
+}
+
+/// Turns the visitor's request into the HTTP/1.1 request the tunnel client's app expects.
+fn prepare_upstream_request(req: &mut Request<Incoming>, shown_host: HeaderValue, addr: ClientAddr, host: &str) {
+    let keep_upgrade = forward::is_upgrade(req.headers());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    forward::strip_hop_by_hop(headers, keep_upgrade);
+    headers.insert(header::HOST, shown_host);
+    forward::add_forwarded(headers, addr.client, host, "https");
+}
+
+/// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
+/// No idle timeout: it lasts as long as either side keeps it open.
+async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
+        tracing::debug!("upgrade did not complete");
+        return;
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+/// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
+fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if path.starts_with(ACME_CHALLENGE_PREFIX) {
+        return text(StatusCode::NOT_FOUND, "no such challenge\n".into());
+    }
+    let port = match ctx.public_port {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let location = format!("https://{host}{port}{path}");
+    let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn apex(path: &str) -> Response<Body> {
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/" => text(
+            StatusCode::OK,
+            "edgemux: tunnels live at https://<name>-<keyid>.<this domain>\n\
+             open one with: ssh -R myapp:80:localhost:3000 <this domain>\n"
+                .into(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}

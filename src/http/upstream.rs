@@ -1,0 +1,110 @@
+//! Upstream connections: HTTP/1.1 over `forwarded-tcpip` channels to the members of a tunnel's
+//! pool, kept alive per member and reused once their previous response has been read.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+use crate::ssh::pump::channel_io;
+use crate::tunnels::Member;
+
+pub type Sender = SendRequest<Incoming>;
+
+/// Idle keep-alive connections a member keeps; more are closed when released.
+const MAX_IDLE_PER_MEMBER: usize = 16;
+
+/// A member's idle upstream connections, dropped (and closed) with the member.
+#[derive(Default)]
+pub struct IdleConns(Mutex<Vec<Sender>>);
+
+impl std::fmt::Debug for IdleConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdleConns")
+    }
+}
+
+impl IdleConns {
+    fn take(&self) -> Option<Sender> {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if s.is_ready() && !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, s: Sender) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_PER_MEMBER {
+            idle.push(s);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no tunnel client accepted a channel")]
+    Unavailable,
+}
+
+/// A ready connection to the first member that can serve: a kept-alive one, or a new channel.
+/// Members that refuse or time out opening a channel are skipped; nothing was sent to them.
+pub async fn connect(
+    members: &[Arc<Member>],
+    origin: SocketAddr,
+    open_timeout: Duration,
+    buffer: usize,
+    upgrade: bool,
+) -> Result<(Sender, Arc<Member>), UpstreamError> {
+    for m in members {
+        if !upgrade {
+            if let Some(s) = m.idle.take() {
+                return Ok((s, m.clone()));
+            }
+        }
+        match tokio::time::timeout(open_timeout, open(m, origin, buffer, upgrade)).await {
+            Ok(Some(s)) => return Ok((s, m.clone())),
+            Ok(None) => {}
+            Err(_) => tracing::info!(conn = m.conn, "tunnel client did not open a channel in time; trying the next"),
+        }
+    }
+    Err(UpstreamError::Unavailable)
+}
+
+async fn open(m: &Member, origin: SocketAddr, buffer: usize, upgrade: bool) -> Option<Sender> {
+    let ip = origin.ip().to_canonical().to_string();
+    let channel = m
+        .handle
+        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, ip, u32::from(origin.port()))
+        .await
+        .map_err(|e| tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel"))
+        .ok()?;
+    let io = TokioIo::new(channel_io(channel, buffer));
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| tracing::info!(error = %e, "upstream handshake failed"))
+        .ok()?;
+    tokio::spawn(async move {
+        let res = if upgrade { conn.with_upgrades().await } else { conn.await };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Some(sender)
+}
+
+/// Returns a connection to its member's idle list once its response has been read in full.
+/// Waiting happens in its own task, so a slow download never blocks another request.
+pub fn release(member: Arc<Member>, mut sender: Sender) {
+    tokio::spawn(async move {
+        if sender.ready().await.is_ok() {
+            member.idle.put(sender);
+        }
+    });
+}
