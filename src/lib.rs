@@ -7,6 +7,8 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod listener;

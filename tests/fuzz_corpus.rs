@@ -1,0 +1,37 @@
+#![allow(clippy::unwrap_used, clippy::panic)]
+//! Replays every fuzz corpus and regression file through the fuzz entry points, so a normal
+//! `cargo test` on stable checks what the fuzzers found and seeded.
+
+use std::path::Path;
+
+fn replay(target: &str, run: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        run(&data);
+        count += 1;
+    }
+    assert!(count > 0, "no corpus files in {}", dir.display());
+}
+
+#[test]
+fn sniff_corpus() {
+    replay("sniff", edgemux::fuzzing::sniff);
+}
+
+#[test]
+fn host_corpus() {
+    replay("host", edgemux::fuzzing::host);
+}
+
+#[test]
+fn name_corpus() {
+    replay("name", edgemux::fuzzing::name);
+}
+
+#[test]
+fn config_corpus() {
+    replay("config", edgemux::fuzzing::config);
+}
