@@ -69,7 +69,12 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
             key: dir.join("localhost.key"),
         },
     };
-    let all = [&files.ca.cert, &files.ca.key, &files.leaf.cert, &files.leaf.key];
+    let all = [
+        &files.ca.cert,
+        &files.ca.key,
+        &files.leaf.cert,
+        &files.leaf.key,
+    ];
     if all.iter().all(|p| p.is_file()) {
         return Ok(files);
     }
@@ -134,11 +139,15 @@ impl LocalCa {
             path: path.display().to_string(),
             reason,
         };
-        let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()));
-        let key = KeyPair::from_pem(&read(&paths.key)?).map_err(|e| err(&paths.key, e.to_string()))?;
+        let read =
+            |path: &Path| std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()));
+        let key =
+            KeyPair::from_pem(&read(&paths.key)?).map_err(|e| err(&paths.key, e.to_string()))?;
         let ca_pem = read(&paths.cert)?;
-        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| err(&paths.cert, e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| err(&paths.cert, e.to_string()))?;
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| err(&paths.cert, e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| err(&paths.cert, e.to_string()))?;
         Ok(Self {
             issuer,
             ca_der,
@@ -152,7 +161,10 @@ impl LocalCa {
         if let Some(k) = minted.get(host) {
             return Some(k.clone());
         }
-        let key = self.mint(host).map_err(|e| tracing::warn!(host, error = %e, "cannot mint a certificate")).ok()?;
+        let key = self
+            .mint(host)
+            .map_err(|e| tracing::warn!(host, error = %e, "cannot mint a certificate"))
+            .ok()?;
         if minted.len() >= MAX_MINTED {
             minted.clear();
         }
@@ -167,7 +179,9 @@ impl LocalCa {
             .map_err(|e| e.to_string())?;
         let der = PrivateKeyDer::try_from(key.serialize_der())?;
         let chain = vec![cert.der().clone(), self.ca_der.clone()];
-        crate::tls::certified_key(chain, der).map(Arc::new).map_err(|e| e.to_string())
+        crate::tls::certified_key(chain, der)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -198,7 +212,10 @@ mod tests {
         let files = ensure_dev_certs(dir.path()).unwrap();
         let ca = LocalCa::load(&files.ca).unwrap();
         let a = ca.certificate_for("app-abcdefgh.localhost").unwrap();
-        assert!(Arc::ptr_eq(&a, &ca.certificate_for("app-abcdefgh.localhost").unwrap()));
+        assert!(Arc::ptr_eq(
+            &a,
+            &ca.certificate_for("app-abcdefgh.localhost").unwrap()
+        ));
         let names = crate::tls::dns_names(&a.cert[0]).unwrap();
         assert_eq!(names, vec!["app-abcdefgh.localhost"]);
         assert_eq!(a.cert.len(), 2, "chain carries the CA");

@@ -113,6 +113,14 @@ pub struct ListenerConfig {
     pub plain_ssh: bool,
 }
 
+impl ListenerConfig {
+    /// Whether `ip` may send a PROXY header (IPv4-mapped IPv6 peers match IPv4 CIDRs).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CertificatePaths {
     pub cert: PathBuf,
@@ -311,8 +319,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             None
         }
     });
-    let cert_files = raw.tls.certificate.iter().enumerate().map(|(i, c)| (format!("tls.certificate[{i}]"), c));
-    for (at, cert) in cert_files.chain(raw.tls.local_ca.iter().map(|c| ("tls.local_ca".to_string(), c))) {
+    let cert_files = raw
+        .tls
+        .certificate
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("tls.certificate[{i}]"), c));
+    for (at, cert) in cert_files.chain(
+        raw.tls
+            .local_ca
+            .iter()
+            .map(|c| ("tls.local_ca".to_string(), c)),
+    ) {
         for (key, path) in [("cert", &cert.cert), ("key", &cert.key)] {
             if !path.is_file() {
                 c.push(

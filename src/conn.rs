@@ -9,9 +9,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ProxyMode};
 use crate::gateway::Gateway;
 use crate::prefixed::Prefixed;
+use crate::proxy_protocol::{self, HeaderRead, ProxyError};
 use crate::route::{self, Dest, NoRoute};
 use crate::sniff::{self, Protocol, SniffError, Sniffed};
 use crate::tls::TlsError;
@@ -36,6 +37,8 @@ pub enum ConnError {
     Tls(#[from] TlsError),
     #[error("no route: {0:?}")]
     NoRoute(NoRoute),
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
     #[error("nothing routed within the pre-routing deadline")]
     Deadline,
 }
@@ -48,6 +51,7 @@ impl ConnError {
             Self::NoRoute(NoRoute::Closed) => "closed",
             Self::NoRoute(NoRoute::Unexpected(_)) => "unexpected_protocol",
             Self::NoRoute(NoRoute::PlainSshDisabled) => "plain_ssh_disabled",
+            Self::Proxy(e) => e.reason(),
             Self::Deadline => "deadline",
         }
     }
@@ -77,19 +81,15 @@ pub async fn handle(
         sni = field::Empty,
         alpn = field::Empty,
         route = field::Empty,
+        vpce = field::Empty,
     );
     async move {
         let _ = tcp.set_nodelay(true);
-        let addr = ClientAddr { peer, client: peer };
-        tracing::Span::current().record("client", field::display(addr.client));
         let deadline = gw.limits().pre_routing_timeout;
-        let routed =
-            match tokio::time::timeout(deadline, route_connection(&gw, &listener, tcp)).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnError::Deadline),
-            };
-        match routed {
-            Ok(r) => serve(&gw, r, addr, shutdown).await,
+        let routing = route_connection(&gw, &listener, tcp, peer);
+        let routed = tokio::time::timeout(deadline, routing).await;
+        match routed.unwrap_or(Err(ConnError::Deadline)) {
+            Ok((r, addr)) => serve(&gw, r, addr, shutdown).await,
             Err(ConnError::NoRoute(NoRoute::Closed)) => {
                 tracing::debug!("closed before sending anything")
             }
@@ -112,32 +112,86 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: Cancellation
     }
 }
 
-async fn route_connection(
+/// The PROXY stage: a header is read only from trusted peers on listeners that expect one.
+async fn read_proxy(
     gw: &Gateway,
     listener: &ListenerConfig,
     mut tcp: TcpStream,
-) -> Result<Routed, ConnError> {
-    let (sniffed, buf) = sniff::read_protocol(&mut tcp, gw.limits().sniff_timeout).await;
+    peer: SocketAddr,
+) -> Result<(Prefixed<TcpStream>, ClientAddr, bool), ConnError> {
+    let mut addr = ClientAddr { peer, client: peer };
+    if listener.proxy_protocol == ProxyMode::Off || !listener.trusts(peer.ip()) {
+        return Ok((Prefixed::new(Vec::new(), tcp), addr, false));
+    }
+    let (read, rest) = proxy_protocol::read_header(&mut tcp, gw.limits().sniff_timeout).await;
+    match read? {
+        HeaderRead::Header(h) => {
+            addr.client = h.source.unwrap_or(peer);
+            if let Some(vpce) = &h.vpce_id {
+                tracing::Span::current().record("vpce", vpce.as_str());
+            }
+            tracing::debug!(
+                version = h.version,
+                local = h.source.is_none(),
+                "PROXY header"
+            );
+            Ok((Prefixed::new(rest, tcp), addr, true))
+        }
+        HeaderRead::Closed => Err(ConnError::NoRoute(NoRoute::Closed)),
+        HeaderRead::NoHeader if listener.proxy_protocol == ProxyMode::Required => {
+            Err(ProxyError::Missing(peer.ip()).into())
+        }
+        HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), addr, false)),
+    }
+}
+
+async fn route_connection(
+    gw: &Gateway,
+    listener: &ListenerConfig,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(Routed, ClientAddr), ConnError> {
+    let (mut stream, addr, had_header) = read_proxy(gw, listener, tcp, peer).await?;
+    tracing::Span::current().record("client", field::display(addr.client));
+    // The sniff timer starts after the header: an NLB sends it with the client's first bytes.
+    let (sniffed, buf) = sniff::read_protocol(&mut stream, gw.limits().sniff_timeout).await;
     let sniffed = sniffed?;
-    let stream = Prefixed::new(buf, tcp);
+    let stream = Prefixed::new(buf, stream);
     if sniffed == Sniffed::Found(Protocol::Tls) {
-        return route_tls(gw, stream).await;
+        return Ok((route_tls(gw, stream).await?, addr));
     }
     if sniffed == Sniffed::Found(Protocol::ProxyHeader) {
+        return Err(misplaced_proxy_header(listener, peer, had_header));
+    }
+    let dest = route::by_sniff(&sniffed, listener.plain_ssh).map_err(ConnError::NoRoute)?;
+    let routed = Routed {
+        dest,
+        stream: Box::new(stream),
+        tls: false,
+    };
+    Ok((routed, addr))
+}
+
+/// A PROXY header where none may be: explain the fix when the listener is not configured for it.
+fn misplaced_proxy_header(
+    listener: &ListenerConfig,
+    peer: SocketAddr,
+    had_header: bool,
+) -> ConnError {
+    if had_header {
+        return ProxyError::Invalid("a second PROXY header").into();
+    }
+    if listener.proxy_protocol == ProxyMode::Off {
         tracing::warn!(
             "received a PROXY protocol header on a listener with proxy_protocol = \"off\": enable \
              proxy_protocol on this listener and add the load balancer to trusted_proxies"
         );
+        return ConnError::NoRoute(NoRoute::Unexpected(Protocol::ProxyHeader));
     }
-    let dest = route::by_sniff(&sniffed, listener.plain_ssh).map_err(ConnError::NoRoute)?;
-    Ok(Routed {
-        dest,
-        stream: Box::new(stream),
-        tls: false,
-    })
+    ProxyError::Untrusted(peer.ip()).into()
 }
 
-async fn route_tls(gw: &Gateway, stream: Prefixed<TcpStream>) -> Result<Routed, ConnError> {
+async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnError> {
     let (mut tls, negotiated) = crate::tls::accept(stream, gw.tls_config()).await?;
     let span = tracing::Span::current();
     if let Some(sni) = &negotiated.sni {

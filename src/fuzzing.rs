@@ -27,29 +27,42 @@ pub fn host(data: &[u8]) {
     if let Ok(h) = crate::http::host::parse_host(data) {
         assert!(h.len() <= crate::http::host::MAX_HOST);
         assert_eq!(h, h.to_ascii_lowercase());
-        assert_eq!(crate::http::host::parse_host(h.as_bytes()).as_deref(), Ok(h.as_str()));
+        assert_eq!(
+            crate::http::host::parse_host(h.as_bytes()).as_deref(),
+            Ok(h.as_str())
+        );
     }
 }
 
 /// Tunnel names and hosts: a valid name fits a DNS label with the key id, round-trips, and the
 /// host built from it resolves back to itself.
 pub fn name(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(n) = crate::ssh::names::parse_name(text) {
         let host = crate::ssh::names::host_for(&n, "abcdefgh", "gw.test");
         assert!(crate::ssh::names::short_host(&n, "abcdefgh").len() <= 63);
         assert_eq!(crate::ssh::names::parse_name(n.as_str()).as_ref(), Ok(&n));
-        assert_eq!(crate::ssh::names::canonical_host(&host, "gw.test"), Some(host.clone()));
+        assert_eq!(
+            crate::ssh::names::canonical_host(&host, "gw.test"),
+            Some(host.clone())
+        );
     }
     if let Some(h) = crate::ssh::names::canonical_host(text, "gw.test") {
         assert!(h.ends_with(".gw.test"));
-        assert_eq!(crate::ssh::names::canonical_host(&h, "gw.test"), Some(h.clone()));
+        assert_eq!(
+            crate::ssh::names::canonical_host(&h, "gw.test"),
+            Some(h.clone())
+        );
     }
 }
 
 /// Config parsing: never panics; an accepted config has at least one listener and a valid domain.
 pub fn config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(c) = crate::config::parse(text) {
         assert!(!c.listeners.is_empty());
         assert!(crate::ssh::names::is_domain(&c.domain));

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod http;
 pub mod listener;
 pub mod prefixed;
+pub mod proxy_protocol;
 pub mod route;
 pub mod sniff;
 pub mod ssh;

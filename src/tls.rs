@@ -70,7 +70,8 @@ impl CertTable {
 
     /// The most specific certificate for `sni`: exact, then a wildcard one label up, then the default.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        sni.and_then(|s| self.lookup_named(s)).or_else(|| self.default.clone())
+        sni.and_then(|s| self.lookup_named(s))
+            .or_else(|| self.default.clone())
     }
 
     /// A certificate that names `sni` (exactly or by wildcard), without falling back to the default.
@@ -103,7 +104,8 @@ impl CertResolver {
 
     fn mint(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         let (ca, domain) = self.local_ca.as_ref()?;
-        let under_domain = sni.len() > domain.len() && sni.to_ascii_lowercase().ends_with(&format!(".{domain}"));
+        let under_domain =
+            sni.len() > domain.len() && sni.to_ascii_lowercase().ends_with(&format!(".{domain}"));
         let host = crate::ssh::names::canonical_host(sni, domain).filter(|_| under_domain)?;
         ca.certificate_for(&host)
     }

@@ -64,7 +64,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, pr
     set(headers, "x-forwarded-for", &xff);
     set(headers, "x-forwarded-proto", proto);
     set(headers, "x-forwarded-host", host);
-    let element = format!("for={};host={};proto={proto}", forwarded_node(ip), quote_if_needed(host));
+    let element = format!(
+        "for={};host={};proto={proto}",
+        forwarded_node(ip),
+        quote_if_needed(host)
+    );
     let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
         _ => element,
@@ -103,7 +107,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
@@ -128,13 +135,26 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        add_forwarded(&mut h, "[::ffff:127.0.0.5]:5000".parse().unwrap(), "a.gw.test", "https");
+        add_forwarded(
+            &mut h,
+            "[::ffff:127.0.0.5]:5000".parse().unwrap(),
+            "a.gw.test",
+            "https",
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.5");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.gw.test");
         assert_eq!(h["forwarded"], "for=127.0.0.5;host=a.gw.test;proto=https");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "[2001:db8::1]:443".parse().unwrap(), "a:8443", "https");
-        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";host=\"a:8443\";proto=https");
+        add_forwarded(
+            &mut h,
+            "[2001:db8::1]:443".parse().unwrap(),
+            "a:8443",
+            "https",
+        );
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::1]\";host=\"a:8443\";proto=https"
+        );
     }
 }

@@ -75,7 +75,13 @@ impl ProxyError {
 }
 
 /// Serves HTTP on a routed stream until the client leaves or `shutdown` asks for a graceful end.
-pub async fn serve(ctx: Arc<HttpContext>, stream: BoxStream, addr: ClientAddr, tls: bool, shutdown: CancellationToken) {
+pub async fn serve(
+    ctx: Arc<HttpContext>,
+    stream: BoxStream,
+    addr: ClientAddr,
+    tls: bool,
+    shutdown: CancellationToken,
+) {
     let header_timeout = ctx.limits.header_timeout;
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
@@ -101,9 +107,16 @@ pub async fn serve(ctx: Arc<HttpContext>, stream: BoxStream, addr: ClientAddr, t
     }
 }
 
-async fn handle(ctx: &HttpContext, req: Request<Incoming>, addr: ClientAddr, tls: bool) -> Response<Body> {
+async fn handle(
+    ctx: &HttpContext,
+    req: Request<Incoming>,
+    addr: ClientAddr,
+    tls: bool,
+) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let host = authority(&req).map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_default();
+    let host = authority(&req)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .unwrap_or_default();
     let version = req.version();
     let started = std::time::Instant::now();
     let response = match route(ctx, req, addr, tls).await {
@@ -120,7 +133,12 @@ async fn handle(ctx: &HttpContext, req: Request<Incoming>, addr: ClientAddr, tls
     response
 }
 
-async fn route(ctx: &HttpContext, req: Request<Incoming>, addr: ClientAddr, tls: bool) -> Result<Response<Body>, ProxyError> {
+async fn route(
+    ctx: &HttpContext,
+    req: Request<Incoming>,
+    addr: ClientAddr,
+    tls: bool,
+) -> Result<Response<Body>, ProxyError> {
     let host = host::parse_host(authority(&req).unwrap_or_default())?;
     if !tls {
         return Ok(redirect(ctx, &req, &host));
@@ -170,12 +188,14 @@ async fn proxy(
         upgrade,
     )
     .await?;
-    let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
-        Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
-        Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
-        Ok(Ok(r)) => r,
-    };
-    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
+    let mut resp =
+        match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
+            Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
+            Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
+            Ok(Ok(r)) => r,
+        };
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade)
+    {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(splice_upgrade(downstream, upstream));
         return Ok(resp.map(|b| b.boxed()));
@@ -188,14 +208,21 @@ async fn proxy(
 }
 
 /// Turns the visitor's request into the HTTP/1.1 request the tunnel client's app expects.
-fn prepare_upstream_request(req: &mut Request<Incoming>, shown_host: HeaderValue, addr: ClientAddr, host: &str) {
+fn prepare_upstream_request(
+    req: &mut Request<Incoming>,
+    shown_host: HeaderValue,
+    addr: ClientAddr,
+    host: &str,
+) {
     let keep_upgrade = forward::is_upgrade(req.headers());
     let path = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
-    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    *req.uri_mut() = path
+        .parse::<Uri>()
+        .unwrap_or_else(|_| Uri::from_static("/"));
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     forward::strip_hop_by_hop(headers, keep_upgrade);
@@ -205,7 +232,10 @@ fn prepare_upstream_request(req: &mut Request<Incoming>, shown_host: HeaderValue
 
 /// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
 /// No idle timeout: it lasts as long as either side keeps it open.
-async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn splice_upgrade(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
     let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
         tracing::debug!("upgrade did not complete");
         return;
@@ -218,7 +248,11 @@ async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::
 
 /// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
 fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     if path.starts_with(ACME_CHALLENGE_PREFIX) {
         return text(StatusCode::NOT_FOUND, "no such challenge\n".into());
     }
@@ -227,7 +261,10 @@ fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<
         p => format!(":{p}"),
     };
     let location = format!("https://{host}{port}{path}");
-    let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
+    let mut resp = text(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("moved to {location}\n"),
+    );
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -248,9 +285,15 @@ fn apex(path: &str) -> Response<Body> {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }

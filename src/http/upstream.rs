@@ -70,7 +70,10 @@ pub async fn connect(
         match tokio::time::timeout(open_timeout, open(m, origin, buffer, upgrade)).await {
             Ok(Some(s)) => return Ok((s, m.clone())),
             Ok(None) => {}
-            Err(_) => tracing::info!(conn = m.conn, "tunnel client did not open a channel in time; trying the next"),
+            Err(_) => tracing::info!(
+                conn = m.conn,
+                "tunnel client did not open a channel in time; trying the next"
+            ),
         }
     }
     Err(UpstreamError::Unavailable)
@@ -80,7 +83,12 @@ async fn open(m: &Member, origin: SocketAddr, buffer: usize, upgrade: bool) -> O
     let ip = origin.ip().to_canonical().to_string();
     let channel = m
         .handle
-        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, ip, u32::from(origin.port()))
+        .channel_open_forwarded_tcpip(
+            m.bind_address.clone(),
+            m.bind_port,
+            ip,
+            u32::from(origin.port()),
+        )
         .await
         .map_err(|e| tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel"))
         .ok()?;
@@ -91,7 +99,11 @@ async fn open(m: &Member, origin: SocketAddr, buffer: usize, upgrade: bool) -> O
         .map_err(|e| tracing::info!(error = %e, "upstream handshake failed"))
         .ok()?;
     tokio::spawn(async move {
-        let res = if upgrade { conn.with_upgrades().await } else { conn.await };
+        let res = if upgrade {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
         if let Err(e) = res {
             tracing::debug!(error = %e, "upstream connection ended");
         }
