@@ -68,3 +68,20 @@ pub fn config(data: &[u8]) {
         assert!(crate::ssh::names::is_domain(&c.domain));
     }
 }
+
+/// PROXY headers: `consumed` never exceeds the input or the protocol's bounds, a complete header
+/// parses the same with trailing bytes, and its prefixes are incomplete, never invalid.
+pub fn proxy_header(data: &[u8]) {
+    use crate::proxy_protocol::{parse_header, Parse, MAX_V1, MAX_V2};
+    if let Parse::Complete { header, consumed } = parse_header(data) {
+        assert!(consumed <= data.len());
+        let max = if header.version == 1 { MAX_V1 } else { MAX_V2 };
+        assert!(consumed <= max);
+        let mut longer = data[..consumed].to_vec();
+        longer.extend_from_slice(b"\x16\x03\x01 trailing");
+        assert_eq!(parse_header(&longer), Parse::Complete { header, consumed });
+        for n in 0..consumed {
+            assert_eq!(parse_header(&data[..n]), Parse::Incomplete, "prefix {n}");
+        }
+    }
+}

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 fn replay(target: &str, run: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut count = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
@@ -34,4 +36,9 @@ fn name_corpus() {
 #[test]
 fn config_corpus() {
     replay("config", edgemux::fuzzing::config);
+}
+
+#[test]
+fn proxy_header_corpus() {
+    replay("proxy_header", edgemux::fuzzing::proxy_header);
 }
