@@ -245,21 +245,25 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses TOML text and validates it; pure, so it is fuzzed and unit-tested.
 pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_problem(&e)])?;
+    let de = toml::Deserializer::new(text);
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(de).map_err(|e| vec![toml_problem(&e)])?;
     validate(raw)
 }
 
-fn toml_problem(e: &toml::de::Error) -> Problem {
-    Problem {
-        path: "(file)".into(),
-        message: e.message().trim().to_string() + &span_hint(e),
-    }
-}
-
-fn span_hint(e: &toml::de::Error) -> String {
-    e.span()
+/// A syntax or schema error with the key path it happened at (`ssh.keepalive_maxx`).
+fn toml_problem(e: &serde_path_to_error::Error<toml::de::Error>) -> Problem {
+    let inner = e.inner();
+    let message = inner.message().trim().to_string();
+    let path = e.path().to_string();
+    let at = inner
+        .span()
         .map(|s| format!(" (at byte {})", s.start))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Problem {
+        path: if path == "." { "(file)".into() } else { path },
+        message: message + &at,
+    }
 }
 
 struct Collector(Vec<Problem>);
@@ -552,10 +556,14 @@ keepalive_interval = "5s"
     }
 
     #[test]
-    fn unknown_key_is_refused() {
-        let err =
-            parse("domain = \"a.b\"\nbogus = 1\n[[listener]]\nbind = \"127.0.0.1:1\"").unwrap_err();
-        assert!(err[0].message.contains("bogus"), "{err:?}");
+    fn unknown_key_is_refused_with_its_path() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n";
+        let err = parse(&format!("bogus = 1\n{head}")).unwrap_err();
+        assert_eq!(err[0].path, "bogus", "{err:?}");
+        let err = parse(&format!("{head}[ssh]\nkeepalive_maxx = 1")).unwrap_err();
+        assert_eq!(err[0].path, "ssh.keepalive_maxx", "{err:?}");
+        let err = parse("domain = \"a.b\"\n[[listener]]\nbind = 5").unwrap_err();
+        assert_eq!(err[0].path, "listener[0].bind", "{err:?}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "certs/dev")]
         certs: PathBuf,
+        /// Admin listener (/healthz); keep it on loopback.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
     },
     /// Print the key id that a client's tunnel hosts carry.
     Keyid { key: PathBuf },
@@ -61,7 +64,11 @@ fn main() -> ExitCode {
             .with_context(|| format!("invalid config {}", config.display()))
             .and_then(|c| serve(c, None)),
         Command::Check { config } => return check(&config),
-        Command::Dev { listen, certs } => dev(listen, &certs),
+        Command::Dev {
+            listen,
+            certs,
+            admin,
+        } => dev(listen, &certs, admin),
         Command::Keyid { key } => keyid(&key),
     };
     match result {
@@ -108,20 +115,19 @@ fn keyid(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
-/// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
 /// Called once every listener is bound, with their addresses.
 type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
 
-fn serve(config: Config, after_ready: Option<OnReady>) -> Result<()> {
+/// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
+/// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
+fn serve(mut config: Config, after_ready: Option<OnReady>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let gw = Gateway::build(config)?;
         let mut main = Vec::new();
         let mut bound = Vec::new();
-        for l in &gw.config().listeners {
+        for l in &config.listeners {
             let listener = tokio::net::TcpListener::bind(l.bind)
                 .await
                 .with_context(|| format!("cannot bind {}", l.bind))?;
@@ -130,6 +136,11 @@ fn serve(config: Config, after_ready: Option<OnReady>) -> Result<()> {
             bound.push(addr);
             main.push(listener);
         }
+        // URLs carry the port the first listener really got (it may have been asked for port 0).
+        if config.public_port == 0 {
+            config.public_port = bound.first().map_or(443, SocketAddr::port);
+        }
+        let gw = Gateway::build(config)?;
         let admin = match &gw.config().admin {
             Some(a) => {
                 let listener = tokio::net::TcpListener::bind(a.bind)
@@ -172,7 +183,7 @@ async fn signals(gw: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn dev(listen: SocketAddr, certs: &Path) -> Result<()> {
+fn dev(listen: SocketAddr, certs: &Path, admin: SocketAddr) -> Result<()> {
     let files = edgemux::certs::ensure_dev_certs(certs)?;
     let toml = format!(
         r#"domain = "localhost"
@@ -185,7 +196,7 @@ local_ca = {{ cert = {ca_cert:?}, key = {ca_key:?} }}
 cert = {cert:?}
 key = {key:?}
 [admin]
-bind = "127.0.0.1:9090"
+bind = "{admin}"
 "#,
         dir = certs.display().to_string(),
         cert = files.leaf.cert.display().to_string(),
@@ -207,13 +218,18 @@ fn print_dev_help(bound: &[SocketAddr], ca: &str) {
     let Some(addr) = bound.first() else { return };
     let port = addr.port();
     let keyid = default_key_id().unwrap_or_else(|| "<keyid>".into());
+    // TLS (verified against the local CA) authenticates the gateway; the alias keeps its SSH host
+    // key apart from any real sshd on localhost in known_hosts.
+    let ssh = format!(
+        "ssh -o ProxyCommand=\"openssl s_client -quiet -verify_return_error -CAfile {ca} -connect {addr} \
+         -servername localhost\" -o HostKeyAlias=edgemux-dev -o StrictHostKeyChecking=accept-new \
+         -R myapp:80:localhost:3000 localhost"
+    );
     println!(
-        "\nedgemux dev is running on {addr} (TLS + SSH, domain localhost, admin on 127.0.0.1:9090).\n\
-         \n1. Expose a local app on port 3000:\n\
-         \x20  ssh -o ProxyCommand=\"openssl s_client -quiet -verify_return_error -CAfile {ca} -connect {addr} -servername localhost\" -R myapp:80:localhost:3000 localhost\n\
-         \n2. Reach it:\n\
-         \x20  curl --cacert {ca} https://myapp-{keyid}.localhost:{port}/\n\
-         \n(key id of your default key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
+        "\nedgemux dev is running on {addr} (TLS + SSH, domain localhost).\n\
+         \n1. Expose a local app on port 3000:\n   {ssh}\n\
+         \n2. Reach it:\n   curl --cacert {ca} https://myapp-{keyid}.localhost:{port}/\n\
+         \n(the key id of a key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
     );
 }
 

@@ -163,6 +163,13 @@ impl SshClient {
         })
     }
 
+    /// `ssh -N -R NAME:PORT:127.0.0.1:BACKEND`, returned once `tunnels` lists NAME.
+    pub fn open_tunnel(&self, name: &str, port: u16, backend: u16) -> Proc {
+        let holder = self.remote_forward(&format!("{name}:{port}:127.0.0.1:{backend}"));
+        self.wait_tunnel(name, &holder);
+        holder
+    }
+
     /// `ssh -N -R SPEC`, kept running.
     pub fn remote_forward(&self, spec: &str) -> Proc {
         self.spawn("ssh-R", &["-N", "-R", spec], &[])
