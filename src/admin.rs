@@ -1,15 +1,22 @@
-//! The admin listener (private by default): `/healthz` for now.
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`, `GET /tunnels` and
+//! `DELETE /tunnels/{host}`. With a token configured, everything but the probes needs
+//! `Authorization: Bearer <token>`.
 
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
+use crate::tunnels::{Member, Route, TunnelKey};
 
 pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {
     loop {
@@ -24,8 +31,8 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
         let gw = gw.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let _gw = gw.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&req)) }
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(respond(&gw, &req).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
@@ -33,13 +40,125 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
     }
 }
 
-fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if gw.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ if !authorized(gw, req) => {
+            let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+        (&Method::GET, "/metrics") => match gw.metrics() {
+            Some(h) => {
+                let mut r = text(StatusCode::OK, "");
+                *r.body_mut() = Full::new(Bytes::from(h.render()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+        },
+        (&Method::GET, "/tunnels") => json(StatusCode::OK, &tunnels_json(gw)),
+        (&Method::DELETE, p) if p.starts_with("/tunnels/") => delete_tunnel(gw, &p["/tunnels/".len()..]).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/tunnels") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
+    let Some(token) = gw.admin_token() else {
+        return true;
     };
-    Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), token.as_bytes()).is_ok()
+}
+
+fn tunnels_json(gw: &Gateway) -> serde_json::Value {
+    let tunnels: Vec<serde_json::Value> = gw
+        .tunnels()
+        .snapshot()
+        .into_iter()
+        .map(|(key, members)| tunnel_json(&key, &members))
+        .collect();
+    serde_json::json!({ "tunnels": tunnels })
+}
+
+fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>]) -> serde_json::Value {
+    let members_keyid = members.first().map(|m| m.keyid.clone()).unwrap_or_default();
+    let port = match key.route {
+        Route::Http => members.first().map_or(80, |m| m.bind_port),
+        Route::Tcp(p) => p,
+    };
+    let members: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            let since = m.since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            serde_json::json!({
+                "connection": m.conn,
+                "client": m.client.to_string(),
+                "connected_since": since,
+                "connected_secs": SystemTime::now().duration_since(m.since).map_or(0, |d| d.as_secs()),
+                "bytes_in": m.stats.bytes_in.load(Ordering::Relaxed),
+                "bytes_out": m.stats.bytes_out.load(Ordering::Relaxed),
+                "requests": m.stats.requests.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let keyid = members_keyid;
+    serde_json::json!({
+        "host": key.host,
+        "keyid": keyid,
+        "kind": key.route.kind(),
+        "port": port,
+        "members": members,
+    })
+}
+
+/// Disconnects every SSH connection serving `host`; their drop deregisters the tunnel.
+async fn delete_tunnel(gw: &Gateway, host: &str) -> Response<Full<Bytes>> {
+    let host = host.to_ascii_lowercase();
+    let doomed: Vec<Arc<Member>> = gw
+        .tunnels()
+        .snapshot()
+        .into_iter()
+        .filter(|(k, _)| k.host == host)
+        .flat_map(|(_, m)| m)
+        .collect();
+    if doomed.is_empty() {
+        return text(StatusCode::NOT_FOUND, "no such tunnel\n");
+    }
+    for m in &doomed {
+        tracing::info!(host, conn = m.conn, "tunnel removed by the admin API");
+        let _ = m
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "edgemux: tunnel removed by the operator".into(), String::new())
+            .await;
+    }
+    json(StatusCode::OK, &serde_json::json!({ "host": host, "disconnected": doomed.len() }))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }

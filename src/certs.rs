@@ -42,10 +42,7 @@ pub enum DevCertError {
     #[error("cannot generate the development certificates: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Files of the development CA under `dir`.
@@ -69,12 +66,7 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
             key: dir.join("localhost.key"),
         },
     };
-    let all = [
-        &files.ca.cert,
-        &files.ca.key,
-        &files.leaf.cert,
-        &files.leaf.key,
-    ];
+    let all = [&files.ca.cert, &files.ca.key, &files.leaf.cert, &files.leaf.key];
     if all.iter().all(|p| p.is_file()) {
         return Ok(files);
     }
@@ -139,15 +131,12 @@ impl LocalCa {
             path: path.display().to_string(),
             reason,
         };
-        let read =
-            |path: &Path| std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()));
-        let key =
-            KeyPair::from_pem(&read(&paths.key)?).map_err(|e| err(&paths.key, e.to_string()))?;
+        let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()));
+        let key = KeyPair::from_pem(&read(&paths.key)?).map_err(|e| err(&paths.key, e.to_string()))?;
         let ca_pem = read(&paths.cert)?;
-        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-            .map_err(|e| err(&paths.cert, e.to_string()))?;
-        let issuer =
-            Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| err(&paths.cert, e.to_string()))?;
+        let ca_der =
+            CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| err(&paths.cert, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| err(&paths.cert, e.to_string()))?;
         Ok(Self {
             issuer,
             ca_der,
@@ -194,10 +183,7 @@ mod tests {
     fn dev_certs_are_made_once_and_keys_are_private() {
         let dir = tempfile::tempdir().unwrap();
         let files = ensure_dev_certs(dir.path()).unwrap();
-        let mode = std::fs::metadata(&files.leaf.key)
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&files.leaf.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let first = std::fs::read(&files.leaf.cert).unwrap();
         ensure_dev_certs(dir.path()).unwrap();

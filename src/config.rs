@@ -212,10 +212,7 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is larger than {MAX_CONFIG_BYTES} bytes")]
     TooLarge { path: PathBuf },
     #[error("{}", format_problems(.0))]
@@ -246,8 +243,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses TOML text and validates it; pure, so it is fuzzed and unit-tested.
 pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let de = toml::Deserializer::new(text);
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(de).map_err(|e| vec![toml_problem(&e)])?;
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| vec![toml_problem(&e)])?;
     validate(raw)
 }
 
@@ -293,10 +289,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut c = Collector(Vec::new());
     let domain = raw.domain.trim_end_matches('.').to_ascii_lowercase();
     if !crate::ssh::names::is_domain(&domain) {
-        c.push(
-            "domain",
-            format!("{:?} is not a valid DNS name", raw.domain),
-        );
+        c.push("domain", format!("{:?} is not a valid DNS name", raw.domain));
     }
     if raw.listener.is_empty() {
         c.push("listener", "at least one [[listener]] is required");
@@ -329,12 +322,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .iter()
         .enumerate()
         .map(|(i, c)| (format!("tls.certificate[{i}]"), c));
-    for (at, cert) in cert_files.chain(
-        raw.tls
-            .local_ca
-            .iter()
-            .map(|c| ("tls.local_ca".to_string(), c)),
-    ) {
+    for (at, cert) in cert_files.chain(raw.tls.local_ca.iter().map(|c| ("tls.local_ca".to_string(), c))) {
         for (key, path) in [("cert", &cert.cert), ("key", &cert.key)] {
             if !path.is_file() {
                 c.push(
@@ -443,12 +431,8 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
     }
     let mut grants = Vec::new();
     for (i, g) in raw.grant.iter().enumerate() {
-        let ids = std::iter::once(("owner".to_string(), &g.owner)).chain(
-            g.keys
-                .iter()
-                .enumerate()
-                .map(|(j, k)| (format!("keys[{j}]"), k)),
-        );
+        let ids = std::iter::once(("owner".to_string(), &g.owner))
+            .chain(g.keys.iter().enumerate().map(|(j, k)| (format!("keys[{j}]"), k)));
         let mut ok = true;
         for (key, id) in ids {
             if !crate::ssh::keys::is_key_id(id) {
@@ -579,11 +563,7 @@ keepalive_interval = "soon"
 [limits]
 sniff_timeout = "1 fortnight"
 "#;
-        let paths: Vec<String> = parse(text)
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
+        let paths: Vec<String> = parse(text).unwrap_err().into_iter().map(|p| p.path).collect();
         for want in [
             "domain",
             "listener[0].bind",
@@ -592,17 +572,13 @@ sniff_timeout = "1 fortnight"
             "ssh.keepalive_interval",
             "limits.sniff_timeout",
         ] {
-            assert!(
-                paths.iter().any(|p| p == want),
-                "missing {want} in {paths:?}"
-            );
+            assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
         }
     }
 
     #[test]
     fn proxy_protocol_without_trusted_proxies_is_refused() {
-        let text =
-            "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\nproxy_protocol = \"required\"";
+        let text = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\nproxy_protocol = \"required\"";
         let err = parse(text).unwrap_err();
         assert_eq!(err[0].path, "listener[0].trusted_proxies");
     }

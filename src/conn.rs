@@ -2,6 +2,7 @@
 //! sniff → TLS → route → SSH or HTTP, everything before routing under one deadline.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -10,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, ProxyMode};
+use crate::counted::Counted;
+use crate::metrics;
 use crate::gateway::Gateway;
 use crate::prefixed::Prefixed;
 use crate::proxy_protocol::{self, HeaderRead, ProxyError};
@@ -44,6 +47,17 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// The pipeline stage that refused the connection (a bounded metric label).
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Sniff(_) => "sniff",
+            Self::Tls(_) => "tls",
+            Self::NoRoute(_) => "route",
+            Self::Proxy(_) => "proxy",
+            Self::Deadline => "deadline",
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Sniff(e) => e.reason(),
@@ -85,31 +99,58 @@ pub async fn handle(
     );
     async move {
         let _ = tcp.set_nodelay(true);
+        let label = listener.bind.to_string();
+        metrics::accepted(&label);
+        let pending = metrics::ActiveGuard::new("pending");
         let deadline = gw.limits().pre_routing_timeout;
         let routing = route_connection(&gw, &listener, tcp, peer);
         let routed = tokio::time::timeout(deadline, routing).await;
+        drop(pending);
         match routed.unwrap_or(Err(ConnError::Deadline)) {
-            Ok((r, addr)) => serve(&gw, r, addr, shutdown).await,
+            Ok((r, addr)) => {
+                metrics::routed(&label, r.dest.as_str());
+                serve(&gw, r, addr, shutdown).await
+            }
             Err(ConnError::NoRoute(NoRoute::Closed)) => {
+                metrics::rejected("route", "closed");
                 tracing::debug!("closed before sending anything")
             }
-            Err(e) => tracing::info!(reason = e.reason(), error = %e, "connection refused"),
+            Err(e) => {
+                metrics::rejected(e.stage(), e.reason());
+                tracing::info!(stage = e.stage(), reason = e.reason(), error = %e, "connection refused")
+            }
         }
     }
     .instrument(span)
     .await
 }
 
+/// Runs the routed service and writes the connection's outcome line.
 async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: CancellationToken) {
-    tracing::Span::current().record("route", r.dest.as_str());
-    match r.dest {
-        Dest::Ssh => match crate::ssh::serve(gw.ssh(), r.stream, addr.client).await {
-            Ok(()) => tracing::info!("ssh connection closed"),
-            Err(e) if e.is_disconnect() => tracing::info!("ssh connection closed by the client"),
-            Err(e) => tracing::info!(error = %e, "ssh connection ended"),
+    let route = r.dest.as_str();
+    tracing::Span::current().record("route", route);
+    let _active = metrics::ActiveGuard::new(route);
+    let started = std::time::Instant::now();
+    let (stream, totals) = Counted::new(r.stream, route);
+    let stream: BoxStream = Box::new(stream);
+    let outcome = match r.dest {
+        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, addr.client).await {
+            Ok(()) => "closed".to_string(),
+            Err(e) if e.is_disconnect() => "closed by the client".to_string(),
+            Err(e) => e.to_string(),
         },
-        Dest::Http => crate::http::serve(gw.http(), r.stream, addr, r.tls, shutdown).await,
-    }
+        Dest::Http => {
+            crate::http::serve(gw.http(), stream, addr, r.tls, shutdown).await;
+            "closed".to_string()
+        }
+    };
+    tracing::info!(
+        outcome,
+        secs = started.elapsed().as_secs_f64(),
+        bytes_in = totals.inbound.load(Ordering::Relaxed),
+        bytes_out = totals.outbound.load(Ordering::Relaxed),
+        "connection ended"
+    );
 }
 
 /// The PROXY stage: a header is read only from trusted peers on listeners that expect one.
@@ -124,21 +165,20 @@ async fn read_proxy(
         return Ok((Prefixed::new(Vec::new(), tcp), addr, false));
     }
     let (read, rest) = proxy_protocol::read_header(&mut tcp, gw.limits().sniff_timeout).await;
-    match read? {
+    let read = read.inspect_err(|e| metrics::proxy_header("unknown", e.reason()))?;
+    match read {
         HeaderRead::Header(h) => {
+            metrics::proxy_header(if h.version == 1 { "v1" } else { "v2" }, "ok");
             addr.client = h.source.unwrap_or(peer);
             if let Some(vpce) = &h.vpce_id {
                 tracing::Span::current().record("vpce", vpce.as_str());
             }
-            tracing::debug!(
-                version = h.version,
-                local = h.source.is_none(),
-                "PROXY header"
-            );
+            tracing::debug!(version = h.version, local = h.source.is_none(), "PROXY header");
             Ok((Prefixed::new(rest, tcp), addr, true))
         }
         HeaderRead::Closed => Err(ConnError::NoRoute(NoRoute::Closed)),
         HeaderRead::NoHeader if listener.proxy_protocol == ProxyMode::Required => {
+            metrics::proxy_header("none", "missing");
             Err(ProxyError::Missing(peer.ip()).into())
         }
         HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), addr, false)),
@@ -173,11 +213,7 @@ async fn route_connection(
 }
 
 /// A PROXY header where none may be: explain the fix when the listener is not configured for it.
-fn misplaced_proxy_header(
-    listener: &ListenerConfig,
-    peer: SocketAddr,
-    had_header: bool,
-) -> ConnError {
+fn misplaced_proxy_header(listener: &ListenerConfig, peer: SocketAddr, had_header: bool) -> ConnError {
     if had_header {
         return ProxyError::Invalid("a second PROXY header").into();
     }
@@ -188,6 +224,7 @@ fn misplaced_proxy_header(
         );
         return ConnError::NoRoute(NoRoute::Unexpected(Protocol::ProxyHeader));
     }
+    metrics::proxy_header("unknown", "untrusted");
     ProxyError::Untrusted(peer.ip()).into()
 }
 

@@ -51,10 +51,7 @@ pub fn name(data: &[u8]) {
     }
     if let Some(h) = crate::ssh::names::canonical_host(text, "gw.test") {
         assert!(h.ends_with(".gw.test"));
-        assert_eq!(
-            crate::ssh::names::canonical_host(&h, "gw.test"),
-            Some(h.clone())
-        );
+        assert_eq!(crate::ssh::names::canonical_host(&h, "gw.test"), Some(h.clone()));
     }
 }
 

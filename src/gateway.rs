@@ -1,6 +1,9 @@
 //! The gateway's shared state, built once from a validated config and shared by every connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use rustls::ServerConfig;
 
@@ -23,6 +26,31 @@ pub enum BuildError {
     Keys(#[from] KeysError),
     #[error("no certificate configured: add a [[tls.certificate]] (or run `edgemux dev`)")]
     NoCertificates,
+    #[error("admin.token_file {path}: {reason}")]
+    AdminToken { path: String, reason: String },
+}
+
+/// The admin bearer token, trimmed; an empty or unreadable file is an error, not "no token".
+fn read_admin_token(config: &Config) -> Result<Option<String>, BuildError> {
+    let Some(admin) = &config.admin else {
+        return Ok(None);
+    };
+    let Some(path) = &admin.token_file else {
+        if !admin.bind.ip().is_loopback() {
+            tracing::warn!(bind = %admin.bind, "admin listener is not on loopback and has no token_file: anyone who reaches it can read metrics and remove tunnels");
+        }
+        return Ok(None);
+    };
+    let err = |reason: String| BuildError::AdminToken {
+        path: path.display().to_string(),
+        reason,
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    Ok(Some(token.to_owned()))
 }
 
 pub struct Gateway {
@@ -32,6 +60,9 @@ pub struct Gateway {
     ssh: Arc<SshContext>,
     http: Arc<HttpContext>,
     tunnels: Arc<Tunnels>,
+    metrics: Option<PrometheusHandle>,
+    admin_token: Option<String>,
+    ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -44,7 +75,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Loads certificates and keys; any failure here stops start-up with a clear message.
-    pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
+    pub fn build(config: Config, metrics: Option<PrometheusHandle>) -> Result<Arc<Self>, BuildError> {
         let table = tls::load_table(&config.certificates)?;
         if table.is_empty() {
             return Err(BuildError::NoCertificates);
@@ -59,7 +90,9 @@ impl Gateway {
         let policy = match &config.ssh.authorized_keys {
             Some(path) => KeyPolicy::File(AuthorizedKeys::load(path)?),
             None => {
-                tracing::warn!("no ssh.authorized_keys configured: any SSH key may open tunnels in its own namespace");
+                tracing::warn!(
+                    "no ssh.authorized_keys configured: any SSH key may open tunnels in its own namespace"
+                );
                 KeyPolicy::Open
             }
         };
@@ -73,6 +106,7 @@ impl Gateway {
             config.public_port,
         ));
         let http = Arc::new(HttpContext::new(&config, tunnels.clone()));
+        let admin_token = read_admin_token(&config)?;
         Ok(Arc::new(Self {
             config,
             resolver,
@@ -80,6 +114,9 @@ impl Gateway {
             ssh,
             http,
             tunnels,
+            metrics,
+            admin_token,
+            ready: AtomicBool::new(false),
         }))
     }
 
@@ -120,5 +157,22 @@ impl Gateway {
 
     pub fn tunnels(&self) -> &Arc<Tunnels> {
         &self.tunnels
+    }
+
+    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    /// Listeners are serving and certificates are loaded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 }

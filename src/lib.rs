@@ -7,11 +7,13 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod conn;
+pub mod counted;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod prefixed;
 pub mod proxy_protocol;
 pub mod route;
@@ -57,6 +59,10 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     if let Some(admin) = listeners.admin {
         tokio::spawn(admin::run(admin, gw.clone(), shutdown.clone()));
     }
+    if let Some(handle) = gw.metrics() {
+        tokio::spawn(metrics::run_upkeep(handle.clone()));
+    }
+    gw.set_ready();
     shutdown.cancelled().await;
     tracker.close();
     let open = tracker.len();

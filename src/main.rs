@@ -64,11 +64,7 @@ fn main() -> ExitCode {
             .with_context(|| format!("invalid config {}", config.display()))
             .and_then(|c| serve(c, None)),
         Command::Check { config } => return check(&config),
-        Command::Dev {
-            listen,
-            certs,
-            admin,
-        } => dev(listen, &certs, admin),
+        Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
         Command::Keyid { key } => keyid(&key),
     };
     match result {
@@ -107,8 +103,7 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn keyid(path: &Path) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let key = edgemux::ssh::keys::parse_public_key_line(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     println!("{}", edgemux::ssh::keys::key_id(&key));
@@ -121,9 +116,7 @@ type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
 /// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
 /// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
 fn serve(mut config: Config, after_ready: Option<OnReady>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut main = Vec::new();
         let mut bound = Vec::new();
@@ -140,7 +133,8 @@ fn serve(mut config: Config, after_ready: Option<OnReady>) -> Result<()> {
         if config.public_port == 0 {
             config.public_port = bound.first().map_or(443, SocketAddr::port);
         }
-        let gw = Gateway::build(config)?;
+        let recorder = edgemux::metrics::install().context("cannot install the metrics recorder")?;
+        let gw = Gateway::build(config, Some(recorder))?;
         let admin = match &gw.config().admin {
             Some(a) => {
                 let listener = tokio::net::TcpListener::bind(a.bind)
@@ -208,9 +202,7 @@ bind = "{admin}"
     let ca = files.ca.cert.display().to_string();
     serve(
         config,
-        Some(Box::new(move |bound: &[SocketAddr]| {
-            print_dev_help(bound, &ca)
-        })),
+        Some(Box::new(move |bound: &[SocketAddr]| print_dev_help(bound, &ca))),
     )
 }
 

@@ -79,16 +79,10 @@ fn parse_v1(buf: &[u8]) -> Parse {
     let (source, destination) = match header.addresses {
         ppp::v1::Addresses::Tcp4(a) => (
             Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-            Some(SocketAddr::new(
-                a.destination_address.into(),
-                a.destination_port,
-            )),
+            Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
         ),
         ppp::v1::Addresses::Tcp6(a) => (
-            Some(canonical(SocketAddr::new(
-                a.source_address.into(),
-                a.source_port,
-            ))),
+            Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
             Some(canonical(SocketAddr::new(
                 a.destination_address.into(),
                 a.destination_port,
@@ -129,9 +123,7 @@ fn parse_v2(buf: &[u8]) -> Parse {
             return Parse::Invalid("malformed v2 TLV");
         };
         match tlv.kind {
-            TLV_CRC32C if !crc_matches(bytes, &tlv.value) => {
-                return Parse::Invalid("v2 CRC32C mismatch")
-            }
+            TLV_CRC32C if !crc_matches(bytes, &tlv.value) => return Parse::Invalid("v2 CRC32C mismatch"),
             TLV_AWS if tlv.value.first() == Some(&AWS_VPCE_ID) => {
                 out.vpce_id = Some(String::from_utf8_lossy(&tlv.value[1..]).into_owned());
             }
@@ -142,16 +134,10 @@ fn parse_v2(buf: &[u8]) -> Parse {
         (out.source, out.destination) = match header.addresses {
             ppp::v2::Addresses::IPv4(a) => (
                 Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                Some(SocketAddr::new(
-                    a.destination_address.into(),
-                    a.destination_port,
-                )),
+                Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
             ),
             ppp::v2::Addresses::IPv6(a) => (
-                Some(canonical(SocketAddr::new(
-                    a.source_address.into(),
-                    a.source_port,
-                ))),
+                Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
                 Some(canonical(SocketAddr::new(
                     a.destination_address.into(),
                     a.destination_port,
@@ -377,20 +363,14 @@ mod tests {
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         match parse_header(&local) {
-            Parse::Complete {
-                header,
-                consumed: 16,
-            } => assert_eq!(header.source, None),
+            Parse::Complete { header, consumed: 16 } => assert_eq!(header.source, None),
             other => panic!("{other:?}"),
         }
         let v6 = b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::1 1000 443\r\n";
         match parse_header(v6) {
             Parse::Complete { header, .. } => {
                 assert_eq!(header.source, Some("192.0.2.1:1000".parse().unwrap()));
-                assert_eq!(
-                    header.destination,
-                    Some("[2001:db8::1]:443".parse().unwrap())
-                );
+                assert_eq!(header.destination, Some("[2001:db8::1]:443".parse().unwrap()));
             }
             other => panic!("{other:?}"),
         }

@@ -66,18 +66,9 @@ mod tests {
     #[test]
     fn sniff_routes() {
         assert_eq!(by_sniff(&Sniffed::Silent, true), Ok(Dest::Ssh));
-        assert_eq!(
-            by_sniff(&Sniffed::Silent, false),
-            Err(NoRoute::PlainSshDisabled)
-        );
-        assert_eq!(
-            by_sniff(&Sniffed::Found(Protocol::Http), false),
-            Ok(Dest::Http)
-        );
-        assert_eq!(
-            by_sniff(&Sniffed::Found(Protocol::Ssh), true),
-            Ok(Dest::Ssh)
-        );
+        assert_eq!(by_sniff(&Sniffed::Silent, false), Err(NoRoute::PlainSshDisabled));
+        assert_eq!(by_sniff(&Sniffed::Found(Protocol::Http), false), Ok(Dest::Http));
+        assert_eq!(by_sniff(&Sniffed::Found(Protocol::Ssh), true), Ok(Dest::Ssh));
         assert_eq!(by_sniff(&Sniffed::Closed, true), Err(NoRoute::Closed));
         assert_eq!(
             by_sniff(&Sniffed::Found(Protocol::Tls), true),

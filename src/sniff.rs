@@ -139,19 +139,13 @@ mod tests {
     /// First bytes of real captures: curl's ClientHello, OpenSSH's banner, an HTTP request, an h2
     /// preface, HAProxy's v1 and v2 headers.
     const SAMPLES: &[(&[u8], Protocol)] = &[
-        (
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
-            Protocol::Tls,
-        ),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", Protocol::Tls),
         (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", Protocol::Ssh),
         (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Protocol::Http),
         (b"POST /x HTTP/1.1\r\n", Protocol::Http),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Protocol::Http),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", Protocol::ProxyHeader),
-        (
-            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c",
-            Protocol::ProxyHeader,
-        ),
+        (b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c", Protocol::ProxyHeader),
     ];
 
     #[test]

@@ -152,8 +152,7 @@ pub fn load_certificate(paths: &CertificatePaths) -> Result<(Vec<String>, Certif
             path: paths.cert.display().to_string(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(&paths.key)
-        .map_err(|e| cert_err(&paths.key, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| cert_err(&paths.key, e.to_string()))?;
     let certified = certified_key(chain, key)?;
     Ok((names, certified))
 }
@@ -186,11 +185,20 @@ pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
         .unwrap_or_default())
 }
 
+/// The certificate's notAfter, as Unix seconds.
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// Loads every configured certificate into a table.
 pub fn load_table(certs: &[CertificatePaths]) -> Result<CertTable, TlsError> {
     let mut table = CertTable::default();
     for paths in certs {
         let (names, key) = load_certificate(paths)?;
+        if let (Some(name), Some(expiry)) = (names.first(), key.cert.first().and_then(not_after)) {
+            crate::metrics::cert_expiry(name, expiry);
+        }
         table.insert(&names, Arc::new(key));
     }
     Ok(table)
@@ -220,13 +228,33 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(TlsStream<S>, Negotiated), TlsError> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
-        .map_err(TlsError::Handshake)?;
+        .map_err(|e| {
+            crate::metrics::tls_handshake("error", "unknown", "none", 0.0);
+            TlsError::Handshake(e)
+        })?;
     let sni = start.client_hello().server_name().map(str::to_owned);
-    let tls = start
-        .into_stream(config)
-        .await
-        .map_err(TlsError::Handshake)?;
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let started = std::time::Instant::now();
+    let tls = match start.into_stream(config).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            crate::metrics::tls_handshake("error", "unknown", "none", 0.0);
+            return Err(TlsError::Handshake(e));
+        }
+    };
+    let conn = tls.get_ref().1;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+        _ => "other",
+    };
+    let alpn_label = match alpn.as_deref() {
+        Some(ALPN_H2) => "h2",
+        Some(ALPN_HTTP1) => "http/1.1",
+        Some(ALPN_SSH) => "ssh",
+        _ => "none",
+    };
+    crate::metrics::tls_handshake("ok", version, alpn_label, started.elapsed().as_secs_f64());
     Ok((tls, Negotiated { sni, alpn }))
 }
 

@@ -19,6 +19,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tcp => "tcp",
+        }
+    }
+
     pub fn for_port(port: u32) -> Self {
         match port {
             80 | 443 => Self::Http,
@@ -41,6 +48,13 @@ pub enum Route {
 }
 
 impl Route {
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::Http => Kind::Http,
+            Self::Tcp(_) => Kind::Tcp,
+        }
+    }
+
     pub fn for_port(port: u32) -> Self {
         match Kind::for_port(port) {
             Kind::Http => Self::Http,
@@ -65,6 +79,17 @@ pub struct Member {
     pub handle: russh::server::Handle,
     /// Kept-alive HTTP connections into this member.
     pub idle: crate::http::upstream::IdleConns,
+    pub stats: Arc<MemberStats>,
+}
+
+/// Traffic through one pool member, for the admin API.
+#[derive(Debug, Default)]
+pub struct MemberStats {
+    /// Bytes received from the tunnel client.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to the tunnel client.
+    pub bytes_out: AtomicU64,
+    pub requests: AtomicU64,
 }
 
 /// The registry of the running gateway.
@@ -115,6 +140,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
             pool.members.push((id, member.clone()));
             pool.members.len()
         };
+        crate::metrics::tunnel_member(key.route.kind().as_str(), true, size == 1);
         tracing::info!(host = %key.host, route = ?key.route, pool_size = size, "tunnel registered");
         Registration {
             registry: self.clone(),
@@ -135,6 +161,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
             pools.remove(key);
         }
         drop(pools);
+        crate::metrics::tunnel_member(key.route.kind().as_str(), false, left == 0);
         tracing::info!(host = %key.host, route = ?key.route, pool_size = left, "tunnel member removed");
     }
 
@@ -157,16 +184,9 @@ impl<M: Send + Sync + 'static> Registry<M> {
         let mut all: Vec<_> = self
             .lock()
             .iter()
-            .map(|(k, p)| {
-                (
-                    k.clone(),
-                    p.members.iter().map(|(_, m)| m.clone()).collect(),
-                )
-            })
+            .map(|(k, p)| (k.clone(), p.members.iter().map(|(_, m)| m.clone()).collect()))
             .collect();
-        all.sort_by(|a, b| {
-            (&a.0.host, route_order(a.0.route)).cmp(&(&b.0.host, route_order(b.0.route)))
-        });
+        all.sort_by(|a, b| (&a.0.host, route_order(a.0.route)).cmp(&(&b.0.host, route_order(b.0.route))));
         all
     }
 }
@@ -224,10 +244,7 @@ mod tests {
         assert_eq!(reg.members(&key("h")).len(), 2);
         drop(a);
         assert_eq!(
-            reg.members(&key("h"))
-                .iter()
-                .map(|m| **m)
-                .collect::<Vec<_>>(),
+            reg.members(&key("h")).iter().map(|m| **m).collect::<Vec<_>>(),
             ["b"]
         );
         drop(b);

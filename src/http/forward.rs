@@ -107,10 +107,7 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
@@ -146,12 +143,7 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "a.gw.test");
         assert_eq!(h["forwarded"], "for=127.0.0.5;host=a.gw.test;proto=https");
         let mut h = HeaderMap::new();
-        add_forwarded(
-            &mut h,
-            "[2001:db8::1]:443".parse().unwrap(),
-            "a:8443",
-            "https",
-        );
+        add_forwarded(&mut h, "[2001:db8::1]:443".parse().unwrap(), "a:8443", "https");
         assert_eq!(
             h["forwarded"],
             "for=\"[2001:db8::1]\";host=\"a:8443\";proto=https"

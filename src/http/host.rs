@@ -32,8 +32,7 @@ pub fn parse_host(raw: &[u8]) -> Result<String, HostError> {
     if host.len() > MAX_HOST {
         return Err(HostError::TooLong);
     }
-    let ok =
-        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']');
+    let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']');
     if !host.bytes().all(ok) {
         return Err(HostError::Invalid);
     }
@@ -79,10 +78,7 @@ mod tests {
         assert_eq!(parse_host(b":80"), Err(HostError::Invalid));
         assert_eq!(parse_host(b"[::1"), Err(HostError::Invalid));
         assert_eq!(parse_host(b"\xff"), Err(HostError::Invalid));
-        assert_eq!(
-            parse_host("a".repeat(300).as_bytes()),
-            Err(HostError::TooLong)
-        );
+        assert_eq!(parse_host("a".repeat(300).as_bytes()), Err(HostError::TooLong));
     }
 
     #[test]

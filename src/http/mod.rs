@@ -2,6 +2,7 @@
 //! the tunnels, speaks HTTP/1.1 upstream over `forwarded-tcpip` channels, redirects plain HTTP to
 //! https and answers the apex host itself.
 
+pub mod access;
 pub mod forward;
 pub mod host;
 pub mod upstream;
@@ -112,13 +113,13 @@ async fn handle(
     req: Request<Incoming>,
     addr: ClientAddr,
     tls: bool,
-) -> Response<Body> {
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let host = authority(&req)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .unwrap_or_default();
-    let version = req.version();
+) -> Response<access::Logged> {
     let started = std::time::Instant::now();
+    let (method, version) = (req.method().clone(), req.version());
+    let path = req.uri().path().chars().take(256).collect();
+    let host = authority(&req)
+        .map(|a| String::from_utf8_lossy(a).chars().take(256).collect())
+        .unwrap_or_default();
     let response = match route(ctx, req, addr, tls).await {
         Ok(r) => r,
         Err(e) => {
@@ -126,11 +127,19 @@ async fn handle(
             text(e.status(), format!("{e}\n"))
         }
     };
-    tracing::info!(
-        client = %addr.client, host, %method, path, ?version, status = response.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64, "request"
-    );
-    response
+    let status = response.status().as_u16();
+    let protocol = if version == Version::HTTP_2 { "h2" } else { "http/1.1" };
+    crate::metrics::http_request(&method, status, protocol, started.elapsed().as_secs_f64());
+    let entry = access::Entry {
+        client: addr.client,
+        host,
+        method,
+        path,
+        version,
+        status,
+        started,
+    };
+    response.map(|body| access::Logged::new(body, entry))
 }
 
 async fn route(
@@ -188,18 +197,17 @@ async fn proxy(
         upgrade,
     )
     .await?;
-    let mut resp =
-        match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
-            Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
-            Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
-            Ok(Ok(r)) => r,
-        };
-    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade)
-    {
+    let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
+        Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
+        Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
+        Ok(Ok(r)) => r,
+    };
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(splice_upgrade(downstream, upstream));
         return Ok(resp.map(|b| b.boxed()));
     }
+    member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !upgrade {
         upstream::release(member, sender);
     }
@@ -220,9 +228,7 @@ fn prepare_upstream_request(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
-    *req.uri_mut() = path
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     forward::strip_hop_by_hop(headers, keep_upgrade);
@@ -232,10 +238,7 @@ fn prepare_upstream_request(
 
 /// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
 /// No idle timeout: it lasts as long as either side keeps it open.
-async fn splice_upgrade(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-) {
+async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
         tracing::debug!("upgrade did not complete");
         return;
@@ -248,11 +251,7 @@ async fn splice_upgrade(
 
 /// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
 fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if path.starts_with(ACME_CHALLENGE_PREFIX) {
         return text(StatusCode::NOT_FOUND, "no such challenge\n".into());
     }
@@ -261,10 +260,7 @@ fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<
         p => format!(":{p}"),
     };
     let location = format!("https://{host}{port}{path}");
-    let mut resp = text(
-        StatusCode::PERMANENT_REDIRECT,
-        format!("moved to {location}\n"),
-    );
+    let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }

@@ -83,16 +83,15 @@ async fn open(m: &Member, origin: SocketAddr, buffer: usize, upgrade: bool) -> O
     let ip = origin.ip().to_canonical().to_string();
     let channel = m
         .handle
-        .channel_open_forwarded_tcpip(
-            m.bind_address.clone(),
-            m.bind_port,
-            ip,
-            u32::from(origin.port()),
-        )
+        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, ip, u32::from(origin.port()))
         .await
-        .map_err(|e| tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel"))
+        .map_err(|e| {
+            crate::metrics::forwarded_channel("failed");
+            tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel");
+        })
         .ok()?;
-    let io = TokioIo::new(channel_io(channel, buffer));
+    crate::metrics::forwarded_channel("opened");
+    let io = TokioIo::new(channel_io(channel, buffer, Some(m.stats.clone())));
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await

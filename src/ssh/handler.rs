@@ -135,10 +135,7 @@ impl Handler {
             any = true;
             let key = reg.key();
             let line = match key.route {
-                Route::Http => format!(
-                    "  {}  ->  -R {addr}:{port}\r\n",
-                    self.ctx.url_for(&key.host)
-                ),
+                Route::Http => format!("  {}  ->  -R {addr}:{port}\r\n", self.ctx.url_for(&key.host)),
                 Route::Tcp(p) => format!(
                     "  tcp {host}:{p}  (reach it with: ssh -L {p}:{host}:{p} {domain})\r\n",
                     host = key.host,
@@ -154,11 +151,7 @@ impl Handler {
         text
     }
 
-    fn flush_refusals(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), russh::Error> {
+    fn flush_refusals(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
         for message in std::mem::take(&mut self.refusals) {
             session.extended_data(channel, 1, format!("edgemux: {message}\r\n").into_bytes())?;
         }
@@ -179,11 +172,7 @@ impl russh::server::Handler for Handler {
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         let allowed = self.ctx.policy.allows(&key_id(offer.public_key));
-        Ok(if allowed {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(if allowed { Auth::Accept } else { Auth::reject() })
     }
 
     async fn auth_publickey(
@@ -194,8 +183,10 @@ impl russh::server::Handler for Handler {
         let keyid = key_id(key.public_key);
         if !self.ctx.policy.allows(&keyid) {
             tracing::info!(conn = self.conn, client = %self.client, %keyid, "ssh key refused");
+            crate::metrics::ssh_auth("refused");
             return Ok(Auth::reject());
         }
+        crate::metrics::ssh_auth("ok");
         tracing::info!(conn = self.conn, client = %self.client, user, %keyid, "ssh authenticated");
         self.user = user.to_owned();
         self.keyid = Some(keyid);
@@ -247,6 +238,7 @@ impl russh::server::Handler for Handler {
             since: SystemTime::now(),
             handle: session.handle(),
             idle: Default::default(),
+            stats: Default::default(),
         };
         let reg = self.ctx.tunnels.register(key, member);
         self.forwards.insert((address.to_owned(), *port), reg);
@@ -294,11 +286,7 @@ impl russh::server::Handler for Handler {
         session.channel_success(channel)
     }
 
-    async fn shell_request(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         session.data(channel, self.banner().into_bytes())
@@ -345,11 +333,7 @@ impl russh::server::Handler for Handler {
         Ok(())
     }
 
-    async fn channel_close(
-        &mut self,
-        channel: ChannelId,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
         self.sessions.remove(&channel);
         Ok(())
     }
@@ -365,29 +349,23 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(visitor) = self.keyid.clone() else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
-        let target =
-            names::canonical_host(host_to_connect, &self.ctx.domain).map(|host| TunnelKey {
-                host,
-                route: Route::for_port(port_to_connect),
-            });
+        let target = names::canonical_host(host_to_connect, &self.ctx.domain).map(|host| TunnelKey {
+            host,
+            route: Route::for_port(port_to_connect),
+        });
         let members = target
             .as_ref()
             .map(|k| self.ctx.tunnels.members(k))
             .unwrap_or_default();
         let allowed = members.first().is_some_and(|m| {
-            target.as_ref().is_some_and(|t| t.route == Route::Http)
-                || self.ctx.may_reach(&m.keyid, &visitor)
+            target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.keyid, &visitor)
         });
         if !allowed {
             tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
         let origin = (originator_address.to_owned(), originator_port);
@@ -406,13 +384,13 @@ async fn bridge(
     origin: (String, u32),
     limit: usize,
 ) {
-    let Some(upstream) = open_forwarded(&members, &origin.0, origin.1).await else {
+    let Some((upstream, member)) = open_forwarded(&members, &origin.0, origin.1).await else {
         reply.reject(ChannelOpenFailure::ConnectFailed).await;
         return;
     };
     reply.accept().await;
-    let mut a = channel_io(visitor, limit);
-    let mut b = channel_io(upstream, limit);
+    let mut a = channel_io(visitor, limit, None);
+    let mut b = channel_io(upstream, limit, Some(member.stats.clone()));
     if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
         tracing::debug!(error = %e, "tunnel bridge ended");
     }
@@ -423,21 +401,20 @@ pub async fn open_forwarded(
     members: &[Arc<Member>],
     origin_addr: &str,
     origin_port: u32,
-) -> Option<Channel<Msg>> {
+) -> Option<(Channel<Msg>, Arc<Member>)> {
     for m in members {
         let opened = m
             .handle
-            .channel_open_forwarded_tcpip(
-                m.bind_address.clone(),
-                m.bind_port,
-                origin_addr,
-                origin_port,
-            )
+            .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, origin_addr, origin_port)
             .await;
         match opened {
-            Ok(ch) => return Some(ch),
+            Ok(ch) => {
+                crate::metrics::forwarded_channel("opened");
+                return Some((ch, m.clone()));
+            }
             Err(e) => {
-                tracing::info!(conn = m.conn, error = %e, "pool member refused a channel; trying the next")
+                crate::metrics::forwarded_channel("failed");
+                tracing::info!(conn = m.conn, error = %e, "pool member refused a channel; trying the next");
             }
         }
     }

@@ -32,10 +32,7 @@ pub fn is_key_id(s: &str) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}: not a public key: {reason}")]
     Parse {
         path: PathBuf,
@@ -123,10 +120,7 @@ impl AuthorizedKeys {
 
     pub fn allows(&self, keyid: &str) -> bool {
         self.refresh(false);
-        self.state
-            .read()
-            .map(|s| s.1.contains(keyid))
-            .unwrap_or(false)
+        self.state.read().map(|s| s.1.contains(keyid)).unwrap_or(false)
     }
 }
 

@@ -119,9 +119,7 @@ impl SshContext {
 
 fn server_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config {
     russh::server::Config {
-        server_id: russh::SshId::Standard(
-            concat!("SSH-2.0-edgemux_", env!("CARGO_PKG_VERSION")).into(),
-        ),
+        server_id: russh::SshId::Standard(concat!("SSH-2.0-edgemux_", env!("CARGO_PKG_VERSION")).into()),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: Duration::from_millis(500),
         // OpenSSH probes with "none" first; answering it at once is not an oracle.

@@ -15,7 +15,9 @@ pub enum NameError {
     Empty(String),
     #[error("tunnel name {name:?} is longer than {MAX_NAME} characters")]
     TooLong { name: String },
-    #[error("tunnel name {0:?} may only hold letters a-z, digits and '-', and may not start or end with '-'")]
+    #[error(
+        "tunnel name {0:?} may only hold letters a-z, digits and '-', and may not start or end with '-'"
+    )]
     BadCharacters(String),
 }
 
@@ -52,11 +54,7 @@ pub fn parse_name(raw: &str) -> Result<TunnelName, NameError> {
 
 fn is_label(s: &str) -> bool {
     let ok_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(ok_char)
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(ok_char) && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// The name a `tcpip-forward` bind address asks for: `-R myapp:80:…` binds "myapp"; an empty bind,
@@ -117,10 +115,7 @@ mod tests {
             parse_name("bad_name!"),
             Err(NameError::BadCharacters(_))
         ));
-        assert!(matches!(
-            parse_name("a.b"),
-            Err(NameError::BadCharacters(_))
-        ));
+        assert!(matches!(parse_name("a.b"), Err(NameError::BadCharacters(_))));
         assert!(matches!(parse_name("é"), Err(NameError::BadCharacters(_))));
         assert!(parse_name(&"a".repeat(MAX_NAME)).is_ok());
         assert!(matches!(
@@ -137,10 +132,7 @@ mod tests {
 
     #[test]
     fn bind_addresses() {
-        assert_eq!(
-            name_for_bind("localhost", "Alice").unwrap().as_str(),
-            "alice"
-        );
+        assert_eq!(name_for_bind("localhost", "Alice").unwrap().as_str(), "alice");
         assert_eq!(name_for_bind("", "bob").unwrap().as_str(), "bob");
         assert_eq!(name_for_bind("web", "bob").unwrap().as_str(), "web");
         assert!(name_for_bind("localhost", "bob@corp").is_err());

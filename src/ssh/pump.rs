@@ -17,12 +17,15 @@ use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
+use crate::tunnels::MemberStats;
+
 /// The stream side of a drained channel.
 pub struct ChannelIo {
     rx: mpsc::UnboundedReceiver<Bytes>,
     current: Bytes,
     buffered: Arc<AtomicUsize>,
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    stats: Option<Arc<MemberStats>>,
 }
 
 impl std::fmt::Debug for ChannelIo {
@@ -33,10 +36,11 @@ impl std::fmt::Debug for ChannelIo {
 
 /// Starts draining `channel` and returns its stream. The channel is closed when the stream is
 /// dropped, when the peer closes it, or when the reader falls `limit` bytes behind.
-pub fn channel_io(channel: Channel<Msg>, limit: usize) -> ChannelIo {
+pub fn channel_io(channel: Channel<Msg>, limit: usize, stats: Option<Arc<MemberStats>>) -> ChannelIo {
     let writer = channel.make_writer();
     let (mut read_half, write_half) = channel.split();
     let (data_tx, rx) = mpsc::unbounded_channel();
+    let stats_out = stats.clone();
     let buffered = Arc::new(AtomicUsize::new(0));
     let counter = buffered.clone();
     tokio::spawn(async move {
@@ -45,6 +49,9 @@ pub fn channel_io(channel: Channel<Msg>, limit: usize) -> ChannelIo {
             tokio::select! {
                 msg = read_half.wait() => match msg {
                     Some(ChannelMsg::Data { data }) => {
+                        if let Some(s) = &stats {
+                            s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
                         let total = counter.fetch_add(data.len(), Ordering::AcqRel) + data.len();
                         if total > limit {
                             tracing::info!(channel = %id, buffered = total, limit, "reader fell behind; closing channel");
@@ -73,6 +80,7 @@ pub fn channel_io(channel: Channel<Msg>, limit: usize) -> ChannelIo {
         current: Bytes::new(),
         buffered,
         tx: Box::pin(writer),
+        stats: stats_out,
     }
 }
 
@@ -98,12 +106,12 @@ impl AsyncRead for ChannelIo {
 }
 
 impl AsyncWrite for ChannelIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.tx.as_mut().poll_write(cx, buf)
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let res = self.tx.as_mut().poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(s)) = (&res, &self.stats) {
+            s.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

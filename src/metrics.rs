@@ -1,0 +1,192 @@
+//! Every metric edgemux exports, named and described in one place. Labels are bounded: listener
+//! addresses come from the config, everything else from fixed sets; never a host or a key.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_ACCEPTED: &str = "edgemux_connections_accepted_total";
+pub const CONNECTIONS_ROUTED: &str = "edgemux_connections_routed_total";
+pub const CONNECTIONS_ACTIVE: &str = "edgemux_connections_active";
+pub const REJECTIONS: &str = "edgemux_rejections_total";
+pub const PROXY_HEADERS: &str = "edgemux_proxy_headers_total";
+pub const TLS_HANDSHAKES: &str = "edgemux_tls_handshakes_total";
+pub const TLS_HANDSHAKE_DURATION: &str = "edgemux_tls_handshake_duration_seconds";
+pub const SSH_AUTH: &str = "edgemux_ssh_auth_attempts_total";
+pub const TUNNELS_ACTIVE: &str = "edgemux_tunnels_active";
+pub const TUNNEL_MEMBERS_ACTIVE: &str = "edgemux_tunnel_members_active";
+pub const TUNNEL_REGISTRATIONS: &str = "edgemux_tunnel_registrations_total";
+pub const TUNNEL_REMOVALS: &str = "edgemux_tunnel_removals_total";
+pub const FORWARDED_CHANNELS: &str = "edgemux_forwarded_channels_total";
+pub const HTTP_REQUESTS: &str = "edgemux_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "edgemux_http_request_duration_seconds";
+pub const BYTES: &str = "edgemux_bytes_total";
+pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
+pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
+pub const BUILD_INFO: &str = "edgemux_build_info";
+
+/// Latency buckets from 1 ms to 30 s: handshakes and requests through a tunnel.
+const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Installs the process-wide recorder (the one piece of global state) and describes every metric.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new().set_buckets(BUCKETS)?.install_recorder()?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS_ACCEPTED, "TCP connections accepted, by listener");
+    describe_counter!(CONNECTIONS_ROUTED, "Connections that reached a service, by listener and route");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Open connections, by route (pending = not routed yet)");
+    describe_counter!(REJECTIONS, "Connections refused before reaching a service, by stage and reason");
+    describe_counter!(PROXY_HEADERS, "PROXY protocol headers, by version and result");
+    describe_counter!(TLS_HANDSHAKES, "TLS handshakes, by result, version and ALPN");
+    describe_histogram!(TLS_HANDSHAKE_DURATION, Unit::Seconds, "Time from ClientHello to finished handshake");
+    describe_counter!(SSH_AUTH, "SSH public-key authentication attempts, by result");
+    describe_gauge!(TUNNELS_ACTIVE, "Registered tunnels (hosts with at least one member), by kind");
+    describe_gauge!(TUNNEL_MEMBERS_ACTIVE, "SSH connections serving tunnels (pool members), by kind");
+    describe_counter!(TUNNEL_REGISTRATIONS, "Tunnel pool members registered, by kind");
+    describe_counter!(TUNNEL_REMOVALS, "Tunnel pool members removed, by kind");
+    describe_counter!(FORWARDED_CHANNELS, "forwarded-tcpip channels opened to tunnel clients, by result");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, status class and downstream protocol");
+    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "Time to response headers, by downstream protocol");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes carried, by route and direction (in = from clients)");
+    describe_gauge!(CERT_EXPIRY, Unit::Seconds, "Expiry of each configured certificate, Unix time, by name");
+    describe_counter!(ACME_ORDERS, "ACME certificate orders, by result");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
+}
+
+/// Keeps histograms and summaries fresh without an exporter thread.
+pub async fn run_upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+pub fn accepted(listener: &str) {
+    counter!(CONNECTIONS_ACCEPTED, "listener" => listener.to_owned()).increment(1);
+}
+
+pub fn routed(listener: &str, route: &'static str) {
+    counter!(CONNECTIONS_ROUTED, "listener" => listener.to_owned(), "route" => route).increment(1);
+}
+
+/// Counts a connection in `route`'s active gauge while alive.
+pub struct ActiveGuard(&'static str);
+
+impl ActiveGuard {
+    pub fn new(route: &'static str) -> Self {
+        gauge!(CONNECTIONS_ACTIVE, "route" => route).increment(1.0);
+        Self(route)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS_ACTIVE, "route" => self.0).decrement(1.0);
+    }
+}
+
+pub fn rejected(stage: &'static str, reason: &'static str) {
+    counter!(REJECTIONS, "stage" => stage, "reason" => reason).increment(1);
+}
+
+pub fn proxy_header(version: &'static str, result: &'static str) {
+    counter!(PROXY_HEADERS, "version" => version, "result" => result).increment(1);
+}
+
+pub fn tls_handshake(result: &'static str, version: &'static str, alpn: &'static str, secs: f64) {
+    counter!(TLS_HANDSHAKES, "result" => result, "version" => version, "alpn" => alpn).increment(1);
+    if result == "ok" {
+        histogram!(TLS_HANDSHAKE_DURATION).record(secs);
+    }
+}
+
+pub fn ssh_auth(result: &'static str) {
+    counter!(SSH_AUTH, "result" => result).increment(1);
+}
+
+/// A pool member came or went; `pool_changed` when that created or emptied the pool.
+pub fn tunnel_member(kind: &'static str, registered: bool, pool_changed: bool) {
+    let was_new_or_gone = pool_changed;
+    if registered {
+        counter!(TUNNEL_REGISTRATIONS, "kind" => kind).increment(1);
+        gauge!(TUNNEL_MEMBERS_ACTIVE, "kind" => kind).increment(1.0);
+        if was_new_or_gone {
+            gauge!(TUNNELS_ACTIVE, "kind" => kind).increment(1.0);
+        }
+    } else {
+        counter!(TUNNEL_REMOVALS, "kind" => kind).increment(1);
+        gauge!(TUNNEL_MEMBERS_ACTIVE, "kind" => kind).decrement(1.0);
+        if was_new_or_gone {
+            gauge!(TUNNELS_ACTIVE, "kind" => kind).decrement(1.0);
+        }
+    }
+}
+
+pub fn forwarded_channel(result: &'static str) {
+    counter!(FORWARDED_CHANNELS, "result" => result).increment(1);
+}
+
+/// A bounded method label: the standard methods, else "other".
+pub fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub fn http_request(method: &http::Method, status: u16, protocol: &'static str, secs: f64) {
+    counter!(HTTP_REQUESTS, "method" => method_label(method), "status_class" => status_class(status), "protocol" => protocol)
+        .increment(1);
+    histogram!(HTTP_REQUEST_DURATION, "protocol" => protocol).record(secs);
+}
+
+pub fn bytes(route: &'static str, inbound: u64, outbound: u64) {
+    counter!(BYTES, "route" => route, "direction" => "in").increment(inbound);
+    counter!(BYTES, "route" => route, "direction" => "out").increment(outbound);
+}
+
+pub fn cert_expiry(name: &str, unix_secs: i64) {
+    gauge!(CERT_EXPIRY, "name" => name.to_owned()).set(unix_secs as f64);
+}
+
+pub fn acme_order(result: &'static str) {
+    counter!(ACME_ORDERS, "result" => result).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(method_label(&http::Method::from_bytes(b"BREW").unwrap_or(http::Method::GET)), "other");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(101), "1xx");
+        assert_eq!(status_class(999), "5xx");
+    }
+}
