@@ -48,7 +48,8 @@ async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>>
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ if !authorized(gw, req) => {
             let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             r
         }
         (&Method::GET, "/metrics") => match gw.metrics() {
@@ -64,8 +65,20 @@ async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>>
             None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
         },
         (&Method::GET, "/tunnels") => json(StatusCode::OK, &tunnels_json(gw)),
-        (&Method::DELETE, p) if p.starts_with("/tunnels/") => delete_tunnel(gw, &p["/tunnels/".len()..]).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/tunnels") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (&Method::POST, "/acme/renew") => match gw.acme() {
+            Some(acme) => {
+                tracing::info!("certificate renewal requested through the admin API");
+                acme.renew_all();
+                json(StatusCode::ACCEPTED, &serde_json::json!({ "renewing": true }))
+            }
+            None => text(StatusCode::NOT_FOUND, "ACME is not configured\n"),
+        },
+        (&Method::DELETE, p) if p.starts_with("/tunnels/") => {
+            delete_tunnel(gw, &p["/tunnels/".len()..]).await
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/tunnels") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -141,17 +154,26 @@ async fn delete_tunnel(gw: &Gateway, host: &str) -> Response<Full<Bytes>> {
         tracing::info!(host, conn = m.conn, "tunnel removed by the admin API");
         let _ = m
             .handle
-            .disconnect(russh::Disconnect::ByApplication, "edgemux: tunnel removed by the operator".into(), String::new())
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                "edgemux: tunnel removed by the operator".into(),
+                String::new(),
+            )
             .await;
     }
-    json(StatusCode::OK, &serde_json::json!({ "host": host, "disconnected": doomed.len() }))
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "host": host, "disconnected": doomed.len() }),
+    )
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 

@@ -102,6 +102,16 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
     Ok(files)
 }
 
+/// A self-signed certificate for `host`: served before any real certificate exists.
+pub fn self_signed(host: &str) -> Result<CertifiedKey, String> {
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = leaf_params(host)
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    let der = PrivateKeyDer::try_from(key.serialize_der())?;
+    crate::tls::certified_key(vec![cert.der().clone()], der).map_err(|e| e.to_string())
+}
+
 fn leaf_params(host: &str) -> Result<CertificateParams, rcgen::Error> {
     let mut leaf = CertificateParams::new(vec![host.to_string()])?;
     leaf.distinguished_name.push(DnType::CommonName, host);

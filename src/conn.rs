@@ -12,8 +12,8 @@ use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, ProxyMode};
 use crate::counted::Counted;
-use crate::metrics;
 use crate::gateway::Gateway;
+use crate::metrics;
 use crate::prefixed::Prefixed;
 use crate::proxy_protocol::{self, HeaderRead, ProxyError};
 use crate::route::{self, Dest, NoRoute};
@@ -229,7 +229,10 @@ fn misplaced_proxy_header(listener: &ListenerConfig, peer: SocketAddr, had_heade
 }
 
 async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnError> {
-    let (mut tls, negotiated) = crate::tls::accept(stream, gw.tls_config()).await?;
+    let (mut tls, negotiated) = match crate::tls::accept(stream, gw.tls_config(), gw.challenges()).await? {
+        crate::tls::Accepted::Stream(tls, negotiated) => (tls, negotiated),
+        crate::tls::Accepted::AcmeChallenge => return Err(ConnError::NoRoute(NoRoute::Closed)),
+    };
     let span = tracing::Span::current();
     if let Some(sni) = &negotiated.sni {
         span.record("sni", sni.as_str());

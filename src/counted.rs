@@ -44,7 +44,9 @@ impl<S> Counted<S> {
         if force || self.pending_in + self.pending_out >= FLUSH_EVERY {
             crate::metrics::bytes(self.route, self.pending_in, self.pending_out);
             self.totals.inbound.fetch_add(self.pending_in, Ordering::Relaxed);
-            self.totals.outbound.fetch_add(self.pending_out, Ordering::Relaxed);
+            self.totals
+                .outbound
+                .fetch_add(self.pending_out, Ordering::Relaxed);
             self.pending_in = 0;
             self.pending_out = 0;
         }
@@ -58,7 +60,11 @@ impl<S> Drop for Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;

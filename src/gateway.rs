@@ -7,6 +7,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use rustls::ServerConfig;
 
+use crate::acme::challenge::Challenges;
+use crate::acme::AcmeManager;
 use crate::certs::LocalCa;
 use crate::config::{Config, Limits};
 use crate::http::HttpContext;
@@ -26,6 +28,8 @@ pub enum BuildError {
     Keys(#[from] KeysError),
     #[error("no certificate configured: add a [[tls.certificate]] (or run `edgemux dev`)")]
     NoCertificates,
+    #[error("cannot make the stand-in certificate: {0}")]
+    StandIn(String),
     #[error("admin.token_file {path}: {reason}")]
     AdminToken { path: String, reason: String },
 }
@@ -63,6 +67,8 @@ pub struct Gateway {
     metrics: Option<PrometheusHandle>,
     admin_token: Option<String>,
     ready: AtomicBool,
+    challenges: Arc<Challenges>,
+    acme: Option<Arc<AcmeManager>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -76,9 +82,14 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Loads certificates and keys; any failure here stops start-up with a clear message.
     pub fn build(config: Config, metrics: Option<PrometheusHandle>) -> Result<Arc<Self>, BuildError> {
-        let table = tls::load_table(&config.certificates)?;
+        let mut table = tls::load_table(&config.certificates)?;
         if table.is_empty() {
-            return Err(BuildError::NoCertificates);
+            if config.acme.is_none() {
+                return Err(BuildError::NoCertificates);
+            }
+            // Until ACME has issued, handshakes complete with a self-signed stand-in, never hang.
+            let stand_in = crate::certs::self_signed(&config.domain).map_err(BuildError::StandIn)?;
+            table.set_default(Arc::new(stand_in));
         }
         let local_ca = match &config.local_ca {
             Some(paths) => Some((LocalCa::load(paths)?, config.domain.clone())),
@@ -97,15 +108,29 @@ impl Gateway {
             }
         };
         let tunnels = Registry::new();
-        let ssh = Arc::new(SshContext::new(
+        let challenges = Arc::new(Challenges::default());
+        let acme = config.acme.clone().map(|a| {
+            AcmeManager::new(
+                a,
+                &config.certs_dir,
+                challenges.clone(),
+                resolver.clone(),
+                tunnels.clone(),
+            )
+        });
+        let mut ssh = SshContext::new(
             &config.ssh,
             host_key,
             policy,
             tunnels.clone(),
             config.domain.clone(),
             config.public_port,
-        ));
-        let http = Arc::new(HttpContext::new(&config, tunnels.clone()));
+        );
+        if let Some(acme) = acme.clone() {
+            ssh.on_http_tunnel = Some(Arc::new(move |host: &str| acme.request_on_demand(host)));
+        }
+        let ssh = Arc::new(ssh);
+        let http = Arc::new(HttpContext::new(&config, tunnels.clone(), challenges.clone()));
         let admin_token = read_admin_token(&config)?;
         Ok(Arc::new(Self {
             config,
@@ -117,6 +142,8 @@ impl Gateway {
             metrics,
             admin_token,
             ready: AtomicBool::new(false),
+            challenges,
+            acme,
         }))
     }
 
@@ -170,6 +197,14 @@ impl Gateway {
     /// Listeners are serving and certificates are loaded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn challenges(&self) -> &Challenges {
+        &self.challenges
+    }
+
+    pub fn acme(&self) -> Option<&Arc<AcmeManager>> {
+        self.acme.as_ref()
     }
 
     pub fn set_ready(&self) {

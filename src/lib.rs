@@ -3,6 +3,7 @@
 //!
 //! The binary (`main.rs`) parses flags, loads the config, binds listeners and calls [`run`].
 
+pub mod acme;
 pub mod admin;
 pub mod certs;
 pub mod config;
@@ -61,6 +62,9 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     }
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
+    }
+    if let Some(acme) = gw.acme() {
+        acme.start(shutdown.clone());
     }
     gw.set_ready();
     shutdown.cancelled().await;

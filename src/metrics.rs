@@ -27,11 +27,15 @@ pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
 
 /// Latency buckets from 1 ms to 30 s: handshakes and requests through a tunnel.
-const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Installs the process-wide recorder (the one piece of global state) and describes every metric.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new().set_buckets(BUCKETS)?.install_recorder()?;
+    let handle = PrometheusBuilder::new()
+        .set_buckets(BUCKETS)?
+        .install_recorder()?;
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
@@ -39,22 +43,59 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 
 fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED, "TCP connections accepted, by listener");
-    describe_counter!(CONNECTIONS_ROUTED, "Connections that reached a service, by listener and route");
-    describe_gauge!(CONNECTIONS_ACTIVE, "Open connections, by route (pending = not routed yet)");
-    describe_counter!(REJECTIONS, "Connections refused before reaching a service, by stage and reason");
+    describe_counter!(
+        CONNECTIONS_ROUTED,
+        "Connections that reached a service, by listener and route"
+    );
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Open connections, by route (pending = not routed yet)"
+    );
+    describe_counter!(
+        REJECTIONS,
+        "Connections refused before reaching a service, by stage and reason"
+    );
     describe_counter!(PROXY_HEADERS, "PROXY protocol headers, by version and result");
     describe_counter!(TLS_HANDSHAKES, "TLS handshakes, by result, version and ALPN");
-    describe_histogram!(TLS_HANDSHAKE_DURATION, Unit::Seconds, "Time from ClientHello to finished handshake");
+    describe_histogram!(
+        TLS_HANDSHAKE_DURATION,
+        Unit::Seconds,
+        "Time from ClientHello to finished handshake"
+    );
     describe_counter!(SSH_AUTH, "SSH public-key authentication attempts, by result");
-    describe_gauge!(TUNNELS_ACTIVE, "Registered tunnels (hosts with at least one member), by kind");
-    describe_gauge!(TUNNEL_MEMBERS_ACTIVE, "SSH connections serving tunnels (pool members), by kind");
+    describe_gauge!(
+        TUNNELS_ACTIVE,
+        "Registered tunnels (hosts with at least one member), by kind"
+    );
+    describe_gauge!(
+        TUNNEL_MEMBERS_ACTIVE,
+        "SSH connections serving tunnels (pool members), by kind"
+    );
     describe_counter!(TUNNEL_REGISTRATIONS, "Tunnel pool members registered, by kind");
     describe_counter!(TUNNEL_REMOVALS, "Tunnel pool members removed, by kind");
-    describe_counter!(FORWARDED_CHANNELS, "forwarded-tcpip channels opened to tunnel clients, by result");
-    describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, status class and downstream protocol");
-    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "Time to response headers, by downstream protocol");
-    describe_counter!(BYTES, Unit::Bytes, "Bytes carried, by route and direction (in = from clients)");
-    describe_gauge!(CERT_EXPIRY, Unit::Seconds, "Expiry of each configured certificate, Unix time, by name");
+    describe_counter!(
+        FORWARDED_CHANNELS,
+        "forwarded-tcpip channels opened to tunnel clients, by result"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests, by method, status class and downstream protocol"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to response headers, by downstream protocol"
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes carried, by route and direction (in = from clients)"
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "Expiry of each configured certificate, Unix time, by name"
+    );
     describe_counter!(ACME_ORDERS, "ACME certificate orders, by result");
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
 }
@@ -184,7 +225,10 @@ mod tests {
 
     #[test]
     fn labels_are_bounded() {
-        assert_eq!(method_label(&http::Method::from_bytes(b"BREW").unwrap_or(http::Method::GET)), "other");
+        assert_eq!(
+            method_label(&http::Method::from_bytes(b"BREW").unwrap_or(http::Method::GET)),
+            "other"
+        );
         assert_eq!(status_class(404), "4xx");
         assert_eq!(status_class(101), "1xx");
         assert_eq!(status_class(999), "5xx");

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
 use crate::certs::LocalCa;
 use crate::config::CertificatePaths;
 
@@ -33,6 +34,8 @@ pub enum TlsError {
     Setup(#[from] rustls::Error),
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
+    #[error("acme-tls/1 offered but no ACME challenge is pending")]
+    NoChallenge,
 }
 
 impl TlsError {
@@ -40,6 +43,7 @@ impl TlsError {
         match self {
             Self::Certificate { .. } | Self::NoNames { .. } | Self::Setup(_) => "setup",
             Self::Handshake(_) => "handshake",
+            Self::NoChallenge => "no_acme_challenge",
         }
     }
 }
@@ -68,6 +72,11 @@ impl CertTable {
         self.default.get_or_insert(key);
     }
 
+    /// Serves `key` to clients whose SNI no certificate names, without naming anything itself.
+    pub fn set_default(&mut self, key: Arc<CertifiedKey>) {
+        self.default = Some(key);
+    }
+
     /// The most specific certificate for `sni`: exact, then a wildcard one label up, then the default.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         sni.and_then(|s| self.lookup_named(s))
@@ -76,9 +85,18 @@ impl CertTable {
 
     /// A certificate that names `sni` (exactly or by wildcard), without falling back to the default.
     pub fn lookup_named(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        self.lookup_exact(sni).or_else(|| self.lookup_wildcard(sni))
+    }
+
+    pub fn lookup_exact(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        self.exact.get(&sni.to_ascii_lowercase()).cloned()
+    }
+
+    /// A wildcard certificate one label up (`*.gw.test` for `a.gw.test`).
+    pub fn lookup_wildcard(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         let sni = sni.to_ascii_lowercase();
-        let wildcard = || sni.split_once('.').and_then(|(_, p)| self.wildcard.get(p));
-        self.exact.get(&sni).or_else(wildcard).cloned()
+        let (_, parent) = sni.split_once('.')?;
+        self.wildcard.get(parent).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,6 +109,8 @@ impl CertTable {
 #[derive(Debug, Default)]
 pub struct CertResolver {
     table: RwLock<Arc<CertTable>>,
+    /// Certificates obtained at run time (ACME), by exact name.
+    dynamic: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     local_ca: Option<(LocalCa, String)>,
 }
 
@@ -98,8 +118,45 @@ impl CertResolver {
     pub fn new(table: CertTable, local_ca: Option<(LocalCa, String)>) -> Self {
         Self {
             table: RwLock::new(Arc::new(table)),
+            dynamic: RwLock::new(HashMap::new()),
             local_ca,
         }
+    }
+
+    /// Serves `key` for `name` from the next handshake on.
+    pub fn insert_dynamic(&self, name: &str, key: Arc<CertifiedKey>) {
+        if let Ok(mut d) = self.dynamic.write() {
+            d.insert(name.to_ascii_lowercase(), key);
+        }
+    }
+
+    fn dynamic_exact(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.dynamic.read().ok()?.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    fn dynamic_any(&self) -> Option<Arc<CertifiedKey>> {
+        self.dynamic.read().ok()?.values().next().cloned()
+    }
+
+    /// Whether a static or issued certificate names `host` (exactly or by wildcard).
+    pub fn covers(&self, host: &str) -> bool {
+        self.current().lookup_named(host).is_some() || self.dynamic_exact(host).is_some()
+    }
+
+    /// The most specific certificate: exact (static, then issued), wildcard, minted by the local
+    /// CA, then the default (or any issued one when nothing else exists).
+    pub fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let table = self.current();
+        let named = sni.and_then(|s| {
+            table
+                .lookup_exact(s)
+                .or_else(|| self.dynamic_exact(s))
+                .or_else(|| table.lookup_wildcard(s))
+                .or_else(|| self.mint(s))
+        });
+        named
+            .or_else(|| table.lookup(None))
+            .or_else(|| self.dynamic_any())
     }
 
     fn mint(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
@@ -126,11 +183,7 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let table = self.current();
-        let sni = hello.server_name();
-        sni.and_then(|s| table.lookup_named(s))
-            .or_else(|| sni.and_then(|s| self.mint(s)))
-            .or_else(|| table.lookup(None))
+        self.pick(hello.server_name())
     }
 }
 
@@ -221,18 +274,34 @@ pub struct Negotiated {
     pub alpn: Option<Vec<u8>>,
 }
 
-/// Reads the ClientHello and finishes the handshake.
+/// What the TLS stage ended with.
+pub enum Accepted<S> {
+    Stream(Box<TlsStream<S>>, Negotiated),
+    /// An ACME TLS-ALPN-01 validation was answered; the connection is done.
+    AcmeChallenge,
+}
+
+/// Reads the ClientHello and finishes the handshake, or answers a pending TLS-ALPN-01 challenge
+/// when the ClientHello offers `acme-tls/1`.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     config: Arc<ServerConfig>,
-) -> Result<(TlsStream<S>, Negotiated), TlsError> {
+    challenges: &Challenges,
+) -> Result<Accepted<S>, TlsError> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
         .map_err(|e| {
             crate::metrics::tls_handshake("error", "unknown", "none", 0.0);
             TlsError::Handshake(e)
         })?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let acme = hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+    if let (true, Some(name)) = (acme, sni.as_deref()) {
+        return answer_challenge(start, challenges, name).await;
+    }
     let started = std::time::Instant::now();
     let tls = match start.into_stream(config).await {
         Ok(tls) => tls,
@@ -255,7 +324,25 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         _ => "none",
     };
     crate::metrics::tls_handshake("ok", version, alpn_label, started.elapsed().as_secs_f64());
-    Ok((tls, Negotiated { sni, alpn }))
+    Ok(Accepted::Stream(Box::new(tls), Negotiated { sni, alpn }))
+}
+
+async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(
+    start: tokio_rustls::StartHandshake<S>,
+    challenges: &Challenges,
+    name: &str,
+) -> Result<Accepted<S>, TlsError> {
+    let Some(config) = challenges.tls_alpn_config(name) else {
+        tracing::info!(
+            name,
+            "acme-tls/1 offered but no challenge is pending for this name"
+        );
+        return Err(TlsError::NoChallenge);
+    };
+    let mut tls = start.into_stream(config).await.map_err(TlsError::Handshake)?;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    tracing::info!(name, "answered an ACME TLS-ALPN-01 validation");
+    Ok(Accepted::AcmeChallenge)
 }
 
 #[cfg(test)]

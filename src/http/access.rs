@@ -32,7 +32,11 @@ pub struct Logged {
 
 impl Logged {
     pub fn new(inner: Body, entry: Entry) -> Self {
-        Self { inner, bytes: 0, entry }
+        Self {
+            inner,
+            bytes: 0,
+            entry,
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::challenge::Challenges;
 use crate::config::{Config, Limits};
 use crate::conn::{BoxStream, ClientAddr};
 use crate::tunnels::{Route, TunnelKey, Tunnels};
@@ -35,16 +36,18 @@ pub struct HttpContext {
     limits: Limits,
     channel_buffer: usize,
     tunnels: Arc<Tunnels>,
+    challenges: Arc<Challenges>,
 }
 
 impl HttpContext {
-    pub fn new(config: &Config, tunnels: Arc<Tunnels>) -> Self {
+    pub fn new(config: &Config, tunnels: Arc<Tunnels>, challenges: Arc<Challenges>) -> Self {
         Self {
             domain: config.domain.clone(),
             public_port: config.public_port,
             limits: config.limits.clone(),
             channel_buffer: config.ssh.channel_buffer,
             tunnels,
+            challenges,
         }
     }
 }
@@ -128,7 +131,11 @@ async fn handle(
         }
     };
     let status = response.status().as_u16();
-    let protocol = if version == Version::HTTP_2 { "h2" } else { "http/1.1" };
+    let protocol = if version == Version::HTTP_2 {
+        "h2"
+    } else {
+        "http/1.1"
+    };
     crate::metrics::http_request(&method, status, protocol, started.elapsed().as_secs_f64());
     let entry = access::Entry {
         client: addr.client,
@@ -207,7 +214,10 @@ async fn proxy(
         tokio::spawn(splice_upgrade(downstream, upstream));
         return Ok(resp.map(|b| b.boxed()));
     }
-    member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    member
+        .stats
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !upgrade {
         upstream::release(member, sender);
     }
@@ -252,8 +262,14 @@ async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::
 /// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
 fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    if path.starts_with(ACME_CHALLENGE_PREFIX) {
-        return text(StatusCode::NOT_FOUND, "no such challenge\n".into());
+    if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PREFIX) {
+        return match ctx.challenges.http01(token) {
+            Some(key_authorization) => {
+                tracing::info!(token, "answered an ACME HTTP-01 validation");
+                text(StatusCode::OK, key_authorization)
+            }
+            None => text(StatusCode::NOT_FOUND, "no such challenge\n".into()),
+        };
     }
     let port = match ctx.public_port {
         443 => String::new(),

@@ -240,6 +240,9 @@ impl russh::server::Handler for Handler {
             idle: Default::default(),
             stats: Default::default(),
         };
+        if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
+            hook(&key.host);
+        }
         let reg = self.ctx.tunnels.register(key, member);
         self.forwards.insert((address.to_owned(), *port), reg);
         self.forward_count.fetch_add(1, Ordering::AcqRel);

@@ -54,6 +54,9 @@ impl SshError {
     }
 }
 
+/// A callback told about a host (on-demand certificates for new HTTP tunnels).
+pub type HostHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Everything the SSH side shares between connections.
 pub struct SshContext {
     pub server: Arc<russh::server::Config>,
@@ -64,6 +67,8 @@ pub struct SshContext {
     /// owner key id → key ids that may reach the owner's private tunnels.
     pub grants: HashMap<String, HashSet<String>>,
     pub channel_buffer: usize,
+    /// Told about every HTTP tunnel host registered (on-demand certificates).
+    pub on_http_tunnel: Option<HostHook>,
     conn_ids: AtomicU64,
 }
 
@@ -99,6 +104,7 @@ impl SshContext {
             public_port,
             grants,
             channel_buffer: cfg.channel_buffer,
+            on_http_tunnel: None,
             conn_ids: AtomicU64::new(0),
         }
     }
