@@ -12,7 +12,7 @@ use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, ProxyMode};
 use crate::counted::Counted;
-use crate::gateway::Gateway;
+use crate::gateway::{ClientSlot, Gateway};
 use crate::metrics;
 use crate::prefixed::Prefixed;
 use crate::proxy_protocol::{self, HeaderRead, ProxyError};
@@ -44,6 +44,10 @@ pub enum ConnError {
     Proxy(#[from] ProxyError),
     #[error("nothing routed within the pre-routing deadline")]
     Deadline,
+    #[error("TLS handshake took longer than limits.tls_handshake_timeout")]
+    TlsTimeout,
+    #[error("{0} already has limits.max_connections_per_client connections")]
+    PerClientLimit(std::net::IpAddr),
 }
 
 impl ConnError {
@@ -55,6 +59,8 @@ impl ConnError {
             Self::NoRoute(_) => "route",
             Self::Proxy(_) => "proxy",
             Self::Deadline => "deadline",
+            Self::TlsTimeout => "tls",
+            Self::PerClientLimit(_) => "limits",
         }
     }
 
@@ -67,6 +73,8 @@ impl ConnError {
             Self::NoRoute(NoRoute::PlainSshDisabled) => "plain_ssh_disabled",
             Self::Proxy(e) => e.reason(),
             Self::Deadline => "deadline",
+            Self::TlsTimeout => "timeout",
+            Self::PerClientLimit(_) => "per_client",
         }
     }
 }
@@ -107,7 +115,7 @@ pub async fn handle(
         let routed = tokio::time::timeout(deadline, routing).await;
         drop(pending);
         match routed.unwrap_or(Err(ConnError::Deadline)) {
-            Ok((r, addr)) => {
+            Ok((r, addr, _slot)) => {
                 metrics::routed(&label, r.dest.as_str());
                 serve(&gw, r, addr, shutdown).await
             }
@@ -134,7 +142,7 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: Cancellation
     let (stream, totals) = Counted::new(r.stream, route);
     let stream: BoxStream = Box::new(stream);
     let outcome = match r.dest {
-        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, addr.client).await {
+        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, addr.client, shutdown).await {
             Ok(()) => "closed".to_string(),
             Err(e) if e.is_disconnect() => "closed by the client".to_string(),
             Err(e) => e.to_string(),
@@ -185,20 +193,26 @@ async fn read_proxy(
     }
 }
 
-async fn route_connection(
-    gw: &Gateway,
+async fn route_connection<'g>(
+    gw: &'g Gateway,
     listener: &ListenerConfig,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(Routed, ClientAddr), ConnError> {
+) -> Result<(Routed, ClientAddr, ClientSlot<'g>), ConnError> {
     let (mut stream, addr, had_header) = read_proxy(gw, listener, tcp, peer).await?;
     tracing::Span::current().record("client", field::display(addr.client));
+    let limits = gw.limits();
+    let slot = gw
+        .clients()
+        .acquire(addr.client.ip(), limits.max_connections_per_client)
+        .ok_or(ConnError::PerClientLimit(addr.client.ip()))?;
     // The sniff timer starts after the header: an NLB sends it with the client's first bytes.
     let (sniffed, buf) = sniff::read_protocol(&mut stream, gw.limits().sniff_timeout).await;
     let sniffed = sniffed?;
     let stream = Prefixed::new(buf, stream);
     if sniffed == Sniffed::Found(Protocol::Tls) {
-        return Ok((route_tls(gw, stream).await?, addr));
+        let tls = tokio::time::timeout(limits.tls_handshake_timeout, route_tls(gw, stream)).await;
+        return Ok((tls.map_err(|_| ConnError::TlsTimeout)??, addr, slot));
     }
     if sniffed == Sniffed::Found(Protocol::ProxyHeader) {
         return Err(misplaced_proxy_header(listener, peer, had_header));
@@ -209,7 +223,7 @@ async fn route_connection(
         stream: Box::new(stream),
         tls: false,
     };
-    Ok((routed, addr))
+    Ok((routed, addr, slot))
 }
 
 /// A PROXY header where none may be: explain the fix when the listener is not configured for it.

@@ -10,7 +10,7 @@ use rustls::ServerConfig;
 use crate::acme::challenge::Challenges;
 use crate::acme::AcmeManager;
 use crate::certs::LocalCa;
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, LiveLimits};
 use crate::http::HttpContext;
 use crate::ssh::hostkey::{self, HostKeyError};
 use crate::ssh::keys::{AuthorizedKeys, KeysError};
@@ -69,6 +69,8 @@ pub struct Gateway {
     ready: AtomicBool,
     challenges: Arc<Challenges>,
     acme: Option<Arc<AcmeManager>>,
+    limits: LiveLimits,
+    clients: ClientCounter,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -108,6 +110,7 @@ impl Gateway {
             }
         };
         let tunnels = Registry::new();
+        let limits = LiveLimits::new(config.limits.clone());
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
             AcmeManager::new(
@@ -125,12 +128,18 @@ impl Gateway {
             tunnels.clone(),
             config.domain.clone(),
             config.public_port,
+            limits.clone(),
         );
         if let Some(acme) = acme.clone() {
             ssh.on_http_tunnel = Some(Arc::new(move |host: &str| acme.request_on_demand(host)));
         }
         let ssh = Arc::new(ssh);
-        let http = Arc::new(HttpContext::new(&config, tunnels.clone(), challenges.clone()));
+        let http = Arc::new(HttpContext::new(
+            &config,
+            tunnels.clone(),
+            challenges.clone(),
+            limits.clone(),
+        ));
         let admin_token = read_admin_token(&config)?;
         Ok(Arc::new(Self {
             config,
@@ -144,12 +153,22 @@ impl Gateway {
             ready: AtomicBool::new(false),
             challenges,
             acme,
+            limits,
+            clients: ClientCounter::default(),
         }))
     }
 
     /// SIGHUP: re-read certificates and authorized keys. A broken file keeps the old state in force.
-    pub fn reload(&self) {
-        match tls::load_table(&self.config.certificates) {
+    /// SIGHUP: re-read certificates and authorized keys, and apply `new`'s limits. A broken file
+    /// keeps the old state in force. Settings that need a restart are named in the log.
+    pub fn reload(&self, new: Option<&Config>) {
+        if let Some(new) = new {
+            self.limits.set(new.limits.clone());
+            tracing::info!("limits reloaded");
+            warn_restart_needed(&self.config, new);
+        }
+        let certificates = new.map_or(&self.config.certificates, |c| &c.certificates);
+        match tls::load_table(certificates) {
             Ok(table) if !table.is_empty() => {
                 self.resolver.swap(table);
                 tracing::info!("certificates reloaded");
@@ -166,8 +185,17 @@ impl Gateway {
         &self.config
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.config.limits
+    /// A snapshot of the limits in force (they change on reload).
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.get()
+    }
+
+    pub fn live_limits(&self) -> &LiveLimits {
+        &self.limits
+    }
+
+    pub fn clients(&self) -> &ClientCounter {
+        &self.clients
     }
 
     pub fn tls_config(&self) -> Arc<ServerConfig> {
@@ -209,5 +237,61 @@ impl Gateway {
 
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+}
+
+fn warn_restart_needed(old: &Config, new: &Config) {
+    let changed = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let checks: [(&str, bool); 6] = [
+        ("domain", old.domain != new.domain),
+        ("listener", changed(&old.listeners, &new.listeners)),
+        ("admin", changed(&old.admin, &new.admin)),
+        ("acme", changed(&old.acme, &new.acme)),
+        ("ssh", changed(&old.ssh, &new.ssh)),
+        (
+            "limits.max_connections",
+            old.limits.max_connections != new.limits.max_connections,
+        ),
+    ];
+    for (key, differs) in checks {
+        if differs {
+            tracing::warn!(key, "this setting changed but takes effect only after a restart");
+        }
+    }
+}
+
+/// Open connections per client address, for `limits.max_connections_per_client`.
+#[derive(Debug, Default)]
+pub struct ClientCounter(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in the per-client count; dropping it frees the place.
+#[derive(Debug)]
+pub struct ClientSlot<'a> {
+    counter: &'a ClientCounter,
+    ip: std::net::IpAddr,
+}
+
+impl ClientCounter {
+    /// Takes a place for `ip`, or `None` when it already has `limit` connections.
+    pub fn acquire(&self, ip: std::net::IpAddr, limit: usize) -> Option<ClientSlot<'_>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { counter: self, ip })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.counter.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }

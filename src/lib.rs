@@ -24,7 +24,6 @@ pub mod tls;
 pub mod tunnels;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -32,9 +31,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use gateway::Gateway;
-
-/// How long in-flight connections get to finish after shutdown starts.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Bound listeners, in config order, and the optional admin listener.
 #[derive(Debug)]
@@ -73,7 +69,7 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     if open > 0 {
         tracing::info!(open, "draining connections");
     }
-    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+    if tokio::time::timeout(gw.limits().drain_timeout, tracker.wait())
         .await
         .is_err()
     {

@@ -59,10 +59,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    raise_open_files_limit();
     let result = match cli.command {
-        Command::Serve { config } => config::load(&config)
-            .with_context(|| format!("invalid config {}", config.display()))
-            .and_then(|c| serve(c, None)),
+        Command::Serve { config: path } => config::load(&path)
+            .with_context(|| format!("invalid config {}", path.display()))
+            .and_then(|c| serve(c, Some(path), None)),
         Command::Check { config } => return check(&config),
         Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
         Command::Keyid { key } => keyid(&key),
@@ -73,6 +74,14 @@ fn main() -> ExitCode {
             eprintln!("edgemux: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every connection is a file descriptor: lift the soft limit to the hard one (often 1024 → 1M).
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
 }
 
@@ -115,7 +124,7 @@ type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
 
 /// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
 /// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
-fn serve(mut config: Config, after_ready: Option<OnReady>) -> Result<()> {
+fn serve(mut config: Config, reload_from: Option<PathBuf>, after_ready: Option<OnReady>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut main = Vec::new();
@@ -150,13 +159,13 @@ fn serve(mut config: Config, after_ready: Option<OnReady>) -> Result<()> {
             f(&bound);
         }
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(gw.clone(), shutdown.clone()));
+        tokio::spawn(signals(gw.clone(), reload_from, shutdown.clone()));
         edgemux::run(gw, Listeners { main, admin }, shutdown).await;
         Ok(())
     })
 }
 
-async fn signals(gw: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
+async fn signals(gw: std::sync::Arc<Gateway>, reload_from: Option<PathBuf>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -170,11 +179,30 @@ async fn signals(gw: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); gw.reload(); }
+            _ = hup.recv() => reload(&gw, reload_from.as_deref()),
         }
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// SIGHUP: a new config that does not validate is refused whole, with every problem logged.
+fn reload(gw: &Gateway, path: Option<&Path>) {
+    tracing::info!("SIGHUP: reloading");
+    let Some(path) = path else {
+        return gw.reload(None);
+    };
+    match config::load(path) {
+        Ok(new) => gw.reload(Some(&new)),
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!(
+                    problem = line,
+                    "new config rejected; the running one stays in force"
+                );
+            }
+        }
+    }
 }
 
 fn dev(listen: SocketAddr, certs: &Path, admin: SocketAddr) -> Result<()> {
@@ -200,10 +228,8 @@ bind = "{admin}"
     );
     let config = config::parse(&toml).map_err(|p| anyhow::anyhow!("{p:?}"))?;
     let ca = files.ca.cert.display().to_string();
-    serve(
-        config,
-        Some(Box::new(move |bound: &[SocketAddr]| print_dev_help(bound, &ca))),
-    )
+    let help: OnReady = Box::new(move |bound: &[SocketAddr]| print_dev_help(bound, &ca));
+    serve(config, None, Some(help))
 }
 
 fn print_dev_help(bound: &[SocketAddr], ca: &str) {

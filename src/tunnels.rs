@@ -90,6 +90,35 @@ pub struct MemberStats {
     /// Bytes sent to the tunnel client.
     pub bytes_out: AtomicU64,
     pub requests: AtomicU64,
+    pub open_channels: AtomicUsize,
+}
+
+impl MemberStats {
+    /// Takes a channel place under `limit` (`limits.channels_per_tunnel`), or `None` when full.
+    pub fn try_open(self: &Arc<Self>, limit: usize) -> Option<ChannelSlot> {
+        let before = self.open_channels.fetch_add(1, Ordering::AcqRel);
+        if before >= limit {
+            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ChannelSlot(self.clone()))
+    }
+}
+
+/// An open channel into a pool member; dropping it frees the place and keeps the stats reachable.
+#[derive(Debug)]
+pub struct ChannelSlot(Arc<MemberStats>);
+
+impl ChannelSlot {
+    pub fn stats(&self) -> &MemberStats {
+        &self.0
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.open_channels.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The registry of the running gateway.

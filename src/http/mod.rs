@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::challenge::Challenges;
-use crate::config::{Config, Limits};
+use crate::config::{Config, LiveLimits};
 use crate::conn::{BoxStream, ClientAddr};
 use crate::tunnels::{Route, TunnelKey, Tunnels};
 
@@ -33,18 +33,23 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 pub struct HttpContext {
     domain: String,
     public_port: u16,
-    limits: Limits,
+    limits: LiveLimits,
     channel_buffer: usize,
     tunnels: Arc<Tunnels>,
     challenges: Arc<Challenges>,
 }
 
 impl HttpContext {
-    pub fn new(config: &Config, tunnels: Arc<Tunnels>, challenges: Arc<Challenges>) -> Self {
+    pub fn new(
+        config: &Config,
+        tunnels: Arc<Tunnels>,
+        challenges: Arc<Challenges>,
+        limits: LiveLimits,
+    ) -> Self {
         Self {
             domain: config.domain.clone(),
             public_port: config.public_port,
-            limits: config.limits.clone(),
+            limits,
             channel_buffer: config.ssh.channel_buffer,
             tunnels,
             challenges,
@@ -86,7 +91,7 @@ pub async fn serve(
     tls: bool,
     shutdown: CancellationToken,
 ) {
-    let header_timeout = ctx.limits.header_timeout;
+    let limits = ctx.limits.get();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(&ctx, req, addr, tls).await) }
@@ -95,8 +100,12 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -195,15 +204,17 @@ async fn proxy(
         .unwrap_or_else(|| HeaderValue::from_static(""));
     prepare_upstream_request(&mut req, shown_host, addr, host);
 
-    let limits = &ctx.limits;
-    let (mut sender, member) = upstream::connect(
-        members,
-        addr.client,
-        limits.tunnel_open_timeout,
-        ctx.channel_buffer,
-        upgrade,
-    )
-    .await?;
+    let limits = ctx.limits.get();
+    let opts = upstream::Opts {
+        open_timeout: limits.tunnel_open_timeout,
+        buffer: ctx.channel_buffer,
+        max_channels: limits.channels_per_tunnel,
+    };
+    let (mut sender, member) = upstream::connect(members, addr.client, &opts, upgrade).await?;
+    member
+        .stats
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
         Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
+use crate::ssh::handler::open_channel;
 use crate::ssh::pump::channel_io;
 use crate::tunnels::Member;
 
@@ -46,6 +47,17 @@ impl IdleConns {
     }
 }
 
+/// How upstream channels are opened.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    /// Time a tunnel client gets to accept a channel before the next member is tried.
+    pub open_timeout: Duration,
+    /// Bytes a channel buffers for a slow reader (`ssh.channel_buffer`).
+    pub buffer: usize,
+    /// `limits.channels_per_tunnel`.
+    pub max_channels: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("no tunnel client accepted a channel")]
@@ -57,8 +69,7 @@ pub enum UpstreamError {
 pub async fn connect(
     members: &[Arc<Member>],
     origin: SocketAddr,
-    open_timeout: Duration,
-    buffer: usize,
+    opts: &Opts,
     upgrade: bool,
 ) -> Result<(Sender, Arc<Member>), UpstreamError> {
     for m in members {
@@ -67,7 +78,7 @@ pub async fn connect(
                 return Ok((s, m.clone()));
             }
         }
-        match tokio::time::timeout(open_timeout, open(m, origin, buffer, upgrade)).await {
+        match tokio::time::timeout(opts.open_timeout, open(m, origin, opts, upgrade)).await {
             Ok(Some(s)) => return Ok((s, m.clone())),
             Ok(None) => {}
             Err(_) => tracing::info!(
@@ -79,19 +90,10 @@ pub async fn connect(
     Err(UpstreamError::Unavailable)
 }
 
-async fn open(m: &Member, origin: SocketAddr, buffer: usize, upgrade: bool) -> Option<Sender> {
+async fn open(m: &Member, origin: SocketAddr, opts: &Opts, upgrade: bool) -> Option<Sender> {
     let ip = origin.ip().to_canonical().to_string();
-    let channel = m
-        .handle
-        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, ip, u32::from(origin.port()))
-        .await
-        .map_err(|e| {
-            crate::metrics::forwarded_channel("failed");
-            tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel");
-        })
-        .ok()?;
-    crate::metrics::forwarded_channel("opened");
-    let io = TokioIo::new(channel_io(channel, buffer, Some(m.stats.clone())));
+    let (channel, slot) = open_channel(m, &ip, u32::from(origin.port()), opts.max_channels).await?;
+    let io = TokioIo::new(channel_io(channel, opts.buffer, Some(slot)));
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await

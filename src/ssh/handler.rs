@@ -24,11 +24,17 @@ const MAX_FORWARDS_PER_CONN: usize = 64;
 /// A `-N` client whose every forward was refused is told why and disconnected after this long
 /// (OpenSSH sends its forwards before it opens a session, so wait for a session briefly).
 const REFUSAL_GRACE: Duration = Duration::from_millis(700);
+/// Delay after a refused key, doubling per failure up to the maximum (on top of russh's
+/// constant-time rejection).
+const AUTH_DELAY_START: Duration = Duration::from_millis(250);
+const AUTH_DELAY_MAX: Duration = Duration::from_secs(4);
 /// Where ports are handed out for `-R 0:…` requests.
 const FIRST_ASSIGNED_PORT: u32 = 10_000;
 
 pub struct Handler {
     ctx: Arc<SshContext>,
+    authenticated: Arc<AtomicBool>,
+    auth_failures: u32,
     conn: u64,
     client: SocketAddr,
     user: String,
@@ -42,8 +48,10 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr) -> Self {
+    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr, authenticated: Arc<AtomicBool>) -> Self {
         Self {
+            authenticated,
+            auth_failures: 0,
             ctx,
             conn,
             client,
@@ -55,6 +63,14 @@ impl Handler {
             sessions: HashSet::new(),
             refusals: Vec::new(),
         }
+    }
+
+    /// Counts a refused key and slows the next attempt: 250 ms, doubling, at most 4 s.
+    async fn refused(&mut self) {
+        crate::metrics::ssh_auth("refused");
+        self.auth_failures += 1;
+        let delay = AUTH_DELAY_START.saturating_mul(1 << self.auth_failures.min(5)) / 2;
+        tokio::time::sleep(delay.min(AUTH_DELAY_MAX)).await;
     }
 
     fn refuse_forward(&mut self, message: String, session: &Session) {
@@ -85,6 +101,15 @@ impl Handler {
                     .await;
             }
         });
+    }
+
+    fn key_tunnel_count(&self, keyid: &str) -> usize {
+        let snapshot = self.ctx.tunnels.snapshot();
+        snapshot
+            .iter()
+            .flat_map(|(_, m)| m)
+            .filter(|m| m.keyid == keyid)
+            .count()
     }
 
     fn assign_port(&self, host: &str) -> u32 {
@@ -171,8 +196,11 @@ impl russh::server::Handler for Handler {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        let allowed = self.ctx.policy.allows(&key_id(offer.public_key));
-        Ok(if allowed { Auth::Accept } else { Auth::reject() })
+        if self.ctx.policy.allows(&key_id(offer.public_key)) {
+            return Ok(Auth::Accept);
+        }
+        self.refused().await;
+        Ok(Auth::reject())
     }
 
     async fn auth_publickey(
@@ -183,10 +211,11 @@ impl russh::server::Handler for Handler {
         let keyid = key_id(key.public_key);
         if !self.ctx.policy.allows(&keyid) {
             tracing::info!(conn = self.conn, client = %self.client, %keyid, "ssh key refused");
-            crate::metrics::ssh_auth("refused");
+            self.refused().await;
             return Ok(Auth::reject());
         }
         crate::metrics::ssh_auth("ok");
+        self.authenticated.store(true, Ordering::Release);
         tracing::info!(conn = self.conn, client = %self.client, user, %keyid, "ssh authenticated");
         self.user = user.to_owned();
         self.keyid = Some(keyid);
@@ -209,6 +238,14 @@ impl russh::server::Handler for Handler {
                 return Ok(false);
             }
         };
+        let per_key = self.ctx.limits.get().tunnels_per_key;
+        if self.key_tunnel_count(&keyid) >= per_key {
+            self.refuse_forward(
+                format!("at most {per_key} tunnels per key (limits.tunnels_per_key)"),
+                session,
+            );
+            return Ok(false);
+        }
         if self.forwards.len() >= MAX_FORWARDS_PER_CONN {
             self.refuse_forward(
                 format!("at most {MAX_FORWARDS_PER_CONN} tunnels per connection"),
@@ -372,8 +409,8 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         let origin = (originator_address.to_owned(), originator_port);
-        let limit = self.ctx.channel_buffer;
-        tokio::spawn(bridge(members, channel, reply, origin, limit));
+        let limits = (self.ctx.channel_buffer, self.ctx.limits.get().channels_per_tunnel);
+        tokio::spawn(bridge(members, channel, reply, origin, limits));
         Ok(())
     }
 }
@@ -385,41 +422,57 @@ async fn bridge(
     visitor: Channel<Msg>,
     reply: ChannelOpenHandle,
     origin: (String, u32),
-    limit: usize,
+    (buffer, max_channels): (usize, usize),
 ) {
-    let Some((upstream, member)) = open_forwarded(&members, &origin.0, origin.1).await else {
+    let mut found = None;
+    for m in &members {
+        if let Some(ok) = open_channel(m, &origin.0, origin.1, max_channels).await {
+            found = Some(ok);
+            break;
+        }
+    }
+    let Some((upstream, slot)) = found else {
         reply.reject(ChannelOpenFailure::ConnectFailed).await;
         return;
     };
     reply.accept().await;
-    let mut a = channel_io(visitor, limit, None);
-    let mut b = channel_io(upstream, limit, Some(member.stats.clone()));
+    let mut a = channel_io(visitor, buffer, None);
+    let mut b = channel_io(upstream, buffer, Some(slot));
     if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
         tracing::debug!(error = %e, "tunnel bridge ended");
     }
 }
 
-/// Tries each member in turn; the first that accepts a `forwarded-tcpip` channel serves.
-pub async fn open_forwarded(
-    members: &[Arc<Member>],
+/// Opens a `forwarded-tcpip` channel to one pool member, echoing the address and port its client
+/// asked for (OpenSSH refuses anything else), within `limits.channels_per_tunnel`.
+pub async fn open_channel(
+    m: &Member,
     origin_addr: &str,
     origin_port: u32,
-) -> Option<(Channel<Msg>, Arc<Member>)> {
-    for m in members {
-        let opened = m
-            .handle
-            .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, origin_addr, origin_port)
-            .await;
-        match opened {
-            Ok(ch) => {
-                crate::metrics::forwarded_channel("opened");
-                return Some((ch, m.clone()));
-            }
-            Err(e) => {
-                crate::metrics::forwarded_channel("failed");
-                tracing::info!(conn = m.conn, error = %e, "pool member refused a channel; trying the next");
-            }
+    max_channels: usize,
+) -> Option<(Channel<Msg>, crate::tunnels::ChannelSlot)> {
+    let Some(slot) = m.stats.try_open(max_channels) else {
+        crate::metrics::forwarded_channel("limit");
+        tracing::info!(
+            conn = m.conn,
+            max_channels,
+            "tunnel member has limits.channels_per_tunnel channels open"
+        );
+        return None;
+    };
+    let opened = m
+        .handle
+        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, origin_addr, origin_port)
+        .await;
+    match opened {
+        Ok(ch) => {
+            crate::metrics::forwarded_channel("opened");
+            Some((ch, slot))
+        }
+        Err(e) => {
+            crate::metrics::forwarded_channel("failed");
+            tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel");
+            None
         }
     }
-    None
 }

@@ -9,15 +9,16 @@ pub mod pump;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
 use russh::{MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::SshConfig;
+use crate::config::{Limits, LiveLimits, SshConfig};
 use crate::tunnels::Tunnels;
 
 pub use keys::KeyPolicy;
@@ -32,11 +33,16 @@ const MAX_PACKET: u32 = 32 * 1024;
 pub enum SshError {
     #[error("ssh protocol: {0}")]
     Protocol(#[from] russh::Error),
+    #[error("not authenticated within limits.login_timeout")]
+    LoginTimeout,
 }
 
 impl SshError {
     pub fn reason(&self) -> &'static str {
-        "protocol"
+        match self {
+            Self::Protocol(_) => "protocol",
+            Self::LoginTimeout => "login_timeout",
+        }
     }
 
     /// The client went away (TCP close, TLS without close_notify as `openssl s_client` does).
@@ -49,7 +55,7 @@ impl SshError {
                     | std::io::ErrorKind::BrokenPipe
             ),
             Self::Protocol(russh::Error::Disconnect | russh::Error::HUP) => true,
-            Self::Protocol(_) => false,
+            Self::Protocol(_) | Self::LoginTimeout => false,
         }
     }
 }
@@ -69,6 +75,7 @@ pub struct SshContext {
     pub channel_buffer: usize,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub on_http_tunnel: Option<HostHook>,
+    pub limits: LiveLimits,
     conn_ids: AtomicU64,
 }
 
@@ -88,6 +95,7 @@ impl SshContext {
         tunnels: Arc<Tunnels>,
         domain: String,
         public_port: u16,
+        limits: LiveLimits,
     ) -> Self {
         let mut grants: HashMap<String, HashSet<String>> = HashMap::new();
         for g in &cfg.grants {
@@ -97,7 +105,7 @@ impl SshContext {
                 .extend(g.keys.iter().cloned());
         }
         Self {
-            server: Arc::new(server_config(cfg, host_key)),
+            server: Arc::new(server_config(cfg, host_key, &limits.get())),
             policy,
             tunnels,
             domain,
@@ -105,6 +113,7 @@ impl SshContext {
             grants,
             channel_buffer: cfg.channel_buffer,
             on_http_tunnel: None,
+            limits,
             conn_ids: AtomicU64::new(0),
         }
     }
@@ -123,7 +132,7 @@ impl SshContext {
     }
 }
 
-fn server_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config {
+fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russh::server::Config {
     russh::server::Config {
         server_id: russh::SshId::Standard(concat!("SSH-2.0-edgemux_", env!("CARGO_PKG_VERSION")).into()),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -133,7 +142,7 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config
         keys: vec![host_key],
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET,
-        max_auth_attempts: 6,
+        max_auth_attempts: limits.ssh_auth_attempts,
         // Dead clients are found by keepalives, not by the 10-minute inactivity default.
         inactivity_timeout: None,
         keepalive_interval: Some(cfg.keepalive_interval),
@@ -144,13 +153,55 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config
 }
 
 /// Runs one SSH connection to completion on an already-routed stream.
-pub async fn serve<S>(ctx: Arc<SshContext>, stream: S, client: SocketAddr) -> Result<(), SshError>
+///
+/// A client that has not authenticated within `limits.login_timeout` is disconnected, and on
+/// shutdown every client is told so (OpenSSH prints it; `ssh` with keepalives reconnects).
+pub async fn serve<S>(
+    ctx: Arc<SshContext>,
+    stream: S,
+    client: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), SshError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = ctx.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
-    let handler = handler::Handler::new(ctx.clone(), conn, client);
-    let session = russh::server::run_stream(ctx.server.clone(), stream, handler).await?;
-    session.await?;
-    Ok(())
+    let authenticated = Arc::new(AtomicBool::new(false));
+    let handler = handler::Handler::new(ctx.clone(), conn, client, authenticated.clone());
+    let login_deadline = tokio::time::Instant::now() + ctx.limits.get().login_timeout;
+    let start = russh::server::run_stream(ctx.server.clone(), stream, handler);
+    let mut session = tokio::time::timeout_at(login_deadline, start)
+        .await
+        .map_err(|_| SshError::LoginTimeout)??;
+    let handle = session.handle();
+    let login = tokio::time::sleep_until(login_deadline);
+    tokio::pin!(login);
+    let (mut login_checked, mut told_shutdown) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut session => return Ok(r?),
+            () = &mut login, if !login_checked => {
+                login_checked = true;
+                if !authenticated.load(Ordering::Acquire) {
+                    tracing::info!(conn, %client, "ssh login timed out");
+                    disconnect(&handle, "authentication timed out").await;
+                    return Err(SshError::LoginTimeout);
+                }
+            }
+            () = shutdown.cancelled(), if !told_shutdown => {
+                told_shutdown = true;
+                disconnect(&handle, "the gateway is shutting down; reconnect to continue").await;
+            }
+        }
+    }
+}
+
+async fn disconnect(handle: &russh::server::Handle, why: &str) {
+    let _ = handle
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            format!("edgemux: {why}"),
+            String::new(),
+        )
+        .await;
 }

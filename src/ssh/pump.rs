@@ -17,7 +17,7 @@ use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::tunnels::MemberStats;
+use crate::tunnels::ChannelSlot;
 
 /// The stream side of a drained channel.
 pub struct ChannelIo {
@@ -25,7 +25,7 @@ pub struct ChannelIo {
     current: Bytes,
     buffered: Arc<AtomicUsize>,
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    stats: Option<Arc<MemberStats>>,
+    stats: Option<Arc<ChannelSlot>>,
 }
 
 impl std::fmt::Debug for ChannelIo {
@@ -36,7 +36,8 @@ impl std::fmt::Debug for ChannelIo {
 
 /// Starts draining `channel` and returns its stream. The channel is closed when the stream is
 /// dropped, when the peer closes it, or when the reader falls `limit` bytes behind.
-pub fn channel_io(channel: Channel<Msg>, limit: usize, stats: Option<Arc<MemberStats>>) -> ChannelIo {
+pub fn channel_io(channel: Channel<Msg>, limit: usize, slot: Option<ChannelSlot>) -> ChannelIo {
+    let stats = slot.map(Arc::new);
     let writer = channel.make_writer();
     let (mut read_half, write_half) = channel.split();
     let (data_tx, rx) = mpsc::unbounded_channel();
@@ -50,7 +51,7 @@ pub fn channel_io(channel: Channel<Msg>, limit: usize, stats: Option<Arc<MemberS
                 msg = read_half.wait() => match msg {
                     Some(ChannelMsg::Data { data }) => {
                         if let Some(s) = &stats {
-                            s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            s.stats().bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
                         let total = counter.fetch_add(data.len(), Ordering::AcqRel) + data.len();
                         if total > limit {
@@ -109,7 +110,7 @@ impl AsyncWrite for ChannelIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let res = self.tx.as_mut().poll_write(cx, buf);
         if let (Poll::Ready(Ok(n)), Some(s)) = (&res, &self.stats) {
-            s.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
+            s.stats().bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
         }
         res
     }

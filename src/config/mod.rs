@@ -10,6 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod limits;
+pub use limits::{Limits, LiveLimits, RawLimits};
+
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -96,17 +99,6 @@ pub struct RawGrant {
     pub keys: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLimits {
-    pub max_connections: Option<usize>,
-    pub pre_routing_timeout: Option<String>,
-    pub sniff_timeout: Option<String>,
-    pub header_timeout: Option<String>,
-    pub upstream_timeout: Option<String>,
-    pub tunnel_open_timeout: Option<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -159,19 +151,6 @@ pub struct SshConfig {
     /// Bytes one channel may buffer for a reader that is not keeping up before it is closed.
     pub channel_buffer: usize,
     pub grants: Vec<Grant>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub pre_routing_timeout: Duration,
-    pub sniff_timeout: Duration,
-    /// Time a client gets to send a request's headers (slowloris).
-    pub header_timeout: Duration,
-    /// Time a tunnel gets to answer with response headers before the visitor gets 504.
-    pub upstream_timeout: Duration,
-    /// Time a tunnel client gets to accept a channel before the next pool member is tried.
-    pub tunnel_open_timeout: Duration,
 }
 
 /// Which ACME challenge proves control of a name.
@@ -235,14 +214,6 @@ pub mod defaults {
     pub const KEEPALIVE_MAX: usize = 3;
     /// 4 MiB: enough to ride out a reader's hiccup on a fast link, small enough for thousands of channels.
     pub const CHANNEL_BUFFER: usize = 4 * 1024 * 1024;
-    pub const MAX_CONNECTIONS: usize = 10_000;
-    pub const PRE_ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
-    /// sslh's default probe timeout is 2 s; SSH clients that wait for the banner pay it once.
-    pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
-    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-    /// nginx's proxy_read_timeout default.
-    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// One problem found in a config, with the key path it belongs to.
@@ -311,17 +282,17 @@ fn toml_problem(e: &serde_path_to_error::Error<toml::de::Error>) -> Problem {
     }
 }
 
-struct Collector(Vec<Problem>);
+pub(crate) struct Collector(Vec<Problem>);
 
 impl Collector {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
         });
     }
 
-    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+    pub(crate) fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
         match value.map(parse_duration) {
             None => default,
             Some(Ok(d)) => d,
@@ -354,7 +325,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .or_else(|| listeners.first().map(|l| l.bind.port()))
         .unwrap_or(443);
     let ssh = validate_ssh(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
-    let limits = validate_limits(&mut c, &raw.limits);
+    let limits = limits::validate(&mut c, &raw.limits);
     let admin = raw.admin.as_ref().and_then(|a| match a.bind.parse() {
         Ok(bind) => Some(AdminConfig {
             bind,
@@ -580,41 +551,6 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
     }
 }
 
-fn validate_limits(c: &mut Collector, raw: &RawLimits) -> Limits {
-    let max_connections = raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
-    if max_connections == 0 {
-        c.push("limits.max_connections", "must be at least 1");
-    }
-    Limits {
-        max_connections,
-        pre_routing_timeout: c.duration(
-            "limits.pre_routing_timeout",
-            raw.pre_routing_timeout.as_deref(),
-            defaults::PRE_ROUTING_TIMEOUT,
-        ),
-        sniff_timeout: c.duration(
-            "limits.sniff_timeout",
-            raw.sniff_timeout.as_deref(),
-            defaults::SNIFF_TIMEOUT,
-        ),
-        header_timeout: c.duration(
-            "limits.header_timeout",
-            raw.header_timeout.as_deref(),
-            defaults::HEADER_TIMEOUT,
-        ),
-        upstream_timeout: c.duration(
-            "limits.upstream_timeout",
-            raw.upstream_timeout.as_deref(),
-            defaults::UPSTREAM_TIMEOUT,
-        ),
-        tunnel_open_timeout: c.duration(
-            "limits.tunnel_open_timeout",
-            raw.tunnel_open_timeout.as_deref(),
-            defaults::TUNNEL_OPEN_TIMEOUT,
-        ),
-    }
-}
-
 /// Parses `"250ms"`, `"2s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -653,7 +589,7 @@ keepalive_interval = "5s"
         assert_eq!(c.listeners[0].proxy_protocol, ProxyMode::Off);
         assert!(c.listeners[0].plain_ssh);
         assert_eq!(c.ssh.keepalive_interval, Duration::from_secs(5));
-        assert_eq!(c.limits.sniff_timeout, defaults::SNIFF_TIMEOUT);
+        assert_eq!(c.limits.sniff_timeout, limits::SNIFF_TIMEOUT);
     }
 
     #[test]

@@ -1,0 +1,156 @@
+//! `[limits]`: every bound edgemux enforces, with its default and where the number comes from.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Collector;
+
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// One address rarely needs more; a NAT of many users can be given more.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+pub const PRE_ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
+/// sslh's default probe timeout is 2 s; SSH clients that wait for the banner pay it once.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// 64 KiB of request headers, nginx's `large_client_header_buffers` 4 × 8k with room to spare.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// nginx's proxy_read_timeout default.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+pub const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// OpenSSH's LoginGraceTime is 120 s; a tunnel client logs in within a second or two.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// OpenSSH's MaxAuthTries is 6.
+pub const SSH_AUTH_ATTEMPTS: usize = 6;
+pub const TUNNELS_PER_KEY: usize = 64;
+pub const CHANNELS_PER_TUNNEL: usize = 1024;
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    pub pre_routing_timeout: Option<String>,
+    pub sniff_timeout: Option<String>,
+    pub tls_handshake_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub max_header_bytes: Option<usize>,
+    pub upstream_timeout: Option<String>,
+    pub tunnel_open_timeout: Option<String>,
+    pub login_timeout: Option<String>,
+    pub ssh_auth_attempts: Option<usize>,
+    pub tunnels_per_key: Option<usize>,
+    pub channels_per_tunnel: Option<usize>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent connections across all listeners.
+    pub max_connections: usize,
+    /// Concurrent connections from one client address (the real one, after PROXY).
+    pub max_connections_per_client: usize,
+    /// Everything before routing: PROXY header, sniffing, TLS handshake.
+    pub pre_routing_timeout: Duration,
+    pub sniff_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// Time a client gets to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// Time a tunnel gets to answer with response headers before the visitor gets 504.
+    pub upstream_timeout: Duration,
+    /// Time a tunnel client gets to accept a channel before the next pool member is tried.
+    pub tunnel_open_timeout: Duration,
+    /// Time an SSH client gets to authenticate after routing.
+    pub login_timeout: Duration,
+    pub ssh_auth_attempts: usize,
+    /// Tunnels (forwards) one key may hold across all its connections.
+    pub tunnels_per_key: usize,
+    /// Concurrent channels into one pool member.
+    pub channels_per_tunnel: usize,
+    /// How long in-flight work may finish after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
+    let mut count = |key: &str, value: Option<usize>, default: usize, min: usize| {
+        let v = value.unwrap_or(default);
+        if v < min {
+            c.push(format!("limits.{key}"), format!("must be at least {min}"));
+        }
+        v
+    };
+    let max_connections = count("max_connections", raw.max_connections, MAX_CONNECTIONS, 1);
+    let max_connections_per_client = count(
+        "max_connections_per_client",
+        raw.max_connections_per_client,
+        MAX_CONNECTIONS_PER_CLIENT,
+        1,
+    );
+    let max_header_bytes = count("max_header_bytes", raw.max_header_bytes, MAX_HEADER_BYTES, 8192);
+    let ssh_auth_attempts = count("ssh_auth_attempts", raw.ssh_auth_attempts, SSH_AUTH_ATTEMPTS, 1);
+    let tunnels_per_key = count("tunnels_per_key", raw.tunnels_per_key, TUNNELS_PER_KEY, 1);
+    let channels_per_tunnel = count(
+        "channels_per_tunnel",
+        raw.channels_per_tunnel,
+        CHANNELS_PER_TUNNEL,
+        1,
+    );
+    let mut dur = |key: &str, value: &Option<String>, default: Duration| {
+        c.duration(&format!("limits.{key}"), value.as_deref(), default)
+    };
+    Limits {
+        max_connections,
+        max_connections_per_client,
+        pre_routing_timeout: dur(
+            "pre_routing_timeout",
+            &raw.pre_routing_timeout,
+            PRE_ROUTING_TIMEOUT,
+        ),
+        sniff_timeout: dur("sniff_timeout", &raw.sniff_timeout, SNIFF_TIMEOUT),
+        tls_handshake_timeout: dur(
+            "tls_handshake_timeout",
+            &raw.tls_handshake_timeout,
+            TLS_HANDSHAKE_TIMEOUT,
+        ),
+        header_timeout: dur("header_timeout", &raw.header_timeout, HEADER_TIMEOUT),
+        max_header_bytes,
+        upstream_timeout: dur("upstream_timeout", &raw.upstream_timeout, UPSTREAM_TIMEOUT),
+        tunnel_open_timeout: dur(
+            "tunnel_open_timeout",
+            &raw.tunnel_open_timeout,
+            TUNNEL_OPEN_TIMEOUT,
+        ),
+        login_timeout: dur("login_timeout", &raw.login_timeout, LOGIN_TIMEOUT),
+        ssh_auth_attempts,
+        tunnels_per_key,
+        channels_per_tunnel,
+        drain_timeout: dur("drain_timeout", &raw.drain_timeout, DRAIN_TIMEOUT),
+    }
+}
+
+/// The limits in force, swapped whole on reload; each connection reads a snapshot.
+#[derive(Debug, Clone)]
+pub struct LiveLimits(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Limits>>>);
+
+impl LiveLimits {
+    pub fn new(limits: Limits) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+            limits,
+        ))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Limits> {
+        self.0
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set(&self, limits: Limits) {
+        let mut guard = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *guard = std::sync::Arc::new(limits);
+    }
+}

@@ -1,0 +1,282 @@
+//! The PROXY protocol stage end to end: real HAProxy (`send-proxy`, `send-proxy-v2`) and
+//! hand-written v2 headers in front of the gateway. The header's source must reach the HTTP
+//! backend (`X-Forwarded-For`, `Forwarded`), the access log and the `forwarded-tcpip` originator;
+//! headers from untrusted peers, missing headers where one is required, and headers on a listener
+//! that expects none are refused with a log line that says why.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::haproxy::{v2_local, v2_proxy, Haproxy, SendProxy};
+use common::process::{poll_until, run_bounded, Output, Proc};
+use common::ssh::{KeyKind, SshKey, Transport};
+use common::{Gateway, TestEnv, SETUP};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection};
+
+/// The fix the gateway logs when a PROXY header reaches a listener with `proxy_protocol = "off"`.
+const OFF_HINT: &str = "enable proxy_protocol on this listener and add the load balancer to trusted_proxies";
+
+/// Listener 0 takes no PROXY header (the ssh tunnel clients connect there); listener 1 requires
+/// one from 127.0.0.1, where HAProxy and the hand-written headers come from.
+const LISTENERS: &str = "[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"off\"\n\n\
+    [[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"required\"\n\
+    trusted_proxies = [\"127.0.0.1\"]\n";
+
+/// A gateway with [`LISTENERS`]; returns it with the `off` and the `required` ports.
+fn start_gateway(env: &TestEnv) -> (Gateway, u16, u16) {
+    let rendered = env.gateway().render();
+    let default = "[[listener]]\nbind = \"127.0.0.1:0\"\n";
+    assert!(
+        rendered.contains(default),
+        "harness config changed shape:\n{rendered}"
+    );
+    let config = env.path().join("edgemux-proxy-protocol.toml");
+    fs::write(&config, rendered.replacen(default, LISTENERS, 1)).unwrap();
+    let gw = Gateway::start(env, &config);
+    let (off, required) = (gw.ports()[0], gw.ports()[1]);
+    (gw, off, required)
+}
+
+/// An HTTP/1.1 backend that answers every request with its request head as the body.
+fn header_echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(SETUP));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    head.len()
+                );
+                let _ = stream.write_all(&[answer.as_bytes(), &head].concat());
+            });
+        }
+    });
+    port
+}
+
+/// `ssh -v -N -R web:80:BACKEND` on the gateway's `off` listener; `-v` makes ssh log the
+/// originator of each `forwarded-tcpip` channel. Returns the tunnel's key and its holder.
+fn web_tunnel(env: &TestEnv, gw: &Gateway) -> (SshKey, Proc) {
+    let key = env.key("web", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let spec = format!("web:80:127.0.0.1:{}", header_echo_server());
+    let holder = client.spawn("ssh-R", &["-v", "-N", "-R", &spec], &[]);
+    client.wait_tunnel("web", &holder);
+    (key, holder)
+}
+
+/// `curl https://HOST:PORT/` with the test CA, HOST resolved to 127.0.0.1, plus `extra` options.
+fn curl(env: &TestEnv, host: &str, port: u16, extra: &[&str]) -> Output {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", "--cacert"])
+        .arg(&env.pki.ca)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .args(extra)
+        .arg(format!("https://{host}:{port}/"));
+    run_bounded(env.path(), "curl", cmd, SETUP)
+}
+
+/// The value of header `name` in an echoed request head (names compare case-insensitively).
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+/// Asserts the backend saw `ip` as the client, in both proxy headers.
+fn assert_client(head: &str, ip: &str, forwarded_for: &str) {
+    assert_eq!(
+        header(head, "x-forwarded-for").as_deref(),
+        Some(ip),
+        "X-Forwarded-For at the backend; request head:\n{head}"
+    );
+    let forwarded = header(head, "forwarded").unwrap_or_default();
+    assert!(
+        forwarded.starts_with(&format!("for={forwarded_for};")),
+        "Forwarded should start with for={forwarded_for}; request head:\n{head}"
+    );
+}
+
+/// Waits (bounded) until the gateway's log has a line containing every one of `needles`.
+fn wait_log(gw: &Gateway, needles: &[&str]) -> String {
+    let found = poll_until(SETUP, || {
+        let log = gw.stderr();
+        let hit = log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+        hit.then_some(log)
+    });
+    found.unwrap_or_else(|| panic!("no gateway log line with all of {needles:?}"))
+}
+
+/// Asserts curl got no HTTP response at all: the gateway closed the connection.
+fn assert_refused(out: &Output, what: &str) {
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "{what}: expected a closed connection, curl got:\n{}",
+        out.combined()
+    );
+}
+
+fn client_config(ca_der: &Path) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = CertificateDer::from(fs::read(ca_der).unwrap());
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// From 127.0.0.1: writes `header` one byte per TCP segment, then does TLS for `host` and an
+/// HTTP/1.1 GET; returns the whole response.
+fn get_after_header(env: &TestEnv, port: u16, header: &[u8], host: &str) -> String {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(SETUP)).unwrap();
+    for (i, byte) in header.iter().enumerate() {
+        let sent = tcp.write_all(&[*byte]).and_then(|()| tcp.flush());
+        sent.unwrap_or_else(|e| panic!("gateway closed during the PROXY header, at byte {i}: {e}"));
+        // A pause makes each byte its own read at the gateway: this is the point, not a wait.
+        thread::sleep(Duration::from_millis(2));
+    }
+    let sni = ServerName::try_from(host.to_owned()).unwrap();
+    let mut conn = ClientConnection::new(client_config(&env.pki.ca_der), sni).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .unwrap_or_else(|e| panic!("TLS after the PROXY header failed: {e}"));
+    let mut response = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            // A peer that closes without close_notify still sent the whole response first.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("reading the response failed after {response:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A visitor at 127.0.0.5 → HAProxy → the `required` listener → the `web` tunnel.
+fn visitor_through_haproxy(send: SendProxy) {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    let (key, holder) = web_tunnel(&env, &gw);
+    let haproxy = Haproxy::start(env.path(), required, send);
+
+    let host = key.host("web");
+    let out = curl(&env, &host, haproxy.port, &["--interface", "127.0.0.5"]);
+    assert!(out.status.success(), "curl via HAProxy:\n{}", out.combined());
+    assert_client(&out.stdout, "127.0.0.5", "127.0.0.5");
+    wait_log(&gw, &[": request", "client=127.0.0.5:", &host]);
+    holder.wait_output("originator 127.0.0.5 port", true, SETUP);
+}
+
+#[test]
+fn haproxy_send_proxy_v2_carries_the_visitor_address() {
+    visitor_through_haproxy(SendProxy::V2);
+}
+
+#[test]
+fn haproxy_send_proxy_v1_carries_the_visitor_address() {
+    visitor_through_haproxy(SendProxy::V1);
+}
+
+#[test]
+fn header_from_an_untrusted_peer_is_refused() {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    // curl writes a v1 header naming its own address; 127.0.0.9 is not in trusted_proxies.
+    let args = ["--interface", "127.0.0.9", "--haproxy-protocol"];
+    let out = curl(&env, "web.gw.test", required, &args);
+    assert_refused(&out, "PROXY header from 127.0.0.9");
+    wait_log(&gw, &["PROXY header from untrusted peer 127.0.0.9"]);
+}
+
+#[test]
+fn required_mode_refuses_a_trusted_peer_without_a_header() {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    let out = curl(&env, "web.gw.test", required, &["--interface", "127.0.0.1"]);
+    assert_refused(&out, "no PROXY header on a required listener");
+    wait_log(&gw, &["no PROXY header from trusted peer 127.0.0.1"]);
+}
+
+#[test]
+fn v2_header_written_one_byte_at_a_time_is_read_whole() {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    let (key, _holder) = web_tunnel(&env, &gw);
+    let source: SocketAddr = "192.0.2.33:5555".parse().unwrap();
+    let header = v2_proxy(source, SocketAddr::from(([127, 0, 0, 1], required)));
+
+    let host = key.host("web");
+    let response = get_after_header(&env, required, &header, &host);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_client(&response, "192.0.2.33", "192.0.2.33");
+    wait_log(&gw, &[": request", "client=192.0.2.33:5555", &host]);
+}
+
+#[test]
+fn v2_local_command_keeps_the_peer_address() {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    let (key, _holder) = web_tunnel(&env, &gw);
+
+    let response = get_after_header(&env, required, &v2_local(), &key.host("web"));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_client(&response, "127.0.0.1", "127.0.0.1");
+}
+
+#[test]
+fn v2_ipv6_client_address_reaches_the_backend() {
+    let env = TestEnv::new();
+    let (gw, _, required) = start_gateway(&env);
+    let (key, holder) = web_tunnel(&env, &gw);
+    let source: SocketAddr = "[2001:db8::7]:5555".parse().unwrap();
+    let destination: SocketAddr = format!("[::1]:{required}").parse().unwrap();
+
+    let host = key.host("web");
+    let response = get_after_header(&env, required, &v2_proxy(source, destination), &host);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_client(&response, "2001:db8::7", "\"[2001:db8::7]\"");
+    wait_log(&gw, &[": request", "client=[2001:db8::7]:5555", &host]);
+    holder.wait_output("originator 2001:db8::7 port 5555", true, SETUP);
+}
+
+#[test]
+fn header_on_a_listener_with_proxy_protocol_off_is_refused_with_the_fix() {
+    let env = TestEnv::new();
+    let (gw, off, _) = start_gateway(&env);
+    // The usual misconfiguration: the load balancer sends v2, the listener expects none.
+    let haproxy = Haproxy::start(env.path(), off, SendProxy::V2);
+    let out = curl(&env, "web.gw.test", haproxy.port, &[]);
+    assert_refused(&out, "PROXY v2 header on an `off` listener");
+    wait_log(&gw, &[OFF_HINT]);
+}
