@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod haproxy;
 pub mod pki;
 pub mod process;
 pub mod ssh;
@@ -159,10 +160,7 @@ impl GatewayBuilder<'_> {
             let _ = writeln!(toml, "authorized_keys = {}", q(&file));
         }
         for (owner, keys) in &self.grants {
-            let _ = write!(
-                toml,
-                "\n[[ssh.grant]]\nowner = {owner:?}\nkeys = {keys:?}\n"
-            );
+            let _ = write!(toml, "\n[[ssh.grant]]\nowner = {owner:?}\nkeys = {keys:?}\n");
         }
         let _ = write!(
             toml,
@@ -200,8 +198,14 @@ pub struct Gateway {
 impl Gateway {
     /// Spawns the gateway and reads stdout until `ready`, learning the bound ports.
     pub fn start(env: &TestEnv, config: &Path) -> Gateway {
+        Gateway::start_with(env, config, &[])
+    }
+
+    /// Like `start`, with global CLI flags before `serve` (e.g. `--log-format json`).
+    pub fn start_with(env: &TestEnv, config: &Path, global_args: &[&str]) -> Gateway {
         let stderr = config.with_extension("stderr");
         let mut child = edgemux()
+            .args(global_args)
             .arg("serve")
             .arg("-c")
             .arg(config)
@@ -268,6 +272,16 @@ impl Gateway {
     /// The first (main) listener's port.
     pub fn port(&self) -> u16 {
         self.listeners[0]
+    }
+
+    /// Every listener's port, in config order.
+    pub fn ports(&self) -> &[u16] {
+        &self.listeners
+    }
+
+    /// The gateway process id (for /proc, e.g. its RSS).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn admin_port(&self) -> u16 {
