@@ -91,11 +91,7 @@ fn authorized_keys_mode_admits_listed_keys_of_every_type_only() {
         );
     }
     let out = gw.ssh(&stranger, Transport::Tls).run(&["tunnels"]);
-    assert!(
-        !out.status.success(),
-        "unlisted key got in: {}",
-        out.combined()
-    );
+    assert!(!out.status.success(), "unlisted key got in: {}", out.combined());
     assert!(
         out.stderr.contains("Permission denied"),
         "no `Permission denied`: {}",
@@ -159,11 +155,7 @@ fn tunnels_command_lists_the_callers_tunnels_as_json() {
     });
     let list = list.unwrap_or_else(|| panic!("three tunnels never listed\n{}", holder.describe()));
     assert_eq!(list["keyid"], a.keyid.as_str(), "{list}");
-    for (name, port, kind) in [
-        ("db", PORT, "tcp"),
-        ("web", 80, "http"),
-        ("api", 3000, "tcp"),
-    ] {
+    for (name, port, kind) in [("db", PORT, "tcp"), ("web", 80, "http"), ("api", 3000, "tcp")] {
         let entry = client
             .find_tunnel(name)
             .unwrap_or_else(|| panic!("no {name:?} in {list}"));
@@ -174,10 +166,7 @@ fn tunnels_command_lists_the_callers_tunnels_as_json() {
         if kind == "http" {
             assert_https_url(url, &a.host(name), gw.port());
         } else {
-            assert!(
-                url.contains(&a.host(name)),
-                "url {url:?} lacks the host: {entry}"
-            );
+            assert!(url.contains(&a.host(name)), "url {url:?} lacks the host: {entry}");
         }
     }
 }

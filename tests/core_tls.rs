@@ -36,23 +36,14 @@ fn tls_1_0_and_1_1_are_refused() {
         let out = s_client(
             &env,
             &gw,
-            &[
-                version,
-                "-cipher",
-                "DEFAULT@SECLEVEL=0",
-                "-servername",
-                DOMAIN,
-            ],
+            &[version, "-cipher", "DEFAULT@SECLEVEL=0", "-servername", DOMAIN],
         );
         let text = out.combined();
         assert!(
             !text.contains("no protocols available"),
             "{version}: the client could not try:\n{text}"
         );
-        assert!(
-            !out.status.success(),
-            "{version} handshake succeeded:\n{text}"
-        );
+        assert!(!out.status.success(), "{version} handshake succeeded:\n{text}");
     }
 }
 
@@ -91,13 +82,7 @@ fn certificate_is_chosen_by_sni() {
         (None, "gw.test", "gw.test"),
     ];
     for (sni, verify, cn) in cases {
-        let mut args = vec![
-            "-CAfile",
-            &ca,
-            "-verify_return_error",
-            "-verify_hostname",
-            verify,
-        ];
+        let mut args = vec!["-CAfile", &ca, "-verify_return_error", "-verify_hostname", verify];
         match sni {
             Some(name) => args.extend(["-servername", name]),
             None => args.push("-noservername"),
@@ -108,11 +93,7 @@ fn certificate_is_chosen_by_sni() {
             out.status.success(),
             "SNI {sni:?}: verification as {verify} failed:\n{text}"
         );
-        assert_eq!(
-            subject(&text),
-            format!("subject=CN={cn}"),
-            "SNI {sni:?}:\n{text}"
-        );
+        assert_eq!(subject(&text), format!("subject=CN={cn}"), "SNI {sni:?}:\n{text}");
     }
 }
 
@@ -169,11 +150,7 @@ fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
     while conn.wants_write() {
         conn.write_tls(&mut hello).unwrap();
     }
-    assert!(
-        hello.len() >= 2000,
-        "ClientHello is only {} bytes",
-        hello.len()
-    );
+    assert!(hello.len() >= 2000, "ClientHello is only {} bytes", hello.len());
 
     let mut tcp = connect(gw.port());
     for chunk in hello.chunks(100) {
@@ -188,10 +165,7 @@ fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
     }
     assert_eq!(conn.alpn_protocol(), Some(&b"ssh"[..]));
     let banner = read_line(&mut rustls::Stream::new(&mut conn, &mut tcp));
-    assert!(
-        banner.starts_with("SSH-2.0-"),
-        "not an SSH banner: {banner:?}"
-    );
+    assert!(banner.starts_with("SSH-2.0-"), "not an SSH banner: {banner:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "banner took {:?}",
@@ -204,10 +178,7 @@ fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
 fn assert_banner_after_silence(stream: &mut impl Read, started: Instant) {
     let banner = read_line(stream);
     let waited = started.elapsed();
-    assert!(
-        banner.starts_with("SSH-2.0-"),
-        "not an SSH banner: {banner:?}"
-    );
+    assert!(banner.starts_with("SSH-2.0-"), "not an SSH banner: {banner:?}");
     assert!(
         waited >= Duration::from_millis(400),
         "banner after only {waited:?}, before the sniff timeout"
@@ -280,20 +251,14 @@ fn check_names_the_key_path_of_every_problem() {
     let good = env.gateway().render();
     assert!(good.contains("keepalive_max = 2\n") && good.contains("bind = \"127.0.0.1:0\""));
 
-    let unknown = good.replace(
-        "keepalive_max = 2\n",
-        "keepalive_max = 2\nkeepalive_maxx = 3\n",
-    );
+    let unknown = good.replace("keepalive_max = 2\n", "keepalive_max = 2\nkeepalive_maxx = 3\n");
     assert_rejected(&check(&env, &unknown), &["keepalive_maxx", "ssh"]);
 
     let bad_bind = good.replacen("bind = \"127.0.0.1:0\"", "bind = \"not-an-address\"", 1);
     assert_rejected(&check(&env, &bad_bind), &["listener", "bind"]);
 
     // Two bad values in one file: both are reported, each with its own path.
-    let two = bad_bind.replace(
-        "[admin]\nbind = \"127.0.0.1:0\"",
-        "[admin]\nbind = \"also-bad\"",
-    );
+    let two = bad_bind.replace("[admin]\nbind = \"127.0.0.1:0\"", "[admin]\nbind = \"also-bad\"");
     assert_ne!(two, bad_bind);
     assert_rejected(&check(&env, &two), &["listener", "admin"]);
 }

@@ -75,13 +75,8 @@ fn tcp_tunnel_round_trips_1mib_over_raw_ssh() {
 fn other_key_is_refused_for_a_private_tunnel() {
     let env = TestEnv::new();
     let gw = env.gateway().start();
-    let (a, b) = (
-        env.key("a", KeyKind::Ed25519),
-        env.key("b", KeyKind::Ed25519),
-    );
-    let _tunnel = gw
-        .ssh(&a, Transport::Tls)
-        .open_tunnel("db", PORT, echo_server());
+    let (a, b) = (env.key("a", KeyKind::Ed25519), env.key("b", KeyKind::Ed25519));
+    let _tunnel = gw.ssh(&a, Transport::Tls).open_tunnel("db", PORT, echo_server());
 
     let fwd = forward_to(&gw.ssh(&b, Transport::Tls), &a.host("db"));
     assert_refused(&fwd, "key B to key A's private tunnel");
@@ -110,9 +105,7 @@ fn granted_key_reaches_owner_tunnel_and_others_stay_refused() {
     let b = env.key("b", KeyKind::Ed25519);
     let c = env.key("c", KeyKind::Ed25519);
     let gw = env.gateway().grant(&a, &[&b]).start();
-    let _tunnel = gw
-        .ssh(&a, Transport::Tls)
-        .open_tunnel("db", PORT, echo_server());
+    let _tunnel = gw.ssh(&a, Transport::Tls).open_tunnel("db", PORT, echo_server());
 
     // The short `NAME-KEYID` form works as well as the full host.
     let fwd = forward_to(&gw.ssh(&b, Transport::Tls), &format!("db-{}", a.keyid));
@@ -133,10 +126,7 @@ fn granted_key_reaches_owner_tunnel_and_others_stay_refused() {
 fn same_name_under_two_keys_gives_two_tunnels() {
     let env = TestEnv::new();
     let gw = env.gateway().start();
-    let (a, b) = (
-        env.key("a", KeyKind::Ed25519),
-        env.key("b", KeyKind::Ed25519),
-    );
+    let (a, b) = (env.key("a", KeyKind::Ed25519), env.key("b", KeyKind::Ed25519));
     let (client_a, client_b) = (gw.ssh(&a, Transport::Tls), gw.ssh(&b, Transport::Tls));
     let _tunnel_a = client_a.open_tunnel("db", PORT, id_server("alpha"));
     let _tunnel_b = client_b.open_tunnel("db", PORT, id_server("bravo"));
@@ -225,8 +215,7 @@ fn stalled_reader_does_not_block_another_connection_to_the_tunnel() {
         }
         (since.elapsed() > Duration::from_millis(500)).then_some(now)
     });
-    let stuck_at =
-        stuck_at.expect("the backend kept pushing: no back-pressure within the deadline");
+    let stuck_at = stuck_at.expect("the backend kept pushing: no back-pressure within the deadline");
     assert!(
         stuck_at < PUSH,
         "the whole {PUSH} bytes were accepted for a reader that never reads: unbounded buffering"

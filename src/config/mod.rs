@@ -212,8 +212,9 @@ pub mod defaults {
     /// 15 s × 3 unanswered probes: a vanished client's tunnels are gone within a minute.
     pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_MAX: usize = 3;
-    /// 4 MiB: enough to ride out a reader's hiccup on a fast link, small enough for thousands of channels.
-    pub const CHANNEL_BUFFER: usize = 4 * 1024 * 1024;
+    /// Per-channel flow window: 8 MiB keeps a 100 ms × 640 Mbit/s path full; only a reader that
+    /// falls behind makes the gateway hold that much.
+    pub const CHANNEL_BUFFER: usize = 8 * 1024 * 1024;
 }
 
 /// One problem found in a config, with the key path it belongs to.

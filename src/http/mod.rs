@@ -225,10 +225,6 @@ async fn proxy(
         tokio::spawn(splice_upgrade(downstream, upstream));
         return Ok(resp.map(|b| b.boxed()));
     }
-    member
-        .stats
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !upgrade {
         upstream::release(member, sender);
     }

@@ -93,7 +93,7 @@ pub async fn connect(
 async fn open(m: &Member, origin: SocketAddr, opts: &Opts, upgrade: bool) -> Option<Sender> {
     let ip = origin.ip().to_canonical().to_string();
     let (channel, slot) = open_channel(m, &ip, u32::from(origin.port()), opts.max_channels).await?;
-    let io = TokioIo::new(channel_io(channel, opts.buffer, Some(slot)));
+    let io = TokioIo::new(channel_io(channel, m.handle.clone(), opts.buffer, Some(slot)));
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await

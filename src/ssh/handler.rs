@@ -386,7 +386,7 @@ impl russh::server::Handler for Handler {
         originator_address: &str,
         originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(visitor) = self.keyid.clone() else {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
@@ -410,7 +410,8 @@ impl russh::server::Handler for Handler {
         }
         let origin = (originator_address.to_owned(), originator_port);
         let limits = (self.ctx.channel_buffer, self.ctx.limits.get().channels_per_tunnel);
-        tokio::spawn(bridge(members, channel, reply, origin, limits));
+        let visitor = (channel, session.handle());
+        tokio::spawn(bridge(members, visitor, reply, origin, limits));
         Ok(())
     }
 }
@@ -419,25 +420,25 @@ impl russh::server::Handler for Handler {
 /// ways. Runs in its own task (see the module doc).
 async fn bridge(
     members: Vec<Arc<Member>>,
-    visitor: Channel<Msg>,
+    (visitor, visitor_session): (Channel<Msg>, russh::server::Handle),
     reply: ChannelOpenHandle,
     origin: (String, u32),
     (buffer, max_channels): (usize, usize),
 ) {
     let mut found = None;
     for m in &members {
-        if let Some(ok) = open_channel(m, &origin.0, origin.1, max_channels).await {
-            found = Some(ok);
+        if let Some((ch, slot)) = open_channel(m, &origin.0, origin.1, max_channels).await {
+            found = Some((ch, slot, m.handle.clone()));
             break;
         }
     }
-    let Some((upstream, slot)) = found else {
+    let Some((upstream, slot, upstream_session)) = found else {
         reply.reject(ChannelOpenFailure::ConnectFailed).await;
         return;
     };
     reply.accept().await;
-    let mut a = channel_io(visitor, buffer, None);
-    let mut b = channel_io(upstream, buffer, Some(slot));
+    let mut a = channel_io(visitor, visitor_session, buffer, None);
+    let mut b = channel_io(upstream, upstream_session, buffer, Some(slot));
     if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
         tracing::debug!(error = %e, "tunnel bridge ended");
     }

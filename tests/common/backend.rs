@@ -90,8 +90,7 @@ impl Duplex for std::os::unix::net::UnixStream {
         self.try_clone().expect("clone unix stream")
     }
     fn set_timeout(&self, timeout: Duration) {
-        self.set_read_timeout(Some(timeout))
-            .expect("set read timeout");
+        self.set_read_timeout(Some(timeout)).expect("set read timeout");
     }
 }
 
@@ -100,8 +99,7 @@ impl Duplex for TcpStream {
         self.try_clone().expect("clone tcp stream")
     }
     fn set_timeout(&self, timeout: Duration) {
-        self.set_read_timeout(Some(timeout))
-            .expect("set read timeout");
+        self.set_read_timeout(Some(timeout)).expect("set read timeout");
     }
 }
 

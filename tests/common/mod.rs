@@ -7,8 +7,11 @@
 
 pub mod backend;
 pub mod haproxy;
+pub mod http;
+pub mod pebble;
 pub mod pki;
 pub mod process;
+pub mod prom;
 pub mod ssh;
 
 use std::fmt::Write as _;

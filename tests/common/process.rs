@@ -103,10 +103,7 @@ impl Proc {
                 self.stdout()
             }
         };
-        poll_until(timeout, || {
-            Some(read()).filter(|text| text.contains(needle))
-        })
-        .unwrap_or_else(|| {
+        poll_until(timeout, || Some(read()).filter(|text| text.contains(needle))).unwrap_or_else(|| {
             panic!(
                 "{}: {needle:?} not seen within {timeout:?}\n{}",
                 self.name,
@@ -125,6 +122,11 @@ impl Proc {
     /// SIGSTOP: the process keeps its sockets open but never answers again.
     pub fn freeze(&self) {
         send_signal("STOP", &self.pid().to_string());
+    }
+
+    /// Takes the child's stdin to stream into it; dropping it is EOF for the child.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.stdin.take()
     }
 
     /// Closes stdin (EOF for the child).
@@ -172,12 +174,9 @@ impl Output {
 pub fn run_bounded(dir: &Path, name: &str, cmd: Command, timeout: Duration) -> Output {
     let mut proc = Proc::spawn(dir, name, cmd);
     proc.close_stdin();
-    let status = proc.wait_exit(timeout).unwrap_or_else(|| {
-        panic!(
-            "{name} did not finish within {timeout:?}\n{}",
-            proc.describe()
-        )
-    });
+    let status = proc
+        .wait_exit(timeout)
+        .unwrap_or_else(|| panic!("{name} did not finish within {timeout:?}\n{}", proc.describe()));
     Output {
         status,
         stdout: proc.stdout(),

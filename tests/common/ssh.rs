@@ -155,12 +155,8 @@ impl SshClient {
 
     /// Polls `tunnels` until `name` is listed; panics after the setup deadline.
     pub fn wait_tunnel(&self, name: &str, holder: &Proc) -> Value {
-        poll_until(SETUP, || self.find_tunnel(name)).unwrap_or_else(|| {
-            panic!(
-                "tunnel {name:?} never listed in `tunnels`\n{}",
-                holder.describe()
-            )
-        })
+        poll_until(SETUP, || self.find_tunnel(name))
+            .unwrap_or_else(|| panic!("tunnel {name:?} never listed in `tunnels`\n{}", holder.describe()))
     }
 
     /// `ssh -N -R NAME:PORT:127.0.0.1:BACKEND`, returned once `tunnels` lists NAME.
@@ -178,10 +174,9 @@ impl SshClient {
     /// `ssh -N -L SOCKET:TARGET` with a local Unix socket (no local port to race for).
     pub fn local_forward(&self, target: &str) -> LocalForward {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let socket = self.dir.join(format!(
-            "fwd-{}.sock",
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let socket = self
+            .dir
+            .join(format!("fwd-{}.sock", COUNTER.fetch_add(1, Ordering::Relaxed)));
         let spec = format!("{}:{target}", socket.display());
         let proc = self.spawn("ssh-L", &["-N", "-L", &spec], &[]);
         LocalForward { proc, socket }
