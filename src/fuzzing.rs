@@ -82,3 +82,33 @@ pub fn proxy_header(data: &[u8]) {
         }
     }
 }
+
+/// ClientHello-based routing: whatever rustls accepts as a ClientHello, the route we derive from
+/// its SNI and ALPN (our server preference h2, http/1.1, ssh) is well defined, and a tunnel host
+/// taken from the SNI is canonical.
+pub fn client_hello(data: &[u8]) {
+    use crate::tls::{ALPN_H2, ALPN_HTTP1, ALPN_SSH};
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = data;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    let Ok(Some(accepted)) = acceptor.accept() else { return };
+    let hello = accepted.client_hello();
+    if let Some(sni) = hello.server_name() {
+        if let Some(host) = crate::ssh::names::canonical_host(sni, "gw.test") {
+            assert_eq!(crate::ssh::names::canonical_host(&host, "gw.test"), Some(host.clone()));
+        }
+    }
+    let offered: Vec<Vec<u8>> = hello.alpn().map(|it| it.map(<[u8]>::to_vec).collect()).unwrap_or_default();
+    let chosen = [ALPN_H2, ALPN_HTTP1, ALPN_SSH]
+        .into_iter()
+        .find(|p| offered.iter().any(|o| o == p));
+    match chosen {
+        Some(p) => assert!(crate::route::by_alpn(Some(p)).is_some()),
+        None => assert_eq!(crate::route::by_alpn(None), None),
+    }
+}

@@ -42,3 +42,8 @@ fn config_corpus() {
 fn proxy_header_corpus() {
     replay("proxy_header", edgemux::fuzzing::proxy_header);
 }
+
+#[test]
+fn client_hello_corpus() {
+    replay("client_hello", edgemux::fuzzing::client_hello);
+}
