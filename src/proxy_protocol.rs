@@ -77,17 +77,8 @@ fn parse_v1(buf: &[u8]) -> Parse {
         return Parse::Invalid("malformed v1 header");
     };
     let (source, destination) = match header.addresses {
-        ppp::v1::Addresses::Tcp4(a) => (
-            Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-            Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
-        ),
-        ppp::v1::Addresses::Tcp6(a) => (
-            Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
-            Some(canonical(SocketAddr::new(
-                a.destination_address.into(),
-                a.destination_port,
-            ))),
-        ),
+        ppp::v1::Addresses::Tcp4(a) => pair_v4(&a),
+        ppp::v1::Addresses::Tcp6(a) => pair_v6(&a),
         ppp::v1::Addresses::Unknown => (None, None),
     };
     Parse::Complete {
@@ -132,17 +123,8 @@ fn parse_v2(buf: &[u8]) -> Parse {
     }
     if header.command == ppp::v2::Command::Proxy {
         (out.source, out.destination) = match header.addresses {
-            ppp::v2::Addresses::IPv4(a) => (
-                Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
-            ),
-            ppp::v2::Addresses::IPv6(a) => (
-                Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
-                Some(canonical(SocketAddr::new(
-                    a.destination_address.into(),
-                    a.destination_port,
-                ))),
-            ),
+            ppp::v2::Addresses::IPv4(a) => pair_v4(&a),
+            ppp::v2::Addresses::IPv6(a) => pair_v6(&a),
             ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => (None, None),
         };
     }
@@ -150,6 +132,23 @@ fn parse_v2(buf: &[u8]) -> Parse {
         header: out,
         consumed: total,
     }
+}
+
+/// Source and destination, as both header versions carry them.
+type Pair = (Option<SocketAddr>, Option<SocketAddr>);
+
+fn pair_v4(a: &ppp::v2::IPv4) -> Pair {
+    (
+        Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
+    )
+}
+
+fn pair_v6(a: &ppp::v2::IPv6) -> Pair {
+    (
+        Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
+        Some(canonical(SocketAddr::new(a.destination_address.into(), a.destination_port))),
+    )
 }
 
 /// IPv4-mapped IPv6 addresses are shown as the IPv4 address they are.

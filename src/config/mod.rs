@@ -10,7 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod acme;
 mod limits;
+pub use acme::{AcmeConfig, ChallengeKind, RawAcme};
 pub use limits::{Limits, LiveLimits, RawLimits};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
@@ -33,22 +35,6 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub admin: Option<RawAdmin>,
     pub acme: Option<RawAcme>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAcme {
-    pub directory: Option<String>,
-    #[serde(default)]
-    pub contact: Vec<String>,
-    #[serde(default)]
-    pub domains: Vec<String>,
-    pub challenge: Option<String>,
-    pub root_ca: Option<PathBuf>,
-    pub on_demand: Option<bool>,
-    pub orders_per_hour: Option<usize>,
-    pub orders_per_week: Option<usize>,
-    pub failed_validations_per_host_per_hour: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,35 +139,6 @@ pub struct SshConfig {
     pub grants: Vec<Grant>,
 }
 
-/// Which ACME challenge proves control of a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChallengeKind {
-    /// Answered by the main listener when a ClientHello offers ALPN `acme-tls/1`.
-    TlsAlpn01,
-    /// Answered by plain HTTP (a port-80 listener) under `/.well-known/acme-challenge/`.
-    Http01,
-}
-
-impl ChallengeKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::TlsAlpn01 => "tls-alpn-01",
-            Self::Http01 => "http-01",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AcmeConfig {
-    pub directory: String,
-    pub contact: Vec<String>,
-    pub domains: Vec<String>,
-    pub challenge: ChallengeKind,
-    pub root_ca: Option<PathBuf>,
-    pub on_demand: bool,
-    pub limits: crate::acme::schedule::Limits,
-}
-
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
@@ -207,8 +164,6 @@ pub struct Config {
 pub mod defaults {
     use std::time::Duration;
     pub const CERTS_DIR: &str = "/var/lib/edgemux";
-    /// Let's Encrypt production; staging is https://acme-staging-v02.api.letsencrypt.org/directory.
-    pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
     /// 15 s × 3 unanswered probes: a vanished client's tunnels are gone within a minute.
     pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_MAX: usize = 3;
@@ -353,7 +308,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             }
         }
     }
-    let acme = raw.acme.as_ref().map(|a| validate_acme(&mut c, a));
+    let acme = raw.acme.as_ref().map(|a| acme::validate(&mut c, a));
     if !c.0.is_empty() {
         return Err(c.0);
     }
@@ -383,71 +338,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     })
 }
 
-fn validate_acme(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
-    let directory = raw
-        .directory
-        .clone()
-        .unwrap_or_else(|| defaults::ACME_DIRECTORY.into());
-    if !directory.starts_with("https://") {
-        c.push("acme.directory", format!("{directory:?} is not an https:// URL"));
-    }
-    let challenge = match raw.challenge.as_deref() {
-        None | Some("tls-alpn-01") => ChallengeKind::TlsAlpn01,
-        Some("http-01") => ChallengeKind::Http01,
-        Some(other) => {
-            c.push(
-                "acme.challenge",
-                format!("{other:?} is not \"tls-alpn-01\" or \"http-01\""),
-            );
-            ChallengeKind::TlsAlpn01
-        }
-    };
-    for (i, d) in raw.domains.iter().enumerate() {
-        if !crate::ssh::names::is_domain(&d.to_ascii_lowercase()) {
-            c.push(
-                format!("acme.domains[{i}]"),
-                format!("{d:?} is not a DNS name (wildcards need DNS-01)"),
-            );
-        }
-    }
-    for (i, contact) in raw.contact.iter().enumerate() {
-        if !contact.starts_with("mailto:") {
-            c.push(
-                format!("acme.contact[{i}]"),
-                format!("{contact:?} should be a mailto: URI"),
-            );
-        }
-    }
-    if let Some(root) = raw.root_ca.as_ref().filter(|p| !p.is_file()) {
-        c.push(
-            "acme.root_ca",
-            format!("{} does not exist or is not a file", root.display()),
-        );
-    }
-    let on_demand = raw.on_demand.unwrap_or(false);
-    if raw.domains.is_empty() && !on_demand {
-        c.push(
-            "acme.domains",
-            "list at least one domain, or set on_demand = true",
-        );
-    }
-    let d = crate::acme::schedule::Limits::default();
-    AcmeConfig {
-        directory,
-        contact: raw.contact.clone(),
-        domains: raw.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
-        challenge,
-        root_ca: raw.root_ca.clone(),
-        on_demand,
-        limits: crate::acme::schedule::Limits {
-            orders_per_hour: raw.orders_per_hour.unwrap_or(d.orders_per_hour),
-            orders_per_week: raw.orders_per_week.unwrap_or(d.orders_per_week),
-            failures_per_host_per_hour: raw
-                .failed_validations_per_host_per_hour
-                .unwrap_or(d.failures_per_host_per_hour),
-        },
-    }
-}
 
 fn certs_dir_or_default(dir: Option<&Path>) -> PathBuf {
     dir.map(Path::to_path_buf)
