@@ -147,7 +147,10 @@ fn pair_v4(a: &ppp::v2::IPv4) -> Pair {
 fn pair_v6(a: &ppp::v2::IPv6) -> Pair {
     (
         Some(canonical(SocketAddr::new(a.source_address.into(), a.source_port))),
-        Some(canonical(SocketAddr::new(a.destination_address.into(), a.destination_port))),
+        Some(canonical(SocketAddr::new(
+            a.destination_address.into(),
+            a.destination_port,
+        ))),
     )
 }
 

@@ -55,10 +55,7 @@ pub struct AcmeConfig {
 }
 
 pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
-    let directory = raw
-        .directory
-        .clone()
-        .unwrap_or_else(|| ACME_DIRECTORY.into());
+    let directory = raw.directory.clone().unwrap_or_else(|| ACME_DIRECTORY.into());
     if !directory.starts_with("https://") {
         c.push("acme.directory", format!("{directory:?} is not an https:// URL"));
     }

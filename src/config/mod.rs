@@ -338,7 +338,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     })
 }
 
-
 fn certs_dir_or_default(dir: Option<&Path>) -> PathBuf {
     dir.map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(defaults::CERTS_DIR))

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use crate::ssh::handler::open_channel;
+use crate::ssh::channels::open_channel;
 use crate::ssh::pump::channel_io;
 use crate::tunnels::Member;
 

@@ -15,7 +15,6 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect};
 
 use super::keys::key_id;
 use super::names::{self, TunnelName};
-use super::pump::channel_io;
 use super::SshContext;
 use crate::tunnels::{Kind, Member, Registration, Route, TunnelKey};
 
@@ -411,69 +410,7 @@ impl russh::server::Handler for Handler {
         let origin = (originator_address.to_owned(), originator_port);
         let limits = (self.ctx.channel_buffer, self.ctx.limits.get().channels_per_tunnel);
         let visitor = (channel, session.handle());
-        tokio::spawn(bridge(members, visitor, reply, origin, limits));
+        tokio::spawn(super::channels::bridge(members, visitor, reply, origin, limits));
         Ok(())
-    }
-}
-
-/// Opens a `forwarded-tcpip` channel to the first pool member that accepts, then copies bytes both
-/// ways. Runs in its own task (see the module doc).
-async fn bridge(
-    members: Vec<Arc<Member>>,
-    (visitor, visitor_session): (Channel<Msg>, russh::server::Handle),
-    reply: ChannelOpenHandle,
-    origin: (String, u32),
-    (buffer, max_channels): (usize, usize),
-) {
-    let mut found = None;
-    for m in &members {
-        if let Some((ch, slot)) = open_channel(m, &origin.0, origin.1, max_channels).await {
-            found = Some((ch, slot, m.handle.clone()));
-            break;
-        }
-    }
-    let Some((upstream, slot, upstream_session)) = found else {
-        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-        return;
-    };
-    reply.accept().await;
-    let mut a = channel_io(visitor, visitor_session, buffer, None);
-    let mut b = channel_io(upstream, upstream_session, buffer, Some(slot));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        tracing::debug!(error = %e, "tunnel bridge ended");
-    }
-}
-
-/// Opens a `forwarded-tcpip` channel to one pool member, echoing the address and port its client
-/// asked for (OpenSSH refuses anything else), within `limits.channels_per_tunnel`.
-pub async fn open_channel(
-    m: &Member,
-    origin_addr: &str,
-    origin_port: u32,
-    max_channels: usize,
-) -> Option<(Channel<Msg>, crate::tunnels::ChannelSlot)> {
-    let Some(slot) = m.stats.try_open(max_channels) else {
-        crate::metrics::forwarded_channel("limit");
-        tracing::info!(
-            conn = m.conn,
-            max_channels,
-            "tunnel member has limits.channels_per_tunnel channels open"
-        );
-        return None;
-    };
-    let opened = m
-        .handle
-        .channel_open_forwarded_tcpip(m.bind_address.clone(), m.bind_port, origin_addr, origin_port)
-        .await;
-    match opened {
-        Ok(ch) => {
-            crate::metrics::forwarded_channel("opened");
-            Some((ch, slot))
-        }
-        Err(e) => {
-            crate::metrics::forwarded_channel("failed");
-            tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel");
-            None
-        }
     }
 }

@@ -1,6 +1,7 @@
 //! The embedded SSH tunnel endpoint: public-key auth, `ssh -R` tunnels, `ssh -L` to private
 //! tunnels, and a session channel that shows the tunnel URLs.
 
+pub mod channels;
 pub mod handler;
 pub mod hostkey;
 pub mod keys;
