@@ -44,9 +44,12 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(gw.limits().max_connections));
     for (listener, cfg) in listeners.main.into_iter().zip(gw.config().listeners.iter()) {
+        // Logs and metric labels name the address really bound (a config may ask for port 0).
+        let mut cfg = cfg.clone();
+        cfg.bind = listener.local_addr().unwrap_or(cfg.bind);
         tokio::spawn(listener::run(
             listener,
-            Arc::new(cfg.clone()),
+            Arc::new(cfg),
             gw.clone(),
             slots.clone(),
             shutdown.clone(),
