@@ -84,6 +84,8 @@ struct Routed {
     dest: Dest,
     stream: BoxStream,
     tls: bool,
+    /// The ALPN protocol TLS settled on, if any.
+    alpn: Option<Vec<u8>>,
 }
 
 /// Handles one accepted connection to the end. Never panics on peer input; errors end up in one
@@ -148,7 +150,8 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: Cancellation
             Err(e) => e.to_string(),
         },
         Dest::Http => {
-            crate::http::serve(gw.http(), stream, addr, r.tls, shutdown).await;
+            let wire = crate::http::Wire::from_alpn(r.alpn.as_deref());
+            crate::http::serve(gw.http(), stream, addr, (r.tls, wire), shutdown).await;
             "closed".to_string()
         }
     };
@@ -222,6 +225,7 @@ async fn route_connection<'g>(
         dest,
         stream: Box::new(stream),
         tls: false,
+        alpn: None,
     };
     Ok((routed, addr, slot))
 }
@@ -259,6 +263,7 @@ async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnErr
             dest,
             stream: Box::new(tls),
             tls: true,
+            alpn: negotiated.alpn,
         });
     }
     let (sniffed, buf) = sniff::read_protocol(&mut tls, gw.limits().sniff_timeout).await;
@@ -268,5 +273,6 @@ async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnErr
         dest,
         stream: Box::new(Prefixed::new(buf, tls)),
         tls: true,
+        alpn: None,
     })
 }

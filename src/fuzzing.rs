@@ -96,14 +96,22 @@ pub fn client_hello(data: &[u8]) {
             Ok(_) => {}
         }
     }
-    let Ok(Some(accepted)) = acceptor.accept() else { return };
+    let Ok(Some(accepted)) = acceptor.accept() else {
+        return;
+    };
     let hello = accepted.client_hello();
     if let Some(sni) = hello.server_name() {
         if let Some(host) = crate::ssh::names::canonical_host(sni, "gw.test") {
-            assert_eq!(crate::ssh::names::canonical_host(&host, "gw.test"), Some(host.clone()));
+            assert_eq!(
+                crate::ssh::names::canonical_host(&host, "gw.test"),
+                Some(host.clone())
+            );
         }
     }
-    let offered: Vec<Vec<u8>> = hello.alpn().map(|it| it.map(<[u8]>::to_vec).collect()).unwrap_or_default();
+    let offered: Vec<Vec<u8>> = hello
+        .alpn()
+        .map(|it| it.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default();
     let chosen = [ALPN_H2, ALPN_HTTP1, ALPN_SSH]
         .into_iter()
         .find(|p| offered.iter().any(|o| o == p));

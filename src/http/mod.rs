@@ -83,12 +83,51 @@ impl ProxyError {
     }
 }
 
+/// Runs a hyper connection to its end; on shutdown, asks it to finish in-flight requests and
+/// close (h2 GOAWAY, HTTP/1.1 `Connection: close`). Errors are boxed: the three connection kinds
+/// report different error types.
+macro_rules! drive {
+    ($conn:expr, $shutdown:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            () = $shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        r.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
+    }};
+}
+
+/// Which HTTP the client speaks, when TLS already told us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    H2,
+    /// No ALPN: hyper tells by the first bytes (already sniffed, so they are at hand).
+    Detect,
+}
+
+impl Wire {
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Self {
+        match alpn {
+            Some(crate::tls::ALPN_H2) => Self::H2,
+            Some(crate::tls::ALPN_HTTP1) => Self::Http1,
+            _ => Self::Detect,
+        }
+    }
+}
+
 /// Serves HTTP on a routed stream until the client leaves or `shutdown` asks for a graceful end.
+/// With the version known from ALPN, hyper does not wait for bytes to detect it: a client silent
+/// after the handshake then meets `header_timeout` like any other slow client.
 pub async fn serve(
     ctx: Arc<HttpContext>,
     stream: BoxStream,
     addr: ClientAddr,
-    tls: bool,
+    (tls, wire): (bool, Wire),
     shutdown: CancellationToken,
 ) {
     let limits = ctx.limits.get();
@@ -96,23 +135,31 @@ pub async fn serve(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(&ctx, req, addr, tls).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let io = TokioIo::new(stream);
+    let max_headers = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
+    let result = match wire {
+        Wire::Http1 => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes);
+            drive!(b.serve_connection(io, service).with_upgrades(), shutdown)
+        }
+        Wire::H2 => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new()).max_header_list_size(max_headers);
+            drive!(b.serve_connection(io, service), shutdown)
+        }
+        Wire::Detect => {
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes);
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_headers);
+            drive!(b.serve_connection_with_upgrades(io, service), shutdown)
         }
     };
     if let Err(e) = result {

@@ -39,6 +39,11 @@ impl IdleConns {
         None
     }
 
+    /// Closes every kept-alive connection (shutdown: they would hold their channels open).
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn put(&self, s: Sender) {
         let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_MEMBER {

@@ -23,8 +23,8 @@ const MAX_FORWARDS_PER_CONN: usize = 64;
 /// A `-N` client whose every forward was refused is told why and disconnected after this long
 /// (OpenSSH sends its forwards before it opens a session, so wait for a session briefly).
 const REFUSAL_GRACE: Duration = Duration::from_millis(700);
-/// Delay after a refused key, doubling per failure up to the maximum (on top of russh's
-/// constant-time rejection).
+/// Delay after a refused key, doubling per failure up to the maximum. russh's constant-time
+/// rejection (500 ms) runs concurrently, so each refusal takes the longer of the two.
 const AUTH_DELAY_START: Duration = Duration::from_millis(250);
 const AUTH_DELAY_MAX: Duration = Duration::from_secs(4);
 /// Where ports are handed out for `-R 0:…` requests.
@@ -32,7 +32,7 @@ const FIRST_ASSIGNED_PORT: u32 = 10_000;
 
 pub struct Handler {
     ctx: Arc<SshContext>,
-    authenticated: Arc<AtomicBool>,
+    shared: Arc<super::ConnShared>,
     auth_failures: u32,
     conn: u64,
     client: SocketAddr,
@@ -47,9 +47,9 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr, authenticated: Arc<AtomicBool>) -> Self {
+    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr, shared: Arc<super::ConnShared>) -> Self {
         Self {
-            authenticated,
+            shared,
             auth_failures: 0,
             ctx,
             conn,
@@ -214,7 +214,7 @@ impl russh::server::Handler for Handler {
             return Ok(Auth::reject());
         }
         crate::metrics::ssh_auth("ok");
-        self.authenticated.store(true, Ordering::Release);
+        self.shared.authenticated.store(true, Ordering::Release);
         tracing::info!(conn = self.conn, client = %self.client, user, %keyid, "ssh authenticated");
         self.user = user.to_owned();
         self.keyid = Some(keyid);
@@ -280,6 +280,11 @@ impl russh::server::Handler for Handler {
             hook(&key.host);
         }
         let reg = self.ctx.tunnels.register(key, member);
+        self.shared
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reg.member().clone());
         self.forwards.insert((address.to_owned(), *port), reg);
         self.forward_count.fetch_add(1, Ordering::AcqRel);
         Ok(true)
@@ -291,7 +296,12 @@ impl russh::server::Handler for Handler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let removed = self.forwards.remove(&(address.to_owned(), port)).is_some();
+        let removed = self.forwards.remove(&(address.to_owned(), port));
+        if let Some(reg) = &removed {
+            let mut members = self.shared.members.lock().unwrap_or_else(|p| p.into_inner());
+            members.retain(|m| !Arc::ptr_eq(m, reg.member()));
+        }
+        let removed = removed.is_some();
         if removed {
             self.forward_count.fetch_sub(1, Ordering::AcqRel);
         }

@@ -167,8 +167,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = ctx.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
-    let authenticated = Arc::new(AtomicBool::new(false));
-    let handler = handler::Handler::new(ctx.clone(), conn, client, authenticated.clone());
+    let shared = Arc::new(ConnShared::default());
+    let handler = handler::Handler::new(ctx.clone(), conn, client, shared.clone());
     let login_deadline = tokio::time::Instant::now() + ctx.limits.get().login_timeout;
     let start = russh::server::run_stream(ctx.server.clone(), stream, handler);
     let mut session = tokio::time::timeout_at(login_deadline, start)
@@ -177,23 +177,51 @@ where
     let handle = session.handle();
     let login = tokio::time::sleep_until(login_deadline);
     tokio::pin!(login);
-    let (mut login_checked, mut told_shutdown) = (false, false);
+    let (mut login_checked, mut draining, mut told_shutdown) = (false, false, false);
+    let mut drain_tick = tokio::time::interval(DRAIN_POLL);
     loop {
         tokio::select! {
             r = &mut session => return Ok(r?),
             () = &mut login, if !login_checked => {
                 login_checked = true;
-                if !authenticated.load(Ordering::Acquire) {
+                if !shared.authenticated.load(Ordering::Acquire) {
                     tracing::info!(conn, %client, "ssh login timed out");
                     disconnect(&handle, "authentication timed out").await;
                     return Err(SshError::LoginTimeout);
                 }
             }
-            () = shutdown.cancelled(), if !told_shutdown => {
-                told_shutdown = true;
-                disconnect(&handle, "the gateway is shutting down; reconnect to continue").await;
+            () = shutdown.cancelled(), if !draining => draining = true,
+            _ = drain_tick.tick(), if draining && !told_shutdown => {
+                // A tunnel client still carrying requests is told only once they are done
+                // (the drain deadline cuts whatever is left).
+                if shared.tunnels_idle() {
+                    told_shutdown = true;
+                    disconnect(&handle, "the gateway is shutting down; reconnect to continue").await;
+                }
             }
         }
+    }
+}
+
+/// How often a draining tunnel connection checks whether its last channel has closed.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What one SSH connection's handler shares with the task that serves it.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    pub authenticated: AtomicBool,
+    /// The pool members this connection registered.
+    pub members: std::sync::Mutex<Vec<Arc<crate::tunnels::Member>>>,
+}
+
+impl ConnShared {
+    /// Drops kept-alive upstream connections and says whether no channel is open any more.
+    fn tunnels_idle(&self) -> bool {
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.iter().for_each(|m| m.idle.clear());
+        members
+            .iter()
+            .all(|m| m.stats.open_channels.load(Ordering::Acquire) == 0)
     }
 }
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod flood;
 pub mod haproxy;
 pub mod http;
 pub mod pebble;
@@ -285,6 +286,11 @@ impl Gateway {
     /// The gateway process id (for /proc, e.g. its RSS).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits up to `timeout` for the gateway process to exit (after a signal); `None` if it runs on.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        process::poll_until(timeout, || self.child.try_wait().ok().flatten())
     }
 
     pub fn admin_port(&self) -> u16 {

@@ -72,7 +72,8 @@ impl Pki {
     }
 }
 
-fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
+/// Issues a leaf from the CA in `dir` (the PKI's `pki/` dir): `NAME.key`, `NAME-fullchain.pem`.
+pub fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
     let (key, csr, crt, ext) = (
         format!("{name}.key"),
         format!("{name}.csr"),
