@@ -26,7 +26,8 @@ pub fn parse_host(raw: &[u8]) -> Result<String, HostError> {
     let text = std::str::from_utf8(raw).map_err(|_| HostError::Invalid)?;
     let host = strip_port(text).ok_or(HostError::Invalid)?;
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() {
+    // Empty labels ("a..b", "a..") name nothing; one trailing dot (the root) is allowed above.
+    if host.is_empty() || host.starts_with('.') || host.ends_with('.') || host.contains("..") {
         return Err(HostError::Invalid);
     }
     if host.len() > MAX_HOST {
@@ -78,6 +79,9 @@ mod tests {
         assert_eq!(parse_host(b":80"), Err(HostError::Invalid));
         assert_eq!(parse_host(b"[::1"), Err(HostError::Invalid));
         assert_eq!(parse_host(b"\xff"), Err(HostError::Invalid));
+        // Found by the `host` fuzz target: a second trailing dot made parsing non-idempotent.
+        assert_eq!(parse_host(b"TtWsGe.."), Err(HostError::Invalid));
+        assert_eq!(parse_host(b"a..b"), Err(HostError::Invalid));
         assert_eq!(parse_host("a".repeat(300).as_bytes()), Err(HostError::TooLong));
     }
 
