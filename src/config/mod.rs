@@ -404,8 +404,14 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
         c.push("ssh.keepalive_max", "must be at least 1");
     }
     let channel_buffer = raw.channel_buffer.unwrap_or(defaults::CHANNEL_BUFFER);
-    if channel_buffer < 64 * 1024 {
-        c.push("ssh.channel_buffer", "must be at least 65536 bytes");
+    // At most twice the initial SSH window: the first flow-control report then never needs to
+    // grant window before the channel is confirmed.
+    let max_buffer = 2 * crate::ssh::WINDOW_SIZE as usize;
+    if !(64 * 1024..=max_buffer).contains(&channel_buffer) {
+        c.push(
+            "ssh.channel_buffer",
+            format!("must be between 65536 and {max_buffer} bytes"),
+        );
     }
     let mut grants = Vec::new();
     for (i, g) in raw.grant.iter().enumerate() {

@@ -26,7 +26,7 @@ pub use keys::KeyPolicy;
 
 /// SSH flow-control window: at least 8 MiB so one channel fills a long fat link
 /// (100 ms × 640 Mbit/s).
-pub(crate) const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 /// Largest SSH packet we send or accept per channel; OpenSSH's own default is 32 KiB.
 const MAX_PACKET: u32 = 32 * 1024;
 
