@@ -121,6 +121,7 @@ fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>]) -> serde_json::Value {
             serde_json::json!({
                 "connection": m.conn,
                 "client": m.client.to_string(),
+                "vpce_id": m.vpce,
                 "connected_since": since,
                 "connected_secs": SystemTime::now().duration_since(m.since).map_or(0, |d| d.as_secs()),
                 "bytes_in": m.stats.bytes_in.load(Ordering::Relaxed),

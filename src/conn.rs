@@ -15,7 +15,7 @@ use crate::counted::Counted;
 use crate::gateway::{ClientSlot, Gateway};
 use crate::metrics;
 use crate::prefixed::Prefixed;
-use crate::proxy_protocol::{self, HeaderRead, ProxyError};
+use crate::proxy_protocol::{self, HeaderRead, ProxyError, ProxyHeader};
 use crate::route::{self, Dest, NoRoute};
 use crate::sniff::{self, Protocol, SniffError, Sniffed};
 use crate::tls::TlsError;
@@ -86,6 +86,8 @@ struct Routed {
     tls: bool,
     /// The ALPN protocol TLS settled on, if any.
     alpn: Option<Vec<u8>>,
+    /// The AWS VPC endpoint the client came through (PROXY v2 TLV), shown by the admin API.
+    vpce: Option<String>,
 }
 
 /// Handles one accepted connection to the end. Never panics on peer input; errors end up in one
@@ -144,7 +146,7 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: Cancellation
     let (stream, totals) = Counted::new(r.stream, route);
     let stream: BoxStream = Box::new(stream);
     let outcome = match r.dest {
-        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, addr.client, shutdown).await {
+        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, (addr.client, r.vpce), shutdown).await {
             Ok(()) => "closed".to_string(),
             Err(e) if e.is_disconnect() => "closed by the client".to_string(),
             Err(e) => e.to_string(),
@@ -170,10 +172,10 @@ async fn read_proxy(
     listener: &ListenerConfig,
     mut tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(Prefixed<TcpStream>, ClientAddr, bool), ConnError> {
+) -> Result<(Prefixed<TcpStream>, ClientAddr, Option<ProxyHeader>), ConnError> {
     let mut addr = ClientAddr { peer, client: peer };
     if listener.proxy_protocol == ProxyMode::Off || !listener.trusts(peer.ip()) {
-        return Ok((Prefixed::new(Vec::new(), tcp), addr, false));
+        return Ok((Prefixed::new(Vec::new(), tcp), addr, None));
     }
     let (read, rest) = proxy_protocol::read_header(&mut tcp, gw.limits().sniff_timeout).await;
     let read = read.inspect_err(|e| metrics::proxy_header("unknown", e.reason()))?;
@@ -185,14 +187,14 @@ async fn read_proxy(
                 tracing::Span::current().record("vpce", vpce.as_str());
             }
             tracing::debug!(version = h.version, local = h.source.is_none(), "PROXY header");
-            Ok((Prefixed::new(rest, tcp), addr, true))
+            Ok((Prefixed::new(rest, tcp), addr, Some(h)))
         }
         HeaderRead::Closed => Err(ConnError::NoRoute(NoRoute::Closed)),
         HeaderRead::NoHeader if listener.proxy_protocol == ProxyMode::Required => {
             metrics::proxy_header("none", "missing");
             Err(ProxyError::Missing(peer.ip()).into())
         }
-        HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), addr, false)),
+        HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), addr, None)),
     }
 }
 
@@ -202,7 +204,8 @@ async fn route_connection<'g>(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<(Routed, ClientAddr, ClientSlot<'g>), ConnError> {
-    let (mut stream, addr, had_header) = read_proxy(gw, listener, tcp, peer).await?;
+    let (mut stream, addr, header) = read_proxy(gw, listener, tcp, peer).await?;
+    let vpce = header.as_ref().and_then(|h| h.vpce_id.clone());
     tracing::Span::current().record("client", field::display(addr.client));
     let limits = gw.limits();
     let slot = gw
@@ -215,10 +218,12 @@ async fn route_connection<'g>(
     let stream = Prefixed::new(buf, stream);
     if sniffed == Sniffed::Found(Protocol::Tls) {
         let tls = tokio::time::timeout(limits.tls_handshake_timeout, route_tls(gw, stream)).await;
-        return Ok((tls.map_err(|_| ConnError::TlsTimeout)??, addr, slot));
+        let mut routed = tls.map_err(|_| ConnError::TlsTimeout)??;
+        routed.vpce = vpce;
+        return Ok((routed, addr, slot));
     }
     if sniffed == Sniffed::Found(Protocol::ProxyHeader) {
-        return Err(misplaced_proxy_header(listener, peer, had_header));
+        return Err(misplaced_proxy_header(listener, peer, header.is_some()));
     }
     let dest = route::by_sniff(&sniffed, listener.plain_ssh).map_err(ConnError::NoRoute)?;
     let routed = Routed {
@@ -226,6 +231,7 @@ async fn route_connection<'g>(
         stream: Box::new(stream),
         tls: false,
         alpn: None,
+        vpce,
     };
     Ok((routed, addr, slot))
 }
@@ -264,6 +270,7 @@ async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnErr
             stream: Box::new(tls),
             tls: true,
             alpn: negotiated.alpn,
+            vpce: None,
         });
     }
     let (sniffed, buf) = sniff::read_protocol(&mut tls, gw.limits().sniff_timeout).await;
@@ -274,5 +281,6 @@ async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnErr
         stream: Box::new(Prefixed::new(buf, tls)),
         tls: true,
         alpn: None,
+        vpce: None,
     })
 }

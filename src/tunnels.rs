@@ -75,6 +75,8 @@ pub struct Member {
     pub bind_address: String,
     pub bind_port: u32,
     pub client: SocketAddr,
+    /// The AWS VPC endpoint the client came through, when an NLB said so (PROXY v2 TLV 0xEA).
+    pub vpce: Option<String>,
     pub since: SystemTime,
     pub handle: russh::server::Handle,
     /// Kept-alive HTTP connections into this member.

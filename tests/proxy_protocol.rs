@@ -280,3 +280,82 @@ fn header_on_a_listener_with_proxy_protocol_off_is_refused_with_the_fix() {
     assert_refused(&out, "PROXY v2 header on an `off` listener");
     wait_log(&gw, &[OFF_HINT]);
 }
+
+/// A ProxyCommand that writes a PROXY v2 header (from a file) to the gateway, then relays the
+/// ssh client's stdin/stdout: an SSH tunnel client arriving through an NLB, as the gateway sees it.
+const RELAY: &str = r#"
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(open(sys.argv[2], "rb").read())
+def up():
+    while True:
+        b = sys.stdin.buffer.read1(65536)
+        if not b:
+            break
+        s.sendall(b)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    sys.stdout.buffer.write(b)
+    sys.stdout.buffer.flush()
+"#;
+
+/// Appends an AWS VPC endpoint TLV (type 0xEA, subtype 0x01) to a v2 header, fixing its length.
+fn with_vpce(mut header: Vec<u8>, vpce: &str) -> Vec<u8> {
+    let value = [&[0x01u8][..], vpce.as_bytes()].concat();
+    header.push(0xEA);
+    header.extend(u16::try_from(value.len()).unwrap().to_be_bytes());
+    header.extend(value);
+    let len = u16::try_from(header.len() - 16).unwrap();
+    header[14..16].copy_from_slice(&len.to_be_bytes());
+    header
+}
+
+#[test]
+fn the_vpc_endpoint_of_a_tunnel_client_is_shown_by_the_admin_api() {
+    let env = TestEnv::new();
+    let (gw, _off, required) = start_gateway(&env);
+    let key = SshKey::generate(env.path(), "vpce", KeyKind::Ed25519);
+    let source: SocketAddr = "198.51.100.7:51234".parse().unwrap();
+    let header = with_vpce(v2_proxy(source, "10.0.0.1:443".parse().unwrap()), "vpce-0abc123");
+    let (relay, header_file) = (env.path().join("relay.py"), env.path().join("header.bin"));
+    fs::write(&relay, RELAY).unwrap();
+    fs::write(&header_file, header).unwrap();
+    let proxy = format!(
+        "ProxyCommand=python3 {} {required} {}",
+        relay.display(),
+        header_file.display()
+    );
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-F", "/dev/null", "-i"])
+        .arg(&key.private)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &proxy,
+        ])
+        .args(["-N", "-R", "web:80:127.0.0.1:9", "tester@gw.test"]);
+    let _client = Proc::spawn(env.path(), "ssh-vpce", ssh);
+    let url = format!("http://127.0.0.1:{}/tunnels", gw.admin_port());
+    let shown = poll_until(SETUP, || {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-m", "5", &url]);
+        let out = run_bounded(env.path(), "curl-tunnels", curl, SETUP);
+        out.stdout.contains("vpce-0abc123").then_some(out.stdout)
+    });
+    let body = shown.unwrap_or_else(|| panic!("no vpce_id in /tunnels\n{}", gw.stderr()));
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let member = &json["tunnels"][0]["members"][0];
+    assert_eq!(member["vpce_id"], "vpce-0abc123", "{json}");
+    assert_eq!(
+        member["client"],
+        source.to_string(),
+        "the header's source is the client: {json}"
+    );
+}

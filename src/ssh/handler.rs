@@ -34,6 +34,7 @@ pub struct Handler {
     ctx: Arc<SshContext>,
     shared: Arc<super::ConnShared>,
     auth_failures: u32,
+    vpce: Option<String>,
     conn: u64,
     client: SocketAddr,
     user: String,
@@ -47,8 +48,14 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub fn new(ctx: Arc<SshContext>, conn: u64, client: SocketAddr, shared: Arc<super::ConnShared>) -> Self {
+    pub fn new(
+        ctx: Arc<SshContext>,
+        conn: u64,
+        (client, vpce): (SocketAddr, Option<String>),
+        shared: Arc<super::ConnShared>,
+    ) -> Self {
         Self {
+            vpce,
             shared,
             auth_failures: 0,
             ctx,
@@ -215,7 +222,8 @@ impl russh::server::Handler for Handler {
         }
         crate::metrics::ssh_auth("ok");
         self.shared.authenticated.store(true, Ordering::Release);
-        tracing::info!(conn = self.conn, client = %self.client, user, %keyid, "ssh authenticated");
+        let vpce = self.vpce.as_deref().unwrap_or("");
+        tracing::info!(conn = self.conn, client = %self.client, vpce, user, %keyid, "ssh authenticated");
         self.user = user.to_owned();
         self.keyid = Some(keyid);
         Ok(Auth::Accept)
@@ -275,6 +283,7 @@ impl russh::server::Handler for Handler {
             handle: session.handle(),
             idle: Default::default(),
             stats: Default::default(),
+            vpce: self.vpce.clone(),
         };
         if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
             hook(&key.host);

@@ -160,7 +160,7 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
 pub async fn serve<S>(
     ctx: Arc<SshContext>,
     stream: S,
-    client: SocketAddr,
+    (client, vpce): (SocketAddr, Option<String>),
     shutdown: CancellationToken,
 ) -> Result<(), SshError>
 where
@@ -168,7 +168,7 @@ where
 {
     let conn = ctx.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
     let shared = Arc::new(ConnShared::default());
-    let handler = handler::Handler::new(ctx.clone(), conn, client, shared.clone());
+    let handler = handler::Handler::new(ctx.clone(), conn, (client, vpce), shared.clone());
     let login_deadline = tokio::time::Instant::now() + ctx.limits.get().login_timeout;
     let start = russh::server::run_stream(ctx.server.clone(), stream, handler);
     let mut session = tokio::time::timeout_at(login_deadline, start)
