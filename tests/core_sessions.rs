@@ -217,3 +217,44 @@ fn interactive_session_with_pty_prints_the_tunnel_url() {
 fn interactive_session_without_pty_prints_the_tunnel_url() {
     session_prints_url(&["-T"]);
 }
+
+#[test]
+fn a_reserved_vanity_host_is_served_only_for_its_key() {
+    let env = TestEnv::new();
+    let (owner, other) = (
+        env.key("owner", KeyKind::Ed25519),
+        env.key("other", KeyKind::Ed25519),
+    );
+    let config = env.path().join("edgemux-vanity.toml");
+    let reserve = format!(
+        "\n[[ssh.reserve]]\nhost = \"app.example.com\"\nkey = \"{}\"\n",
+        owner.keyid
+    );
+    std::fs::write(&config, env.gateway().render() + &reserve).unwrap();
+    let gw = common::Gateway::start(&env, &config);
+    let echo = echo_server();
+    let spec = format!("app.example.com:80:127.0.0.1:{echo}");
+
+    let intruder = gw.ssh(&other, Transport::Tls);
+    let mut ssh = intruder.spawn(
+        "ssh-intruder",
+        &["-o", "ExitOnForwardFailure=no", "-N", "-R", &spec],
+        &[],
+    );
+    assert!(ssh.wait_exit(SETUP).is_some(), "{}", ssh.describe());
+    let said = gateway_messages(&ssh.stderr());
+    assert!(
+        said.contains("reserved for another key"),
+        "no refusal message:\n{said}"
+    );
+
+    let client = gw.ssh(&owner, Transport::Tls);
+    let _holder = client.spawn("ssh-owner", &["-N", "-R", &spec], &[]);
+    let shown = poll_until(SETUP, || {
+        let tunnels = client.tunnels();
+        let list = tunnels["tunnels"].as_array()?.clone();
+        list.into_iter().find(|t| t["host"] == "app.example.com")
+    });
+    let tunnel = shown.unwrap_or_else(|| panic!("the owner's vanity tunnel never appeared\n{}", gw.stderr()));
+    assert_eq!(tunnel["kind"], "http", "{tunnel}");
+}

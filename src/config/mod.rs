@@ -76,6 +76,16 @@ pub struct RawSsh {
     pub channel_buffer: Option<usize>,
     #[serde(default)]
     pub grant: Vec<RawGrant>,
+    #[serde(default)]
+    pub reserve: Vec<RawReserve>,
+}
+
+/// A vanity host kept for one key: `ssh -R app.example.com:80:…` by that key serves it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReserve {
+    pub host: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +147,8 @@ pub struct SshConfig {
     /// Bytes one channel may buffer for a reader that is not keeping up before it is closed.
     pub channel_buffer: usize,
     pub grants: Vec<Grant>,
+    /// Vanity host → the key id that alone may serve it.
+    pub reserved: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -434,7 +446,27 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
             });
         }
     }
+    let mut reserved = std::collections::HashMap::new();
+    for (i, r) in raw.reserve.iter().enumerate() {
+        let host = r.host.trim_end_matches('.').to_ascii_lowercase();
+        if !crate::ssh::names::is_domain(&host) || !host.contains('.') {
+            c.push(
+                format!("ssh.reserve[{i}].host"),
+                format!("{:?} is not a host name like app.example.com", r.host),
+            );
+        }
+        if !crate::ssh::keys::is_key_id(&r.key) {
+            c.push(
+                format!("ssh.reserve[{i}].key"),
+                format!("{:?} is not a key id (see `edgemux keyid KEY.pub`)", r.key),
+            );
+        }
+        if reserved.insert(host, r.key.clone()).is_some() {
+            c.push(format!("ssh.reserve[{i}].host"), "reserved twice");
+        }
+    }
     SshConfig {
+        reserved,
         host_key: raw
             .host_key
             .clone()

@@ -109,6 +109,23 @@ impl Handler {
         });
     }
 
+    /// The tunnel name and host a `tcpip-forward` bind address asks for: a vanity host reserved
+    /// for this key (`[[ssh.reserve]]`), else `<name>-<keyid>.<domain>`.
+    fn forward_host(&self, address: &str, keyid: &str) -> Result<(String, String), String> {
+        let wanted = address.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(owner) = self.ctx.reserved.get(&wanted) {
+            return if owner == keyid {
+                Ok((wanted.clone(), wanted))
+            } else {
+                Err(format!("{wanted} is reserved for another key"))
+            };
+        }
+        let name: TunnelName = names::name_for_bind(address, &self.user)
+            .map_err(|e| format!("{e}; try -R myapp:80:localhost:3000"))?;
+        let host = names::host_for(&name, keyid, &self.ctx.domain);
+        Ok((name.to_string(), host))
+    }
+
     fn key_tunnel_count(&self, keyid: &str) -> usize {
         let snapshot = self.ctx.tunnels.snapshot();
         snapshot
@@ -238,10 +255,10 @@ impl russh::server::Handler for Handler {
         let Some(keyid) = self.keyid.clone() else {
             return Ok(false);
         };
-        let name: TunnelName = match names::name_for_bind(address, &self.user) {
-            Ok(n) => n,
-            Err(e) => {
-                self.refuse_forward(format!("{e}; try -R myapp:80:localhost:3000"), session);
+        let (name, host) = match self.forward_host(address, &keyid) {
+            Ok(found) => found,
+            Err(message) => {
+                self.refuse_forward(message, session);
                 return Ok(false);
             }
         };
@@ -260,7 +277,6 @@ impl russh::server::Handler for Handler {
             );
             return Ok(false);
         }
-        let host = names::host_for(&name, &keyid, &self.ctx.domain);
         if *port == 0 {
             *port = self.assign_port(&host);
         }

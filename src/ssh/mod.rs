@@ -73,6 +73,8 @@ pub struct SshContext {
     pub public_port: u16,
     /// owner key id → key ids that may reach the owner's private tunnels.
     pub grants: HashMap<String, HashSet<String>>,
+    /// Vanity host → the only key id that may serve it.
+    pub reserved: HashMap<String, String>,
     pub channel_buffer: usize,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub on_http_tunnel: Option<HostHook>,
@@ -112,6 +114,7 @@ impl SshContext {
             domain,
             public_port,
             grants,
+            reserved: cfg.reserved.clone(),
             channel_buffer: cfg.channel_buffer,
             on_http_tunnel: None,
             limits,
