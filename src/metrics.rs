@@ -154,17 +154,16 @@ pub fn ssh_auth(result: &'static str) {
 
 /// A pool member came or went; `pool_changed` when that created or emptied the pool.
 pub fn tunnel_member(kind: &'static str, registered: bool, pool_changed: bool) {
-    let was_new_or_gone = pool_changed;
     if registered {
         counter!(TUNNEL_REGISTRATIONS, "kind" => kind).increment(1);
         gauge!(TUNNEL_MEMBERS_ACTIVE, "kind" => kind).increment(1.0);
-        if was_new_or_gone {
+        if pool_changed {
             gauge!(TUNNELS_ACTIVE, "kind" => kind).increment(1.0);
         }
     } else {
         counter!(TUNNEL_REMOVALS, "kind" => kind).increment(1);
         gauge!(TUNNEL_MEMBERS_ACTIVE, "kind" => kind).decrement(1.0);
-        if was_new_or_gone {
+        if pool_changed {
             gauge!(TUNNELS_ACTIVE, "kind" => kind).decrement(1.0);
         }
     }

@@ -2,7 +2,7 @@
 //! Pure and fuzzed.
 
 /// RFC 1035's limit on a DNS name in text form.
-pub const MAX_HOST: usize = 253;
+pub const MAX_HOST: usize = crate::ssh::names::MAX_DOMAIN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {
@@ -86,10 +86,23 @@ mod tests {
     }
 
     #[test]
-    fn every_prefix_is_handled() {
-        let sample = b"myapp-abcdefgh.gw.example.com:443";
+    fn every_prefix_of_an_authority_parses_to_a_port_free_stable_host() {
+        let sample = b"MyApp-abcdefgh.gw.example.com:443";
         for n in 0..=sample.len() {
-            let _ = parse_host(&sample[..n]);
+            if let Ok(h) = parse_host(&sample[..n]) {
+                assert!(!h.contains(':'), "{h}");
+                assert_eq!(parse_host(h.as_bytes()).as_deref(), Ok(h.as_str()));
+            }
         }
+        assert_eq!(parse_host(sample).unwrap(), "myapp-abcdefgh.gw.example.com");
+        assert_eq!(
+            parse_host(&sample[..sample.len() - 1]).unwrap(),
+            "myapp-abcdefgh.gw.example.com"
+        );
+        assert_eq!(
+            parse_host(&sample[..sample.len() - 3]),
+            Err(HostError::Invalid),
+            "a bare colon"
+        );
     }
 }

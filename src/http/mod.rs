@@ -182,7 +182,7 @@ async fn handle(
     let response = match route(ctx, req, addr, tls).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(error = %e, "request not proxied");
+            tracing::debug!(error = %e, "request not proxied");
             text(e.status(), format!("{e}\n"))
         }
     };
@@ -325,16 +325,20 @@ fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<
             None => text(StatusCode::NOT_FOUND, "no such challenge\n".into()),
         };
     }
-    let port = match ctx.public_port {
-        443 => String::new(),
-        p => format!(":{p}"),
-    };
-    let location = format!("https://{host}{port}{path}");
+    let location = format!("{}{path}", https_origin(host, ctx.public_port));
     let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// `https://host`, with `:port` unless it is 443: the public form of a host's URL.
+pub fn https_origin(host: &str, port: u16) -> String {
+    match port {
+        443 => format!("https://{host}"),
+        p => format!("https://{host}:{p}"),
+    }
 }
 
 fn apex(path: &str) -> Response<Body> {

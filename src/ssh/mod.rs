@@ -129,10 +129,7 @@ impl SshContext {
 
     /// The URL users type for a host: `https://host` plus the port when it is not 443.
     pub fn url_for(&self, host: &str) -> String {
-        match self.public_port {
-            443 => format!("https://{host}"),
-            p => format!("https://{host}:{p}"),
-        }
+        crate::http::https_origin(host, self.public_port)
     }
 }
 
