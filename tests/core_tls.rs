@@ -7,14 +7,12 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
 
 use common::process::{run_bounded, Output};
 use common::{edgemux, Gateway, TestEnv, DOMAIN, SETUP};
@@ -97,21 +95,6 @@ fn certificate_is_chosen_by_sni() {
     }
 }
 
-fn client_config(ca_der: &Path, alpn: Vec<Vec<u8>>) -> Arc<ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(fs::read(ca_der).unwrap()))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn;
-    Arc::new(config)
-}
-
 fn connect(port: u16) -> TcpStream {
     let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -141,7 +124,7 @@ fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
         .map(|i| format!("x-pad-{i}-{}", "p".repeat(190)).into_bytes())
         .collect();
     alpn.push(b"ssh".to_vec());
-    let config = client_config(&env.pki.ca_der, alpn);
+    let config = common::pki::client_config(&env.pki.ca_der, alpn);
     // SNI `other.test` (not the default certificate): the certificate verifies only if the
     // gateway reassembled the whole ClientHello and read its SNI.
     let sni = ServerName::try_from("other.test").unwrap();
@@ -189,7 +172,7 @@ fn assert_banner_after_silence(stream: &mut impl Read, started: Instant) {
 fn silent_tls_client_without_alpn_gets_the_ssh_banner_after_the_sniff_timeout() {
     let env = TestEnv::new();
     let gw = env.gateway().start();
-    let config = client_config(&env.pki.ca_der, Vec::new());
+    let config = common::pki::client_config(&env.pki.ca_der, Vec::new());
     let mut conn = ClientConnection::new(config, ServerName::try_from(DOMAIN).unwrap()).unwrap();
     let mut tcp = connect(gw.port());
     while conn.is_handshaking() {

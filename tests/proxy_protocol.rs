@@ -10,9 +10,7 @@ mod common;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -20,8 +18,8 @@ use common::haproxy::{v2_local, v2_proxy, Haproxy, SendProxy};
 use common::process::{poll_until, run_bounded, Output, Proc};
 use common::ssh::{KeyKind, SshKey, Transport};
 use common::{Gateway, TestEnv, SETUP};
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
 
 /// The fix the gateway logs when a PROXY header reaches a listener with `proxy_protocol = "off"`.
 const OFF_HINT: &str = "enable proxy_protocol on this listener and add the load balancer to trusted_proxies";
@@ -138,19 +136,6 @@ fn assert_refused(out: &Output, what: &str) {
     );
 }
 
-fn client_config(ca_der: &Path) -> Arc<ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from(fs::read(ca_der).unwrap());
-    roots.add(ca).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
 /// From 127.0.0.1: writes `header` one byte per TCP segment, then does TLS for `host` and an
 /// HTTP/1.1 GET; returns the whole response.
 fn get_after_header(env: &TestEnv, port: u16, header: &[u8], host: &str) -> String {
@@ -164,7 +149,8 @@ fn get_after_header(env: &TestEnv, port: u16, header: &[u8], host: &str) -> Stri
         thread::sleep(Duration::from_millis(2));
     }
     let sni = ServerName::try_from(host.to_owned()).unwrap();
-    let mut conn = ClientConnection::new(client_config(&env.pki.ca_der), sni).unwrap();
+    let mut conn =
+        ClientConnection::new(common::pki::client_config(&env.pki.ca_der, Vec::new()), sni).unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes())

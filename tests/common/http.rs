@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -427,21 +427,12 @@ impl RssSampler {
 /// A TLS connection to the gateway on 127.0.0.1:`port` for `host` (SNI), trusting only the test CA
 /// (DER), offering `alpn`.
 pub async fn tls_connect(ca_der: &Path, port: u16, host: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    let der = fs::read(ca_der).expect("read CA DER");
-    roots.add(CertificateDer::from(der)).expect("add test CA");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let config = super::pki::client_config(ca_der, alpn.iter().map(|p| p.to_vec()).collect());
     let tcp = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect to the gateway");
     let name = ServerName::try_from(host.to_owned()).expect("server name");
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
     connector
         .connect(name, tcp)
         .await

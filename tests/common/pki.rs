@@ -120,3 +120,20 @@ pub fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
         key: dir.join(key),
     }
 }
+
+/// A rustls client config trusting only the test CA (`ca_der`), offering `alpn`.
+pub fn client_config(ca_der: &Path, alpn: Vec<Vec<u8>>) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let der = std::fs::read(ca_der).expect("read CA DER");
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der))
+        .expect("add test CA");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    std::sync::Arc::new(config)
+}
