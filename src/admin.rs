@@ -24,9 +24,13 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
             a = listener.accept() => a,
             () = shutdown.cancelled() => return,
         };
-        let Ok((tcp, _peer)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed; backing off");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let gw = gw.clone();
         tokio::spawn(async move {
@@ -109,7 +113,7 @@ fn tunnels_json(gw: &Gateway) -> serde_json::Value {
 }
 
 fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>]) -> serde_json::Value {
-    let members_keyid = members.first().map(|m| m.keyid.clone()).unwrap_or_default();
+    let keyid = members.first().map(|m| m.keyid.clone()).unwrap_or_default();
     let port = match key.route {
         Route::Http => members.first().map_or(80, |m| m.bind_port),
         Route::Tcp(p) => p,
@@ -130,7 +134,6 @@ fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>]) -> serde_json::Value {
             })
         })
         .collect();
-    let keyid = members_keyid;
     serde_json::json!({
         "host": key.host,
         "keyid": keyid,

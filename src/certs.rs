@@ -159,14 +159,21 @@ impl LocalCa {
 
     /// The certificate for `host`, minted on first use.
     pub fn certificate_for(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        let mut minted = self.minted.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = minted.get(host) {
-            return Some(k.clone());
+        let cached = self
+            .minted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned();
+        if cached.is_some() {
+            return cached;
         }
+        // Minted outside the lock: a key generation must not hold up every other handshake.
         let key = self
             .mint(host)
             .map_err(|e| tracing::warn!(host, error = %e, "cannot mint a certificate"))
             .ok()?;
+        let mut minted = self.minted.lock().unwrap_or_else(|p| p.into_inner());
         if minted.len() >= MAX_MINTED {
             minted.clear();
         }

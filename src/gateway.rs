@@ -93,8 +93,9 @@ impl Gateway {
             let stand_in = crate::certs::self_signed(&config.domain).map_err(BuildError::StandIn)?;
             table.set_default(Arc::new(stand_in));
         }
+        let tunnels = Registry::new();
         let local_ca = match &config.local_ca {
-            Some(paths) => Some((LocalCa::load(paths)?, config.domain.clone())),
+            Some(paths) => Some((LocalCa::load(paths)?, config.domain.clone(), tunnels.clone())),
             None => None,
         };
         let resolver = Arc::new(CertResolver::new(table, local_ca));
@@ -109,7 +110,6 @@ impl Gateway {
                 KeyPolicy::Open
             }
         };
-        let tunnels = Registry::new();
         let limits = LiveLimits::new(config.limits.clone());
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
@@ -158,7 +158,6 @@ impl Gateway {
         }))
     }
 
-    /// SIGHUP: re-read certificates and authorized keys. A broken file keeps the old state in force.
     /// SIGHUP: re-read certificates and authorized keys, and apply `new`'s limits. A broken file
     /// keeps the old state in force. Settings that need a restart are named in the log.
     pub fn reload(&self, new: Option<&Config>) {
@@ -242,15 +241,23 @@ impl Gateway {
 
 fn warn_restart_needed(old: &Config, new: &Config) {
     let changed = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let checks: [(&str, bool); 6] = [
+    let l = (&old.limits, &new.limits);
+    let checks: [(&str, bool); 10] = [
         ("domain", old.domain != new.domain),
+        ("public_port", old.public_port != new.public_port),
         ("listener", changed(&old.listeners, &new.listeners)),
+        ("tls.certs_dir", old.certs_dir != new.certs_dir),
+        ("tls.local_ca", changed(&old.local_ca, &new.local_ca)),
         ("admin", changed(&old.admin, &new.admin)),
         ("acme", changed(&old.acme, &new.acme)),
         ("ssh", changed(&old.ssh, &new.ssh)),
         (
             "limits.max_connections",
-            old.limits.max_connections != new.limits.max_connections,
+            l.0.max_connections != l.1.max_connections,
+        ),
+        (
+            "limits.ssh_auth_attempts",
+            l.0.ssh_auth_attempts != l.1.ssh_auth_attempts,
         ),
     ];
     for (key, differs) in checks {

@@ -169,7 +169,10 @@ fn crc_matches(header: &[u8], value: &[u8]) -> bool {
         return false;
     };
     let mut copy = header.to_vec();
-    copy[pos..pos + 4].fill(0);
+    let Some(value) = copy.get_mut(pos..pos + 4) else {
+        return false;
+    };
+    value.fill(0);
     crc32c(&copy) == u32::from_be_bytes(expected)
 }
 

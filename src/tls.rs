@@ -104,6 +104,9 @@ impl CertTable {
     }
 }
 
+/// A local CA, the domain it mints under, and the registry that says which hosts are live.
+pub type LocalCaFor = (LocalCa, String, std::sync::Arc<crate::tunnels::Tunnels>);
+
 /// rustls' certificate hook over a hot-swappable [`CertTable`], with an optional local CA that
 /// mints certificates for tunnel hosts under the domain.
 #[derive(Debug, Default)]
@@ -111,11 +114,11 @@ pub struct CertResolver {
     table: RwLock<Arc<CertTable>>,
     /// Certificates obtained at run time (ACME), by exact name.
     dynamic: RwLock<HashMap<String, Arc<CertifiedKey>>>,
-    local_ca: Option<(LocalCa, String)>,
+    local_ca: Option<LocalCaFor>,
 }
 
 impl CertResolver {
-    pub fn new(table: CertTable, local_ca: Option<(LocalCa, String)>) -> Self {
+    pub fn new(table: CertTable, local_ca: Option<LocalCaFor>) -> Self {
         Self {
             table: RwLock::new(Arc::new(table)),
             dynamic: RwLock::new(HashMap::new()),
@@ -125,9 +128,8 @@ impl CertResolver {
 
     /// Serves `key` for `name` from the next handshake on.
     pub fn insert_dynamic(&self, name: &str, key: Arc<CertifiedKey>) {
-        if let Ok(mut d) = self.dynamic.write() {
-            d.insert(name.to_ascii_lowercase(), key);
-        }
+        let mut d = self.dynamic.write().unwrap_or_else(|p| p.into_inner());
+        d.insert(name.to_ascii_lowercase(), key);
     }
 
     fn dynamic_exact(&self, name: &str) -> Option<Arc<CertifiedKey>> {
@@ -160,11 +162,19 @@ impl CertResolver {
     }
 
     fn mint(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        let (ca, domain) = self.local_ca.as_ref()?;
+        let (ca, domain, tunnels) = self.local_ca.as_ref()?;
         let under_domain =
             sni.len() > domain.len() && sni.to_ascii_lowercase().ends_with(&format!(".{domain}"));
         let host = crate::ssh::names::canonical_host(sni, domain).filter(|_| under_domain)?;
-        ca.certificate_for(&host)
+        // Only for hosts that serve a tunnel: random names must not make us mint without end.
+        let key = crate::tunnels::TunnelKey {
+            host,
+            route: crate::tunnels::Route::Http,
+        };
+        if !tunnels.contains(&key) {
+            return None;
+        }
+        ca.certificate_for(&key.host)
     }
 
     pub fn swap(&self, table: CertTable) {

@@ -210,6 +210,21 @@ impl<M: Send + Sync + 'static> Registry<M> {
             .collect()
     }
 
+    /// How many members, across all pools, satisfy `pred` (one pass, no copies).
+    pub fn count(&self, pred: impl Fn(&M) -> bool) -> usize {
+        let pools = self.lock();
+        pools
+            .values()
+            .flat_map(|p| &p.members)
+            .filter(|(_, m)| pred(m))
+            .count()
+    }
+
+    /// Whether a pool exists for `key` (no round-robin side effect, unlike [`Self::members`]).
+    pub fn contains(&self, key: &TunnelKey) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// Every tunnel with its members, sorted by host then route.
     pub fn snapshot(&self) -> Vec<(TunnelKey, Vec<Arc<M>>)> {
         let mut all: Vec<_> = self

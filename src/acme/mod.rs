@@ -239,7 +239,7 @@ impl AcmeManager {
             host: host.to_owned(),
             route: Route::Http,
         };
-        !self.tunnels.members(&key).is_empty()
+        self.tunnels.contains(&key)
     }
 
     /// Two thirds into the lifetime, or inside the server's ARI window when it offers one.
@@ -307,7 +307,12 @@ impl AcmeManager {
             ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
             ChallengeKind::Http01 => ChallengeType::Http01,
         };
-        let mut tokens = Vec::new();
+        // Withdrawn when the order ends however it ends: error, timeout (the future is dropped)
+        // or shutdown.
+        let mut published = Published {
+            challenges: &self.challenges,
+            entries: Vec::new(),
+        };
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz?;
@@ -326,7 +331,7 @@ impl AcmeManager {
                     .map_err(AcmeError::Challenge)?,
                 ChallengeKind::Http01 => self.challenges.add_http01(&challenge.token, key_auth.as_str()),
             }
-            tokens.push((ident.clone(), challenge.token.clone()));
+            published.entries.push((ident.clone(), challenge.token.clone()));
             challenge.set_ready().await?;
             tracing::info!(
                 domain,
@@ -335,11 +340,7 @@ impl AcmeManager {
                 "challenge ready"
             );
         }
-        let result = self.finish(&mut order, domain).await;
-        for (ident, token) in tokens {
-            self.challenges.remove(&ident, &token);
-        }
-        result
+        self.finish(&mut order, domain).await
     }
 
     async fn finish(&self, order: &mut instant_acme::Order, domain: &str) -> Result<Issued, AcmeError> {
@@ -356,6 +357,20 @@ impl AcmeManager {
             store::parse_issued(chain_pem.as_bytes(), key_pem.as_bytes()).map_err(AcmeError::Issued)?;
         self.store.save_cert(domain, &chain_pem, &key_pem)?;
         Ok(issued)
+    }
+}
+
+/// Challenge answers published for one order; dropping it withdraws them.
+struct Published<'a> {
+    challenges: &'a Challenges,
+    entries: Vec<(String, String)>,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for (ident, token) in &self.entries {
+            self.challenges.remove(ident, token);
+        }
     }
 }
 

@@ -249,7 +249,7 @@ async fn proxy(
     let shown_host = authority(&req)
         .and_then(|a| HeaderValue::from_bytes(a).ok())
         .unwrap_or_else(|| HeaderValue::from_static(""));
-    prepare_upstream_request(&mut req, shown_host, addr, host);
+    prepare_upstream_request(&mut req, shown_host, addr, (host, upgrade));
 
     let limits = ctx.limits.get();
     let opts = upstream::Opts {
@@ -284,9 +284,8 @@ fn prepare_upstream_request(
     req: &mut Request<Incoming>,
     shown_host: HeaderValue,
     addr: ClientAddr,
-    host: &str,
+    (host, upgrade): (&str, bool),
 ) {
-    let keep_upgrade = forward::is_upgrade(req.headers());
     let path = req
         .uri()
         .path_and_query()
@@ -295,7 +294,7 @@ fn prepare_upstream_request(
     *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
-    forward::strip_hop_by_hop(headers, keep_upgrade);
+    forward::strip_hop_by_hop(headers, upgrade);
     headers.insert(header::HOST, shown_host);
     forward::add_forwarded(headers, addr.client, host, "https");
 }

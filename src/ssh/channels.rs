@@ -10,6 +10,15 @@ use russh::{Channel, ChannelOpenFailure};
 use super::pump::channel_io;
 use crate::tunnels::{ChannelSlot, Member};
 
+/// The bounds a bridge works within (`ssh.channel_buffer`, `limits.channels_per_tunnel`,
+/// `limits.tunnel_open_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct BridgeLimits {
+    pub buffer: usize,
+    pub max_channels: usize,
+    pub open_timeout: std::time::Duration,
+}
+
 /// Opens a `forwarded-tcpip` channel to the first pool member that accepts, then copies bytes both
 /// ways. Runs in its own task (see the module doc).
 pub async fn bridge(
@@ -17,11 +26,13 @@ pub async fn bridge(
     (visitor, visitor_session): (Channel<Msg>, russh::server::Handle),
     reply: ChannelOpenHandle,
     origin: (String, u32),
-    (buffer, max_channels): (usize, usize),
+    limits: BridgeLimits,
 ) {
     let mut found = None;
     for m in &members {
-        if let Some((ch, slot)) = open_channel(m, &origin.0, origin.1, max_channels).await {
+        let open = open_channel(m, &origin.0, origin.1, limits.max_channels);
+        // A tunnel client that never answers is skipped like one that refuses.
+        if let Ok(Some((ch, slot))) = tokio::time::timeout(limits.open_timeout, open).await {
             found = Some((ch, slot, m.handle.clone()));
             break;
         }
@@ -31,8 +42,8 @@ pub async fn bridge(
         return;
     };
     reply.accept().await;
-    let mut a = channel_io(visitor, visitor_session, buffer, None);
-    let mut b = channel_io(upstream, upstream_session, buffer, Some(slot));
+    let mut a = channel_io(visitor, visitor_session, limits.buffer, None);
+    let mut b = channel_io(upstream, upstream_session, limits.buffer, Some(slot));
     if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
         tracing::debug!(error = %e, "tunnel bridge ended");
     }

@@ -127,12 +127,7 @@ impl Handler {
     }
 
     fn key_tunnel_count(&self, keyid: &str) -> usize {
-        let snapshot = self.ctx.tunnels.snapshot();
-        snapshot
-            .iter()
-            .flat_map(|(_, m)| m)
-            .filter(|m| m.keyid == keyid)
-            .count()
+        self.ctx.tunnels.count(|m| m.keyid == keyid)
     }
 
     fn assign_port(&self, host: &str) -> u32 {
@@ -443,7 +438,12 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         let origin = (originator_address.to_owned(), originator_port);
-        let limits = (self.ctx.channel_buffer, self.ctx.limits.get().channels_per_tunnel);
+        let limits = self.ctx.limits.get();
+        let limits = super::channels::BridgeLimits {
+            buffer: self.ctx.channel_buffer,
+            max_channels: limits.channels_per_tunnel,
+            open_timeout: limits.tunnel_open_timeout,
+        };
         let visitor = (channel, session.handle());
         tokio::spawn(super::channels::bridge(members, visitor, reply, origin, limits));
         Ok(())

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use russh::keys::{HashAlg, PublicKey};
 
@@ -75,7 +75,7 @@ pub fn read_authorized_keys(path: &Path) -> Result<HashSet<String>, KeysError> {
 }
 
 /// Who may authenticate: anyone (open mode), or the keys of an `authorized_keys` file that is
-/// re-read when it changes (checked at most once per authentication) or on SIGHUP.
+/// re-read when it changes (looked at no more than every 2 s) or on SIGHUP.
 #[derive(Debug)]
 pub enum KeyPolicy {
     Open,
@@ -86,7 +86,13 @@ pub enum KeyPolicy {
 pub struct AuthorizedKeys {
     path: PathBuf,
     state: RwLock<(Option<SystemTime>, Arc<HashSet<String>>)>,
+    /// When the file's mtime was last looked at: at most once per [`RECHECK_EVERY`].
+    checked: std::sync::Mutex<Instant>,
 }
+
+/// A changed `authorized_keys` takes effect within this long (SIGHUP: at once), without a
+/// `stat` on every authentication attempt.
+const RECHECK_EVERY: Duration = Duration::from_secs(2);
 
 impl AuthorizedKeys {
     pub fn load(path: &Path) -> Result<Self, KeysError> {
@@ -94,12 +100,20 @@ impl AuthorizedKeys {
         Ok(Self {
             path: path.to_owned(),
             state: RwLock::new((mtime(path), Arc::new(ids))),
+            checked: std::sync::Mutex::new(Instant::now()),
         })
     }
 
     /// Re-reads the file if its modification time changed, or always when `force`. A file that no
     /// longer parses keeps the previous set in force and logs why.
     pub fn refresh(&self, force: bool) {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && checked.elapsed() < RECHECK_EVERY {
+                return;
+            }
+            *checked = Instant::now();
+        }
         let now = mtime(&self.path);
         let stale = self.state.read().map(|s| s.0 != now).unwrap_or(true);
         if !(force || stale) {
@@ -113,7 +127,11 @@ impl AuthorizedKeys {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "authorized_keys not reloaded; the previous keys stay in force")
+                tracing::warn!(error = %e, "authorized_keys not reloaded; the previous keys stay in force");
+                // Remember this version so a broken file is reported once, not on every login.
+                if let Ok(mut s) = self.state.write() {
+                    s.0 = now;
+                }
             }
         }
     }
