@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the integration tests drive (see tests/common).
-PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd)
+PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -18,5 +18,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
+bash scripts/check-vendor.sh
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked

@@ -149,7 +149,6 @@ impl Handle {
             })
     }
 
-    /// Send EOF to the session referenced by this handler.
     /// edgemux patch: report that the application consumed `bytes` of `id`'s incoming data and
     /// wants at most `window` bytes in flight. From the first report on, the client's window is
     /// replenished only as data is consumed (consumer-driven flow control). Sent on the priority
@@ -160,6 +159,7 @@ impl Handle {
             .map_err(|_| ())
     }
 
+    /// Send EOF to the session referenced by this handler.
     pub async fn eof(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
             .send(Msg::Channel(id, ChannelMsg::Eof))
