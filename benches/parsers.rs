@@ -8,9 +8,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use edgemux::http::host::parse_host;
+use edgemux::names::{canonical_host, parse_name};
 use edgemux::proxy_protocol::{crc32c, parse_header, Parse};
 use edgemux::sniff::{parse_protocol, Protocol, Sniff};
-use edgemux::ssh::names::{canonical_host, parse_name};
 
 /// What HAProxy's `send-proxy` writes, followed by the client's first bytes.
 const PROXY_V1: &[u8] = b"PROXY TCP4 198.51.100.7 10.0.0.1 51234 443\r\nSSH-2.0-OpenSSH_9.2p1\r\n";
@@ -120,7 +120,7 @@ fn names(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     assert!(parse_name("MyApp").is_ok());
     g.bench_function("parse_name short", |b| b.iter(|| parse_name(black_box("MyApp"))));
-    let longest = "a".repeat(edgemux::ssh::names::MAX_NAME);
+    let longest = "a".repeat(edgemux::names::MAX_NAME);
     g.bench_function("parse_name longest", |b| {
         b.iter(|| parse_name(black_box(&longest)))
     });

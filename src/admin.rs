@@ -3,44 +3,41 @@
 //! `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
-use crate::tunnels::{Member, Route, TunnelKey};
+use crate::tunnels::Member;
 
-pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = shutdown.cancelled() => return,
-        };
-        let tcp = match accepted {
-            Ok((tcp, _peer)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed; backing off");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+/// Concurrent admin connections: scrapers, probes and an operator's curl need a handful.
+pub(crate) const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves one admin connection (HTTP/1.1 or h2); on shutdown it finishes the request under way
+/// and closes, so a scraper's kept-alive connection never holds up the drain.
+pub(crate) async fn serve(gw: Arc<Gateway>, tcp: TcpStream, shutdown: CancellationToken) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let gw = gw.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let gw = gw.clone();
-                async move { Ok::<_, Infallible>(respond(&gw, &req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
-        });
+        async move { Ok::<_, Infallible>(respond(&gw, &req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "admin connection ended");
     }
 }
 
@@ -103,44 +100,8 @@ fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
 }
 
 fn tunnels_json(gw: &Gateway) -> serde_json::Value {
-    let tunnels: Vec<serde_json::Value> = gw
-        .tunnels()
-        .snapshot()
-        .into_iter()
-        .map(|(key, members)| tunnel_json(&key, &members))
-        .collect();
-    serde_json::json!({ "tunnels": tunnels })
-}
-
-fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>]) -> serde_json::Value {
-    let keyid = members.first().map(|m| m.keyid.clone()).unwrap_or_default();
-    let port = match key.route {
-        Route::Http => members.first().map_or(80, |m| m.bind_port),
-        Route::Tcp(p) => p,
-    };
-    let members: Vec<serde_json::Value> = members
-        .iter()
-        .map(|m| {
-            let since = m.since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            serde_json::json!({
-                "connection": m.conn,
-                "client": m.client.to_string(),
-                "vpce_id": m.vpce,
-                "connected_since": since,
-                "connected_secs": SystemTime::now().duration_since(m.since).map_or(0, |d| d.as_secs()),
-                "bytes_in": m.stats.bytes_in.load(Ordering::Relaxed),
-                "bytes_out": m.stats.bytes_out.load(Ordering::Relaxed),
-                "requests": m.stats.requests.load(Ordering::Relaxed),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "host": key.host,
-        "keyid": keyid,
-        "kind": key.route.kind(),
-        "port": port,
-        "members": members,
-    })
+    let snapshot = gw.tunnels().snapshot();
+    crate::tunnels::tunnels_json(&snapshot, gw.config().public_port, |_| true)
 }
 
 /// Disconnects every SSH connection serving `host`; their drop deregisters the tunnel.
@@ -158,14 +119,7 @@ async fn delete_tunnel(gw: &Gateway, host: &str) -> Response<Full<Bytes>> {
     }
     for m in &doomed {
         tracing::info!(host, conn = m.conn, "tunnel removed by the admin API");
-        let _ = m
-            .handle
-            .disconnect(
-                russh::Disconnect::ByApplication,
-                "edgemux: tunnel removed by the operator".into(),
-                String::new(),
-            )
-            .await;
+        crate::ssh::disconnect(&m.handle, "tunnel removed by the operator").await;
     }
     json(
         StatusCode::OK,

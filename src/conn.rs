@@ -1,39 +1,26 @@
 //! The one place that knows the order of a connection's stages:
-//! sniff → TLS → route → SSH or HTTP, everything before routing under one deadline.
+//! PROXY header → sniff → TLS → route → SSH or HTTP, everything before routing under one
+//! deadline. The stages build one [`Routed`] value; nothing patches it afterwards.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, ProxyMode};
-use crate::counted::Counted;
 use crate::gateway::{ClientSlot, Gateway};
+use crate::io::{BoxStream, ClientAddr, Counted, Prefixed, Stream};
 use crate::metrics;
-use crate::prefixed::Prefixed;
-use crate::proxy_protocol::{self, HeaderRead, ProxyError, ProxyHeader};
+use crate::proxy_protocol::{self, HeaderRead, ProxyError};
 use crate::route::{self, Dest, NoRoute};
 use crate::sniff::{self, Protocol, SniffError, Sniffed};
-use crate::tls::TlsError;
-
-/// A routed stream, whatever stages it went through.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
-pub type BoxStream = Box<dyn Stream>;
-
-/// Who is on the other end: the TCP peer, and the real client (which the PROXY stage may set).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr {
-    pub peer: SocketAddr,
-    pub client: SocketAddr,
-}
+use crate::tls::{Accepted, Negotiated, TlsError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnError {
+enum ConnError {
     #[error("sniff: {0}")]
     Sniff(#[from] SniffError),
     #[error("{0}")]
@@ -52,7 +39,7 @@ pub enum ConnError {
 
 impl ConnError {
     /// The pipeline stage that refused the connection (a bounded metric label).
-    pub fn stage(&self) -> &'static str {
+    fn stage(&self) -> &'static str {
         match self {
             Self::Sniff(_) => "sniff",
             Self::Tls(_) => "tls",
@@ -64,7 +51,7 @@ impl ConnError {
         }
     }
 
-    pub fn reason(&self) -> &'static str {
+    fn reason(&self) -> &'static str {
         match self {
             Self::Sniff(e) => e.reason(),
             Self::Tls(e) => e.reason(),
@@ -79,20 +66,47 @@ impl ConnError {
     }
 }
 
-/// A connection that reached a service.
+/// How the bytes arrived.
+#[derive(Debug)]
+enum Transport {
+    Plain,
+    /// Terminated here, with what the handshake settled (SNI, ALPN).
+    Tls(Negotiated),
+}
+
+impl Routed {
+    /// Writes what the stages decided into the connection's span, in one place.
+    fn record(&self, span: &tracing::Span) {
+        span.record("route", self.dest.as_str());
+        if let Transport::Tls(Negotiated { sni, alpn }) = &self.transport {
+            if let Some(sni) = sni {
+                span.record("sni", sni.as_str());
+            }
+            if let Some(alpn) = alpn {
+                span.record("alpn", String::from_utf8_lossy(alpn).as_ref());
+            }
+        }
+    }
+}
+
+/// A connection that reached a service, as the stages built it.
 struct Routed {
     dest: Dest,
+    transport: Transport,
+    client: ClientAddr,
     stream: BoxStream,
-    tls: bool,
-    /// The ALPN protocol TLS settled on, if any.
-    alpn: Option<Vec<u8>>,
-    /// The AWS VPC endpoint the client came through (PROXY v2 TLV), shown by the admin API.
-    vpce: Option<String>,
+}
+
+/// How the stages before routing ended, when they did not refuse the connection.
+enum Outcome<'g> {
+    Routed(Routed, ClientSlot<'g>),
+    /// An ACME TLS-ALPN-01 validation was answered: the connection's whole purpose, not a refusal.
+    AcmeAnswered,
 }
 
 /// Handles one accepted connection to the end. Never panics on peer input; errors end up in one
 /// outcome log line.
-pub async fn handle(
+pub(crate) async fn handle(
     gw: Arc<Gateway>,
     listener: Arc<ListenerConfig>,
     tcp: TcpStream,
@@ -119,10 +133,11 @@ pub async fn handle(
         let routed = tokio::time::timeout(deadline, routing).await;
         drop(pending);
         match routed.unwrap_or(Err(ConnError::Deadline)) {
-            Ok((r, addr, _slot)) => {
+            Ok(Outcome::Routed(r, _slot)) => {
                 metrics::routed(&label, r.dest.as_str());
-                serve(&gw, r, addr, shutdown).await
+                serve(&gw, r, shutdown).await
             }
+            Ok(Outcome::AcmeAnswered) => metrics::routed(&label, "acme"),
             Err(ConnError::NoRoute(NoRoute::Closed)) => {
                 metrics::rejected("route", "closed");
                 tracing::debug!("closed before sending anything")
@@ -138,22 +153,23 @@ pub async fn handle(
 }
 
 /// Runs the routed service and writes the connection's outcome line.
-async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: CancellationToken) {
+async fn serve(gw: &Gateway, r: Routed, shutdown: CancellationToken) {
     let route = r.dest.as_str();
-    tracing::Span::current().record("route", route);
+    r.record(&tracing::Span::current());
     let _active = metrics::ActiveGuard::new(route);
     let started = std::time::Instant::now();
     let (stream, totals) = Counted::new(r.stream, route);
     let stream: BoxStream = Box::new(stream);
+    let client = r.client;
     let outcome = match r.dest {
-        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, (addr.client, r.vpce), shutdown).await {
+        Dest::Ssh => match crate::ssh::serve(gw.ssh(), stream, client, shutdown).await {
             Ok(()) => "closed".to_string(),
             Err(e) if e.is_disconnect() => "closed by the client".to_string(),
             Err(e) => e.to_string(),
         },
-        Dest::Http => {
-            let wire = crate::http::Wire::from_alpn(r.alpn.as_deref());
-            crate::http::serve(gw.http(), stream, addr, (r.tls, wire), shutdown).await;
+        Dest::Http(wire) => {
+            let tls = matches!(r.transport, Transport::Tls(_));
+            crate::http::serve(gw.http(), stream, client.client, (tls, wire), shutdown).await;
             "closed".to_string()
         }
     };
@@ -167,34 +183,41 @@ async fn serve(gw: &Gateway, r: Routed, addr: ClientAddr, shutdown: Cancellation
 }
 
 /// The PROXY stage: a header is read only from trusted peers on listeners that expect one.
+/// Says who the client is, and whether a header was read.
 async fn read_proxy(
     gw: &Gateway,
     listener: &ListenerConfig,
     mut tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(Prefixed<TcpStream>, ClientAddr, Option<ProxyHeader>), ConnError> {
-    let mut addr = ClientAddr { peer, client: peer };
+) -> Result<(Prefixed<TcpStream>, ClientAddr, bool), ConnError> {
+    let direct = ClientAddr {
+        client: peer,
+        vpce: None,
+    };
     if listener.proxy_protocol == ProxyMode::Off || !listener.trusts(peer.ip()) {
-        return Ok((Prefixed::new(Vec::new(), tcp), addr, None));
+        return Ok((Prefixed::new(Vec::new(), tcp), direct, false));
     }
     let (read, rest) = proxy_protocol::read_header(&mut tcp, gw.limits().sniff_timeout).await;
     let read = read.inspect_err(|e| metrics::proxy_header("unknown", e.reason()))?;
     match read {
         HeaderRead::Header(h) => {
             metrics::proxy_header(if h.version == 1 { "v1" } else { "v2" }, "ok");
-            addr.client = h.source.unwrap_or(peer);
             if let Some(vpce) = &h.vpce_id {
                 tracing::Span::current().record("vpce", vpce.as_str());
             }
             tracing::debug!(version = h.version, local = h.source.is_none(), "PROXY header");
-            Ok((Prefixed::new(rest, tcp), addr, Some(h)))
+            let client = ClientAddr {
+                client: h.source.unwrap_or(peer),
+                vpce: h.vpce_id,
+            };
+            Ok((Prefixed::new(rest, tcp), client, true))
         }
         HeaderRead::Closed => Err(ConnError::NoRoute(NoRoute::Closed)),
         HeaderRead::NoHeader if listener.proxy_protocol == ProxyMode::Required => {
             metrics::proxy_header("none", "missing");
             Err(ProxyError::Missing(peer.ip()).into())
         }
-        HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), addr, None)),
+        HeaderRead::NoHeader => Ok((Prefixed::new(rest, tcp), direct, false)),
     }
 }
 
@@ -203,37 +226,43 @@ async fn route_connection<'g>(
     listener: &ListenerConfig,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(Routed, ClientAddr, ClientSlot<'g>), ConnError> {
-    let (mut stream, addr, header) = read_proxy(gw, listener, tcp, peer).await?;
-    let vpce = header.as_ref().and_then(|h| h.vpce_id.clone());
-    tracing::Span::current().record("client", field::display(addr.client));
+) -> Result<Outcome<'g>, ConnError> {
+    let (mut stream, client, had_header) = read_proxy(gw, listener, tcp, peer).await?;
+    let ip = client.client.ip();
+    tracing::Span::current().record("client", field::display(client.client));
     let limits = gw.limits();
     let slot = gw
         .clients()
-        .acquire(addr.client.ip(), limits.max_connections_per_client)
-        .ok_or(ConnError::PerClientLimit(addr.client.ip()))?;
+        .acquire(ip, limits.max_connections_per_client)
+        .ok_or(ConnError::PerClientLimit(ip))?;
     // The sniff timer starts after the header: an NLB sends it with the client's first bytes.
-    let (sniffed, buf) = sniff::read_protocol(&mut stream, gw.limits().sniff_timeout).await;
+    let (sniffed, buf) = sniff::read_protocol(&mut stream, limits.sniff_timeout).await;
     let sniffed = sniffed?;
     let stream = Prefixed::new(buf, stream);
-    if sniffed == Sniffed::Found(Protocol::Tls) {
-        let tls = tokio::time::timeout(limits.tls_handshake_timeout, route_tls(gw, stream)).await;
-        let mut routed = tls.map_err(|_| ConnError::TlsTimeout)??;
-        routed.vpce = vpce;
-        return Ok((routed, addr, slot));
-    }
-    if sniffed == Sniffed::Found(Protocol::ProxyHeader) {
-        return Err(misplaced_proxy_header(listener, peer, header.is_some()));
-    }
-    let dest = route::by_sniff(&sniffed, listener.plain_ssh).map_err(ConnError::NoRoute)?;
+    let (dest, transport, stream) = match sniffed {
+        Sniffed::Found(Protocol::Tls) => {
+            let tls = tokio::time::timeout(limits.tls_handshake_timeout, route_tls(gw, stream)).await;
+            match tls.map_err(|_| ConnError::TlsTimeout)?? {
+                Some(routed) => routed,
+                None => return Ok(Outcome::AcmeAnswered),
+            }
+        }
+        Sniffed::Found(Protocol::ProxyHeader) => {
+            return Err(misplaced_proxy_header(listener, peer, had_header))
+        }
+        sniffed => {
+            let dest = route::by_sniff(&sniffed, listener.plain_ssh).map_err(ConnError::NoRoute)?;
+            let stream: BoxStream = Box::new(stream);
+            (dest, Transport::Plain, stream)
+        }
+    };
     let routed = Routed {
         dest,
-        stream: Box::new(stream),
-        tls: false,
-        alpn: None,
-        vpce,
+        transport,
+        client,
+        stream,
     };
-    Ok((routed, addr, slot))
+    Ok(Outcome::Routed(routed, slot))
 }
 
 /// A PROXY header where none may be: explain the fix when the listener is not configured for it.
@@ -252,35 +281,22 @@ fn misplaced_proxy_header(listener: &ListenerConfig, peer: SocketAddr, had_heade
     ProxyError::Untrusted(peer.ip()).into()
 }
 
-async fn route_tls<S: Stream>(gw: &Gateway, stream: S) -> Result<Routed, ConnError> {
+/// TLS, then routing by ALPN or by the decrypted bytes. `None`: an ACME validation was answered.
+async fn route_tls<S: Stream>(
+    gw: &Gateway,
+    stream: S,
+) -> Result<Option<(Dest, Transport, BoxStream)>, ConnError> {
     let (mut tls, negotiated) = match crate::tls::accept(stream, gw.tls_config(), gw.challenges()).await? {
-        crate::tls::Accepted::Stream(tls, negotiated) => (tls, negotiated),
-        crate::tls::Accepted::AcmeChallenge => return Err(ConnError::NoRoute(NoRoute::Closed)),
+        Accepted::Stream(tls, negotiated) => (tls, negotiated),
+        Accepted::AcmeChallenge => return Ok(None),
     };
-    let span = tracing::Span::current();
-    if let Some(sni) = &negotiated.sni {
-        span.record("sni", sni.as_str());
-    }
-    if let Some(alpn) = &negotiated.alpn {
-        span.record("alpn", String::from_utf8_lossy(alpn).as_ref());
-    }
     if let Some(dest) = route::by_alpn(negotiated.alpn.as_deref()) {
-        return Ok(Routed {
-            dest,
-            stream: Box::new(tls),
-            tls: true,
-            alpn: negotiated.alpn,
-            vpce: None,
-        });
+        let stream: BoxStream = tls;
+        return Ok(Some((dest, Transport::Tls(negotiated), stream)));
     }
     let (sniffed, buf) = sniff::read_protocol(&mut tls, gw.limits().sniff_timeout).await;
     // Inside TLS, SSH is always allowed: the TLS layer already authenticated the gateway.
     let dest = route::by_sniff(&sniffed?, true).map_err(ConnError::NoRoute)?;
-    Ok(Routed {
-        dest,
-        stream: Box::new(Prefixed::new(buf, tls)),
-        tls: true,
-        alpn: None,
-        vpce: None,
-    })
+    let stream: BoxStream = Box::new(Prefixed::new(buf, tls));
+    Ok(Some((dest, Transport::Tls(negotiated), stream)))
 }

@@ -40,18 +40,15 @@ pub fn name(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(n) = crate::ssh::names::parse_name(text) {
-        let host = crate::ssh::names::host_for(&n, "abcdefgh", "gw.test");
-        assert!(crate::ssh::names::short_host(&n, "abcdefgh").len() <= 63);
-        assert_eq!(crate::ssh::names::parse_name(n.as_str()).as_ref(), Ok(&n));
-        assert_eq!(
-            crate::ssh::names::canonical_host(&host, "gw.test"),
-            Some(host.clone())
-        );
+    if let Ok(n) = crate::names::parse_name(text) {
+        let host = crate::names::host_for(&n, "abcdefgh", "gw.test");
+        assert!(crate::names::short_host(&n, "abcdefgh").len() <= 63);
+        assert_eq!(crate::names::parse_name(n.as_str()).as_ref(), Ok(&n));
+        assert_eq!(crate::names::canonical_host(&host, "gw.test"), Some(host.clone()));
     }
-    if let Some(h) = crate::ssh::names::canonical_host(text, "gw.test") {
+    if let Some(h) = crate::names::canonical_host(text, "gw.test") {
         assert!(h.ends_with(".gw.test"));
-        assert_eq!(crate::ssh::names::canonical_host(&h, "gw.test"), Some(h.clone()));
+        assert_eq!(crate::names::canonical_host(&h, "gw.test"), Some(h.clone()));
     }
 }
 
@@ -62,7 +59,7 @@ pub fn config(data: &[u8]) {
     };
     if let Ok(c) = crate::config::parse(text) {
         assert!(!c.listeners.is_empty());
-        assert!(crate::ssh::names::is_domain(&c.domain));
+        assert!(crate::names::is_domain(&c.domain));
     }
 }
 
@@ -101,11 +98,8 @@ pub fn client_hello(data: &[u8]) {
     };
     let hello = accepted.client_hello();
     if let Some(sni) = hello.server_name() {
-        if let Some(host) = crate::ssh::names::canonical_host(sni, "gw.test") {
-            assert_eq!(
-                crate::ssh::names::canonical_host(&host, "gw.test"),
-                Some(host.clone())
-            );
+        if let Some(host) = crate::names::canonical_host(sni, "gw.test") {
+            assert_eq!(crate::names::canonical_host(&host, "gw.test"), Some(host.clone()));
         }
     }
     let offered: Vec<Vec<u8>> = hello

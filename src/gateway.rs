@@ -5,18 +5,22 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
-use crate::acme::challenge::Challenges;
 use crate::acme::AcmeManager;
-use crate::certs::LocalCa;
 use crate::config::{Config, Limits, LiveLimits};
 use crate::http::HttpContext;
+use crate::ssh::channels::LocalDirectory;
 use crate::ssh::hostkey::{self, HostKeyError};
 use crate::ssh::keys::{AuthorizedKeys, KeysError};
 use crate::ssh::{KeyPolicy, SshContext};
-use crate::tls::{self, CertResolver, TlsError};
-use crate::tunnels::{Registry, Tunnels};
+use crate::tls::certs::load_table;
+use crate::tls::challenge::Challenges;
+use crate::tls::local_ca::{self, LocalCa};
+use crate::tls::resolver::{CertResolver, MayMint};
+use crate::tls::{self, TlsError};
+use crate::tunnels::{Directory, Registry, Route, TunnelKey, Tunnels};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -84,18 +88,18 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Loads certificates and keys; any failure here stops start-up with a clear message.
     pub fn build(config: Config, metrics: Option<PrometheusHandle>) -> Result<Arc<Self>, BuildError> {
-        let mut table = tls::load_table(&config.certificates)?;
+        let mut table = load_table(&config.certificates)?;
         if table.is_empty() {
             if config.acme.is_none() {
                 return Err(BuildError::NoCertificates);
             }
             // Until ACME has issued, handshakes complete with a self-signed stand-in, never hang.
-            let stand_in = crate::certs::self_signed(&config.domain).map_err(BuildError::StandIn)?;
+            let stand_in = local_ca::self_signed(&config.domain).map_err(BuildError::StandIn)?;
             table.set_default(Arc::new(stand_in));
         }
         let tunnels = Registry::new();
         let local_ca = match &config.local_ca {
-            Some(paths) => Some((LocalCa::load(paths)?, config.domain.clone(), tunnels.clone())),
+            Some(paths) => Some((LocalCa::load(paths)?, live_tunnel_hosts(&config.domain, &tunnels))),
             None => None,
         };
         let resolver = Arc::new(CertResolver::new(table, local_ca));
@@ -110,7 +114,12 @@ impl Gateway {
                 KeyPolicy::Open
             }
         };
-        let limits = LiveLimits::new(config.limits.clone());
+        let limits: LiveLimits = Arc::new(ArcSwap::from_pointee(config.limits.clone()));
+        let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::new(
+            tunnels.clone(),
+            limits.clone(),
+            config.ssh.channel_buffer,
+        ));
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
             AcmeManager::new(
@@ -122,12 +131,10 @@ impl Gateway {
             )
         });
         let mut ssh = SshContext::new(
-            &config.ssh,
-            host_key,
-            policy,
+            &config,
+            (host_key, policy),
             tunnels.clone(),
-            config.domain.clone(),
-            config.public_port,
+            directory.clone(),
             limits.clone(),
         );
         if let Some(acme) = acme.clone() {
@@ -136,7 +143,7 @@ impl Gateway {
         let ssh = Arc::new(ssh);
         let http = Arc::new(HttpContext::new(
             &config,
-            tunnels.clone(),
+            directory,
             challenges.clone(),
             limits.clone(),
         ));
@@ -162,12 +169,12 @@ impl Gateway {
     /// keeps the old state in force. Settings that need a restart are named in the log.
     pub fn reload(&self, new: Option<&Config>) {
         if let Some(new) = new {
-            self.limits.set(new.limits.clone());
+            self.limits.store(Arc::new(new.limits.clone()));
             tracing::info!("limits reloaded");
             warn_restart_needed(&self.config, new);
         }
         let certificates = new.map_or(&self.config.certificates, |c| &c.certificates);
-        match tls::load_table(certificates) {
+        match load_table(certificates) {
             Ok(table) if !table.is_empty() => {
                 self.resolver.swap(table);
                 tracing::info!("certificates reloaded");
@@ -185,58 +192,70 @@ impl Gateway {
     }
 
     /// A snapshot of the limits in force (they change on reload).
-    pub fn limits(&self) -> Arc<Limits> {
-        self.limits.get()
+    pub(crate) fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
     }
 
-    pub fn live_limits(&self) -> &LiveLimits {
-        &self.limits
-    }
-
-    pub fn clients(&self) -> &ClientCounter {
+    pub(crate) fn clients(&self) -> &ClientCounter {
         &self.clients
     }
 
-    pub fn tls_config(&self) -> Arc<ServerConfig> {
+    pub(crate) fn tls_config(&self) -> Arc<ServerConfig> {
         self.tls.clone()
     }
 
-    pub fn ssh(&self) -> Arc<SshContext> {
+    pub(crate) fn ssh(&self) -> Arc<SshContext> {
         self.ssh.clone()
     }
 
-    pub fn http(&self) -> Arc<HttpContext> {
+    pub(crate) fn http(&self) -> Arc<HttpContext> {
         self.http.clone()
     }
 
-    pub fn tunnels(&self) -> &Arc<Tunnels> {
+    pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
         &self.tunnels
     }
 
-    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+    pub(crate) fn metrics(&self) -> Option<&PrometheusHandle> {
         self.metrics.as_ref()
     }
 
-    pub fn admin_token(&self) -> Option<&str> {
+    pub(crate) fn admin_token(&self) -> Option<&str> {
         self.admin_token.as_deref()
     }
 
     /// Listeners are serving and certificates are loaded.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub fn challenges(&self) -> &Challenges {
+    pub(crate) fn challenges(&self) -> &Challenges {
         &self.challenges
     }
 
-    pub fn acme(&self) -> Option<&Arc<AcmeManager>> {
+    pub(crate) fn acme(&self) -> Option<&Arc<AcmeManager>> {
         self.acme.as_ref()
     }
 
-    pub fn set_ready(&self) {
+    pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }
+}
+
+/// What the local CA may mint for: a host under `domain` that serves an HTTP tunnel right now
+/// (random names must not make it mint without end).
+fn live_tunnel_hosts(domain: &str, tunnels: &Arc<Tunnels>) -> MayMint {
+    let (domain, tunnels) = (domain.to_owned(), tunnels.clone());
+    Box::new(move |sni: &str| {
+        let under_domain =
+            sni.len() > domain.len() && sni.to_ascii_lowercase().ends_with(&format!(".{domain}"));
+        let host = crate::names::canonical_host(sni, &domain).filter(|_| under_domain)?;
+        let key = TunnelKey {
+            host,
+            route: Route::Http,
+        };
+        tunnels.contains(&key).then_some(key.host)
+    })
 }
 
 fn warn_restart_needed(old: &Config, new: &Config) {

@@ -3,25 +3,34 @@
 //!
 //! The binary (`main.rs`) parses flags, loads the config, binds listeners and calls [`run`].
 
-pub mod acme;
-pub mod admin;
-pub mod certs;
+// What is `pub` here is what the binary, the tests, the benches or the fuzz targets use;
+// everything else is `pub(crate)`, and this lint keeps it so.
+#![warn(unreachable_pub)]
+
+// Layers, bottom up; a module imports only from layers below it (ARCHITECTURE.md, checked by
+// tests/layering.rs).
+// Vocabulary, no I/O:
 pub mod config;
-pub mod conn;
-pub mod counted;
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod gateway;
-pub mod http;
-pub mod listener;
+pub(crate) mod io;
 pub mod metrics;
-pub mod prefixed;
+pub mod names;
+pub(crate) mod secret_file;
+// Stages:
+pub(crate) mod acme;
+pub mod http;
 pub mod proxy_protocol;
-pub mod route;
+pub(crate) mod route;
 pub mod sniff;
 pub mod ssh;
 pub mod tls;
-pub mod tunnels;
+pub(crate) mod tunnels;
+// Composition:
+pub(crate) mod admin;
+pub(crate) mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod gateway;
+pub(crate) mod listener;
 
 use std::sync::Arc;
 
@@ -30,7 +39,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use gateway::Gateway;
+pub use gateway::{BuildError, Gateway};
 
 /// Bound listeners, in config order, and the optional admin listener.
 #[derive(Debug)]
@@ -43,21 +52,20 @@ pub struct Listeners {
 pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(gw.limits().max_connections));
+    let tasks = (shutdown.clone(), tracker.clone());
     for (listener, cfg) in listeners.main.into_iter().zip(gw.config().listeners.iter()) {
         // Logs and metric labels name the address really bound (a config may ask for port 0).
         let mut cfg = cfg.clone();
         cfg.bind = listener.local_addr().unwrap_or(cfg.bind);
-        tokio::spawn(listener::run(
-            listener,
-            Arc::new(cfg),
-            gw.clone(),
-            slots.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let (cfg, gw, shutdown) = (Arc::new(cfg), gw.clone(), shutdown.clone());
+        let serve = move |tcp, peer| conn::handle(gw.clone(), cfg.clone(), tcp, peer, shutdown.clone());
+        tokio::spawn(listener::run(listener, slots.clone(), tasks.clone(), serve));
     }
     if let Some(admin) = listeners.admin {
-        tokio::spawn(admin::run(admin, gw.clone(), shutdown.clone()));
+        let admin_slots = Arc::new(Semaphore::new(admin::MAX_ADMIN_CONNECTIONS));
+        let (gw, shutdown) = (gw.clone(), shutdown.clone());
+        let serve = move |tcp, _peer| admin::serve(gw.clone(), tcp, shutdown.clone());
+        tokio::spawn(listener::run(admin, admin_slots, tasks.clone(), serve));
     }
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
@@ -67,6 +75,7 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     }
     gw.set_ready();
     shutdown.cancelled().await;
+    gw.http().close_idle();
     tracker.close();
     let open = tracker.len();
     if open > 0 {

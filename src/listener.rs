@@ -1,32 +1,35 @@
-//! The accept loop: it only caps, accepts and spawns. Everything slow runs in the spawned task, so
-//! one silent peer can never hold up the next accept.
+//! The accept loop, for the main listeners and the admin listener alike: it only caps, accepts
+//! and spawns. Everything slow runs in the spawned task, so one silent peer can never hold up
+//! the next accept.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use crate::config::ListenerConfig;
-use crate::gateway::Gateway;
 
 /// Backoff after an accept error (EMFILE, ENOBUFS …): starts small, doubles, capped.
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-pub async fn run(
+/// Accepts until `shutdown`, running `serve` for each connection in a task `tracker` follows.
+/// A connection takes one of `slots` before it is accepted and holds it until `serve` returns:
+/// at the cap, the kernel backlog holds new peers.
+pub(crate) async fn run<F, Fut>(
     listener: TcpListener,
-    cfg: Arc<ListenerConfig>,
-    gw: Arc<Gateway>,
     slots: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+    (shutdown, tracker): (CancellationToken, TaskTracker),
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
-        // Take a connection slot before accepting: at the cap, the kernel backlog holds new peers.
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -41,9 +44,9 @@ pub async fn run(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
-                let (gw, cfg, shutdown) = (gw.clone(), cfg.clone(), shutdown.clone());
+                let served = serve(tcp, peer);
                 tracker.spawn(async move {
-                    crate::conn::handle(gw, cfg, tcp, peer, shutdown).await;
+                    served.await;
                     drop(permit);
                 });
             }

@@ -206,7 +206,7 @@ fn reload(gw: &Gateway, path: Option<&Path>) {
 }
 
 fn dev(listen: SocketAddr, certs: &Path, admin: SocketAddr) -> Result<()> {
-    let files = edgemux::certs::ensure_dev_certs(certs)?;
+    let files = edgemux::tls::local_ca::ensure_dev_certs(certs)?;
     let toml = format!(
         r#"domain = "localhost"
 [[listener]]

@@ -45,7 +45,7 @@ fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED, "TCP connections accepted, by listener");
     describe_counter!(
         CONNECTIONS_ROUTED,
-        "Connections that reached a service, by listener and route"
+        "Connections that reached a service, by listener and route (ssh, http; acme: an answered TLS-ALPN-01 validation)"
     );
     describe_gauge!(
         CONNECTIONS_ACTIVE,

@@ -3,9 +3,8 @@
 //! lifetime (or inside the server's ARI window) with backoff; on-demand certificates for tunnel
 //! hosts within a budget. A failed renewal never removes a certificate in service.
 
-pub mod challenge;
-pub mod schedule;
-pub mod store;
+pub(crate) mod schedule;
+mod store;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -19,11 +18,12 @@ use tokio::sync::{mpsc, watch, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AcmeConfig, ChallengeKind};
-use crate::tls::CertResolver;
+use crate::tls::certs::{parse_pem, unix_secs, Issued};
+use crate::tls::challenge::Challenges;
+use crate::tls::resolver::CertResolver;
 use crate::tunnels::{Route, TunnelKey, Tunnels};
-use challenge::Challenges;
 use schedule::Budget;
-use store::{Issued, Store};
+use store::Store;
 
 /// How long one order may take end to end before it counts as failed.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
@@ -33,7 +33,7 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .timeout(Duration::from_secs(90));
 
 #[derive(Debug, thiserror::Error)]
-pub enum AcmeError {
+pub(crate) enum AcmeError {
     #[error("ACME: {0}")]
     Protocol(#[from] instant_acme::Error),
     #[error("ACME account file: {0}")]
@@ -52,7 +52,7 @@ pub enum AcmeError {
     Timeout(Duration),
 }
 
-pub struct AcmeManager {
+pub(crate) struct AcmeManager {
     cfg: AcmeConfig,
     store: Store,
     challenges: Arc<Challenges>,
@@ -77,7 +77,7 @@ impl std::fmt::Debug for AcmeManager {
 impl AcmeManager {
     /// Loads the stored certificates into `resolver` at once, so a restart serves them before
     /// any network round trip and places no order for them.
-    pub fn new(
+    pub(crate) fn new(
         cfg: AcmeConfig,
         certs_dir: &std::path::Path,
         challenges: Arc<Challenges>,
@@ -110,7 +110,7 @@ impl AcmeManager {
     }
 
     /// Starts a manager task per configured domain and the on-demand listener.
-    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) fn start(self: &Arc<Self>, shutdown: CancellationToken) {
         for domain in self.cfg.domains.clone() {
             self.spawn_manage(domain, false, shutdown.clone());
         }
@@ -130,14 +130,14 @@ impl AcmeManager {
     }
 
     /// A tunnel registered `host`; an on-demand certificate is ordered if nothing covers it.
-    pub fn request_on_demand(&self, host: &str) {
+    pub(crate) fn request_on_demand(&self, host: &str) {
         if self.cfg.on_demand {
             let _ = self.on_demand_tx.send(host.to_owned());
         }
     }
 
     /// Renews every managed certificate now (admin API).
-    pub fn renew_all(&self) {
+    pub(crate) fn renew_all(&self) {
         self.renew_now.send_modify(|n| *n += 1);
     }
 
@@ -353,8 +353,8 @@ impl AcmeManager {
         }
         let key_pem = order.finalize().await?;
         let chain_pem = order.poll_certificate(&POLL).await?;
-        let issued =
-            store::parse_issued(chain_pem.as_bytes(), key_pem.as_bytes()).map_err(AcmeError::Issued)?;
+        let issued = parse_pem(chain_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(|e| AcmeError::Issued(e.to_string()))?;
         self.store.save_cert(domain, &chain_pem, &key_pem)?;
         Ok(issued)
     }
@@ -377,11 +377,7 @@ impl Drop for Published<'_> {
 /// Puts a certificate in service for new handshakes; established connections keep theirs.
 fn install(resolver: &CertResolver, domain: &str, issued: &Issued) {
     resolver.insert_dynamic(domain, issued.key.clone());
-    let expiry = issued
-        .not_after
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    crate::metrics::cert_expiry(domain, expiry as i64);
+    crate::metrics::cert_expiry(domain, unix_secs(issued.not_after));
 }
 
 /// Sleeps `wait`; returns true when a renewal was forced meanwhile.

@@ -4,69 +4,52 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
+use crate::config::OrderLimits as Limits;
+
 /// Renew once two thirds of the lifetime have passed (90-day certificates: 30 days before expiry).
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+pub(crate) fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
     not_before + lifetime * 2 / 3
 }
 
 /// With ACME Renewal Information, a point inside the server's suggested window; `fraction` in
 /// [0, 1) spreads clients over the window as RFC 9773 asks.
-pub fn renew_in_window(start: SystemTime, end: SystemTime, fraction: f64) -> SystemTime {
+pub(crate) fn renew_in_window(start: SystemTime, end: SystemTime, fraction: f64) -> SystemTime {
     let width = end.duration_since(start).unwrap_or_default();
     start + width.mul_f64(fraction.clamp(0.0, 0.999))
 }
 
 /// First retry after a failed order, doubling each time up to the cap.
-pub const BACKOFF_START: Duration = Duration::from_secs(60);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+pub(crate) const BACKOFF_START: Duration = Duration::from_secs(60);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
 
 /// Exponential backoff with ±25 % jitter (`jitter` in [0, 1)).
-pub fn backoff(failures: u32, jitter: f64) -> Duration {
+pub(crate) fn backoff(failures: u32, jitter: f64) -> Duration {
     let base = BACKOFF_START
         .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
         .min(BACKOFF_MAX);
     base.mul_f64(0.75 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
-/// Budgets kept below Let's Encrypt's rate limits (50 certificates per registered domain per
-/// week, 300 new orders per 3 hours, 5 failed validations per host per hour).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub orders_per_hour: usize,
-    pub orders_per_week: usize,
-    pub failures_per_host_per_hour: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            orders_per_hour: 50,
-            orders_per_week: 45,
-            failures_per_host_per_hour: 4,
-        }
-    }
-}
-
 const HOUR: Duration = Duration::from_secs(3600);
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Default)]
-pub struct Budget {
+pub(crate) struct Budget {
     limits: Limits,
     orders: VecDeque<SystemTime>,
     failures: HashMap<String, VecDeque<SystemTime>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     HourlyOrders,
     WeeklyOrders,
     HostFailures,
 }
 
 impl Budget {
-    pub fn new(limits: Limits) -> Self {
+    pub(crate) fn new(limits: Limits) -> Self {
         Self {
             limits,
             ..Default::default()
@@ -74,7 +57,7 @@ impl Budget {
     }
 
     /// Takes one order from the budget for `host`, or says which limit refuses it.
-    pub fn try_order(&mut self, host: &str, now: SystemTime) -> Result<(), Refusal> {
+    pub(crate) fn try_order(&mut self, host: &str, now: SystemTime) -> Result<(), Refusal> {
         prune(&mut self.orders, now, WEEK);
         let failures = self.failures.entry(host.to_owned()).or_default();
         prune(failures, now, HOUR);
@@ -92,7 +75,7 @@ impl Budget {
         Ok(())
     }
 
-    pub fn record_failure(&mut self, host: &str, now: SystemTime) {
+    pub(crate) fn record_failure(&mut self, host: &str, now: SystemTime) {
         self.failures.entry(host.to_owned()).or_default().push_back(now);
     }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::Collector;
 
 /// Let's Encrypt production; staging is https://acme-staging-v02.api.letsencrypt.org/directory.
-pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(super) const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +51,7 @@ pub struct AcmeConfig {
     pub challenge: ChallengeKind,
     pub root_ca: Option<PathBuf>,
     pub on_demand: bool,
-    pub limits: crate::acme::schedule::Limits,
+    pub limits: OrderLimits,
 }
 
 pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
@@ -71,7 +71,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
         }
     };
     for (i, d) in raw.domains.iter().enumerate() {
-        if !crate::ssh::names::is_domain(&d.to_ascii_lowercase()) {
+        if !crate::names::is_domain(&d.to_ascii_lowercase()) {
             c.push(
                 format!("acme.domains[{i}]"),
                 format!("{d:?} is not a DNS name (wildcards need DNS-01)"),
@@ -99,7 +99,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
             "list at least one domain, or set on_demand = true",
         );
     }
-    let d = crate::acme::schedule::Limits::default();
+    let d = OrderLimits::default();
     AcmeConfig {
         directory,
         contact: raw.contact.clone(),
@@ -107,12 +107,31 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
         challenge,
         root_ca: raw.root_ca.clone(),
         on_demand,
-        limits: crate::acme::schedule::Limits {
+        limits: OrderLimits {
             orders_per_hour: raw.orders_per_hour.unwrap_or(d.orders_per_hour),
             orders_per_week: raw.orders_per_week.unwrap_or(d.orders_per_week),
             failures_per_host_per_hour: raw
                 .failed_validations_per_host_per_hour
                 .unwrap_or(d.failures_per_host_per_hour),
         },
+    }
+}
+
+/// Budgets kept below Let's Encrypt's rate limits (50 certificates per registered domain per
+/// week, 300 new orders per 3 hours, 5 failed validations per host per hour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderLimits {
+    pub orders_per_hour: usize,
+    pub orders_per_week: usize,
+    pub failures_per_host_per_hour: usize,
+}
+
+impl Default for OrderLimits {
+    fn default() -> Self {
+        Self {
+            orders_per_hour: 50,
+            orders_per_week: 45,
+            failures_per_host_per_hour: 4,
+        }
     }
 }

@@ -6,26 +6,26 @@ use serde::Deserialize;
 
 use super::Collector;
 
-pub const MAX_CONNECTIONS: usize = 10_000;
+pub(super) const MAX_CONNECTIONS: usize = 10_000;
 /// One address rarely needs more; a NAT of many users can be given more.
-pub const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
-pub const PRE_ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+pub(super) const PRE_ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
 /// sslh's default probe timeout is 2 s; SSH clients that wait for the banner pay it once.
-pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// 64 KiB of request headers, nginx's `large_client_header_buffers` 4 × 8k with room to spare.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(super) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// nginx's proxy_read_timeout default.
-pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
-pub const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// OpenSSH's LoginGraceTime is 120 s; a tunnel client logs in within a second or two.
-pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// OpenSSH's MaxAuthTries is 6.
-pub const SSH_AUTH_ATTEMPTS: usize = 6;
-pub const TUNNELS_PER_KEY: usize = 64;
-pub const CHANNELS_PER_TUNNEL: usize = 1024;
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const SSH_AUTH_ATTEMPTS: usize = 6;
+pub(super) const TUNNELS_PER_KEY: usize = 64;
+pub(super) const CHANNELS_PER_TUNNEL: usize = 1024;
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,26 +131,6 @@ pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
     }
 }
 
-/// The limits in force, swapped whole on reload; each connection reads a snapshot.
-#[derive(Debug, Clone)]
-pub struct LiveLimits(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Limits>>>);
-
-impl LiveLimits {
-    pub fn new(limits: Limits) -> Self {
-        Self(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
-            limits,
-        ))))
-    }
-
-    pub fn get(&self) -> std::sync::Arc<Limits> {
-        self.0
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    pub fn set(&self, limits: Limits) {
-        let mut guard = self.0.write().unwrap_or_else(|p| p.into_inner());
-        *guard = std::sync::Arc::new(limits);
-    }
-}
+/// The limits in force, swapped whole on reload; each connection reads a snapshot
+/// (`load_full`), so a reload never changes the bounds of work already under way.
+pub type LiveLimits = std::sync::Arc<arc_swap::ArcSwap<Limits>>;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 mod acme;
 mod limits;
-pub use acme::{AcmeConfig, ChallengeKind, RawAcme};
+pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use limits::{Limits, LiveLimits, RawLimits};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
@@ -182,6 +182,10 @@ pub mod defaults {
     /// Per-channel flow window: 8 MiB keeps a 100 ms × 640 Mbit/s path full; only a reader that
     /// falls behind makes the gateway hold that much.
     pub const CHANNEL_BUFFER: usize = 8 * 1024 * 1024;
+    /// The SSH flow-control window the endpoint advertises: at least 8 MiB so one channel fills
+    /// a long fat link (100 ms × 640 Mbit/s). Here, not in `ssh`, because it bounds
+    /// `ssh.channel_buffer` when the config is validated.
+    pub const SSH_WINDOW: u32 = 8 * 1024 * 1024;
 }
 
 /// One problem found in a config, with the key path it belongs to.
@@ -276,7 +280,7 @@ impl Collector {
 pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut c = Collector(Vec::new());
     let domain = raw.domain.trim_end_matches('.').to_ascii_lowercase();
-    if !crate::ssh::names::is_domain(&domain) {
+    if !crate::names::is_domain(&domain) {
         c.push("domain", format!("{:?} is not a valid DNS name", raw.domain));
     }
     if raw.listener.is_empty() {
@@ -418,7 +422,7 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
     let channel_buffer = raw.channel_buffer.unwrap_or(defaults::CHANNEL_BUFFER);
     // At most twice the initial SSH window: the first flow-control report then never needs to
     // grant window before the channel is confirmed.
-    let max_buffer = 2 * crate::ssh::WINDOW_SIZE as usize;
+    let max_buffer = 2 * defaults::SSH_WINDOW as usize;
     if !(64 * 1024..=max_buffer).contains(&channel_buffer) {
         c.push(
             "ssh.channel_buffer",
@@ -431,7 +435,7 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
             .chain(g.keys.iter().enumerate().map(|(j, k)| (format!("keys[{j}]"), k)));
         let mut ok = true;
         for (key, id) in ids {
-            if !crate::ssh::keys::is_key_id(id) {
+            if !crate::names::is_key_id(id) {
                 c.push(
                     format!("ssh.grant[{i}].{key}"),
                     format!("{id:?} is not a key id (see `edgemux keyid KEY.pub`)"),
@@ -449,13 +453,13 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
     let mut reserved = std::collections::HashMap::new();
     for (i, r) in raw.reserve.iter().enumerate() {
         let host = r.host.trim_end_matches('.').to_ascii_lowercase();
-        if !crate::ssh::names::is_domain(&host) || !host.contains('.') {
+        if !crate::names::is_domain(&host) || !host.contains('.') {
             c.push(
                 format!("ssh.reserve[{i}].host"),
                 format!("{:?} is not a host name like app.example.com", r.host),
             );
         }
-        if !crate::ssh::keys::is_key_id(&r.key) {
+        if !crate::names::is_key_id(&r.key) {
             c.push(
                 format!("ssh.reserve[{i}].key"),
                 format!("{:?} is not a key id (see `edgemux keyid KEY.pub`)", r.key),

@@ -13,7 +13,7 @@ use super::Body;
 
 /// What the access line says about a request.
 #[derive(Debug)]
-pub struct Entry {
+pub(super) struct Entry {
     pub client: SocketAddr,
     pub host: String,
     pub method: http::Method,
@@ -24,14 +24,14 @@ pub struct Entry {
 }
 
 /// A response body that counts what it sends and logs the request when it ends.
-pub struct Logged {
+pub(super) struct Logged {
     inner: Body,
     bytes: u64,
     entry: Entry,
 }
 
 impl Logged {
-    pub fn new(inner: Body, entry: Entry) -> Self {
+    pub(super) fn new(inner: Body, entry: Entry) -> Self {
         Self {
             inner,
             bytes: 0,

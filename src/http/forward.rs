@@ -20,7 +20,7 @@ const HOP_BY_HOP: &[&str] = &[
 
 /// Whether the request asks for a protocol upgrade (WebSocket): its `Connection`/`Upgrade` must
 /// then travel on.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
             .get_all(header::CONNECTION)
@@ -32,7 +32,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers and the ones `Connection` names. With `keep_upgrade`, `Connection:
 /// upgrade` and `Upgrade` stay (normalised) so the upgrade can happen end to end.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = headers.get(header::UPGRADE).cloned();
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -55,7 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Adds the proxy headers: `X-Forwarded-For` appended, `X-Forwarded-Proto`/`-Host` set, and an
 /// RFC 7239 `Forwarded` element appended.
-pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto: &str) {
+pub(super) fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto: &str) {
     let ip = client.ip().to_canonical();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),

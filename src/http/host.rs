@@ -2,7 +2,7 @@
 //! Pure and fuzzed.
 
 /// RFC 1035's limit on a DNS name in text form.
-pub const MAX_HOST: usize = crate::ssh::names::MAX_DOMAIN;
+pub const MAX_HOST: usize = crate::names::MAX_DOMAIN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {

@@ -2,12 +2,13 @@
 //! the tunnels, speaks HTTP/1.1 upstream over `forwarded-tcpip` channels, redirects plain HTTP to
 //! https and answers the apex host itself.
 
-pub mod access;
-pub mod forward;
+mod access;
+mod forward;
 pub mod host;
-pub mod upstream;
+mod upstream;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,30 +20,41 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::acme::challenge::Challenges;
 use crate::config::{Config, LiveLimits};
-use crate::conn::{BoxStream, ClientAddr};
-use crate::tunnels::{Route, TunnelKey, Tunnels};
+use crate::io::BoxStream;
+use crate::route::Wire;
+use crate::tls::challenge::Challenges;
+use crate::tunnels::{Directory, Member, Route, TunnelKey};
+use upstream::IdlePool;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The path ACME HTTP-01 challenges are served under; never redirected.
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
-#[derive(Debug)]
-pub struct HttpContext {
+pub(crate) struct HttpContext {
     domain: String,
     public_port: u16,
     limits: LiveLimits,
-    channel_buffer: usize,
-    tunnels: Arc<Tunnels>,
+    /// Where tunnels are found and opened.
+    directory: Arc<dyn Directory>,
+    /// Kept-alive upstream connections, by pool member.
+    idle: Arc<IdlePool>,
     challenges: Arc<Challenges>,
 }
 
+impl std::fmt::Debug for HttpContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpContext")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpContext {
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
-        tunnels: Arc<Tunnels>,
+        directory: Arc<dyn Directory>,
         challenges: Arc<Challenges>,
         limits: LiveLimits,
     ) -> Self {
@@ -50,16 +62,22 @@ impl HttpContext {
             domain: config.domain.clone(),
             public_port: config.public_port,
             limits,
-            channel_buffer: config.ssh.channel_buffer,
-            tunnels,
+            directory,
+            idle: Arc::default(),
             challenges,
         }
+    }
+
+    /// Shutdown: kept-alive upstream connections would hold their channels (and so their
+    /// tunnel clients) open until the drain deadline.
+    pub(crate) fn close_idle(&self) {
+        self.idle.close();
     }
 }
 
 /// Why a request was not proxied; [`ProxyError::status`] is the one place errors become statuses.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("bad Host header: {0}")]
     BadHost(#[from] host::HostError),
     #[error("no tunnel for {0}")]
@@ -73,7 +91,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::NoTunnel(_) => StatusCode::NOT_FOUND,
@@ -101,39 +119,20 @@ macro_rules! drive {
     }};
 }
 
-/// Which HTTP the client speaks, when TLS already told us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    Http1,
-    H2,
-    /// No ALPN: hyper tells by the first bytes (already sniffed, so they are at hand).
-    Detect,
-}
-
-impl Wire {
-    pub fn from_alpn(alpn: Option<&[u8]>) -> Self {
-        match alpn {
-            Some(crate::tls::ALPN_H2) => Self::H2,
-            Some(crate::tls::ALPN_HTTP1) => Self::Http1,
-            _ => Self::Detect,
-        }
-    }
-}
-
 /// Serves HTTP on a routed stream until the client leaves or `shutdown` asks for a graceful end.
 /// With the version known from ALPN, hyper does not wait for bytes to detect it: a client silent
 /// after the handshake then meets `header_timeout` like any other slow client.
-pub async fn serve(
+pub(crate) async fn serve(
     ctx: Arc<HttpContext>,
     stream: BoxStream,
-    addr: ClientAddr,
+    client: SocketAddr,
     (tls, wire): (bool, Wire),
     shutdown: CancellationToken,
 ) {
-    let limits = ctx.limits.get();
+    let limits = ctx.limits.load_full();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req, addr, tls).await) }
+        async move { Ok::<_, Infallible>(handle(&ctx, req, client, tls).await) }
     });
     let io = TokioIo::new(stream);
     let max_headers = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
@@ -170,7 +169,7 @@ pub async fn serve(
 async fn handle(
     ctx: &HttpContext,
     req: Request<Incoming>,
-    addr: ClientAddr,
+    client: SocketAddr,
     tls: bool,
 ) -> Response<access::Logged> {
     let started = std::time::Instant::now();
@@ -179,7 +178,7 @@ async fn handle(
     let host = authority(&req)
         .map(|a| String::from_utf8_lossy(a).chars().take(256).collect())
         .unwrap_or_default();
-    let response = match route(ctx, req, addr, tls).await {
+    let response = match route(ctx, req, client, tls).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "request not proxied");
@@ -194,7 +193,7 @@ async fn handle(
     };
     crate::metrics::http_request(&method, status, protocol, started.elapsed().as_secs_f64());
     let entry = access::Entry {
-        client: addr.client,
+        client,
         host,
         method,
         path,
@@ -208,7 +207,7 @@ async fn handle(
 async fn route(
     ctx: &HttpContext,
     req: Request<Incoming>,
-    addr: ClientAddr,
+    client: SocketAddr,
     tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let host = host::parse_host(authority(&req).unwrap_or_default())?;
@@ -222,11 +221,11 @@ async fn route(
         host: host.clone(),
         route: Route::Http,
     };
-    let members = ctx.tunnels.members(&key);
+    let members = ctx.directory.members(&key);
     if members.is_empty() {
         return Err(ProxyError::NoTunnel(host));
     }
-    proxy(ctx, req, addr, &members, &host).await
+    proxy(ctx, req, client, &members, &host).await
 }
 
 /// `:authority` for h2 (and absolute-form HTTP/1.1), else the `Host` header.
@@ -240,8 +239,8 @@ fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
 async fn proxy(
     ctx: &HttpContext,
     mut req: Request<Incoming>,
-    addr: ClientAddr,
-    members: &[Arc<crate::tunnels::Member>],
+    client: SocketAddr,
+    members: &[Arc<Member>],
     host: &str,
 ) -> Result<Response<Body>, ProxyError> {
     let upgrade = req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers());
@@ -249,15 +248,12 @@ async fn proxy(
     let shown_host = authority(&req)
         .and_then(|a| HeaderValue::from_bytes(a).ok())
         .unwrap_or_else(|| HeaderValue::from_static(""));
-    prepare_upstream_request(&mut req, shown_host, addr, (host, upgrade));
+    prepare_upstream_request(&mut req, shown_host, client, (host, upgrade));
 
-    let limits = ctx.limits.get();
-    let opts = upstream::Opts {
-        open_timeout: limits.tunnel_open_timeout,
-        buffer: ctx.channel_buffer,
-        max_channels: limits.channels_per_tunnel,
-    };
-    let (mut sender, member) = upstream::connect(members, addr.client, &opts, upgrade).await?;
+    let limits = ctx.limits.load_full();
+    let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
+    let open_timeout = limits.tunnel_open_timeout;
+    let (mut sender, member) = upstream::connect(reach, members, client, open_timeout, upgrade).await?;
     member
         .stats
         .requests
@@ -273,7 +269,7 @@ async fn proxy(
         return Ok(resp.map(|b| b.boxed()));
     }
     if !upgrade {
-        upstream::release(member, sender);
+        upstream::release(ctx.idle.clone(), member, sender);
     }
     forward::strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp.map(|b| b.boxed()))
@@ -283,7 +279,7 @@ async fn proxy(
 fn prepare_upstream_request(
     req: &mut Request<Incoming>,
     shown_host: HeaderValue,
-    addr: ClientAddr,
+    client: SocketAddr,
     (host, upgrade): (&str, bool),
 ) {
     let path = req
@@ -296,7 +292,7 @@ fn prepare_upstream_request(
     let headers = req.headers_mut();
     forward::strip_hop_by_hop(headers, upgrade);
     headers.insert(header::HOST, shown_host);
-    forward::add_forwarded(headers, addr.client, host, "https");
+    forward::add_forwarded(headers, client, host, "https");
 }
 
 /// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
@@ -324,20 +320,12 @@ fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<
             None => text(StatusCode::NOT_FOUND, "no such challenge\n".into()),
         };
     }
-    let location = format!("{}{path}", https_origin(host, ctx.public_port));
+    let location = format!("{}{path}", crate::names::https_origin(host, ctx.public_port));
     let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
-}
-
-/// `https://host`, with `:port` unless it is 443: the public form of a host's URL.
-pub fn https_origin(host: &str, port: u16) -> String {
-    match port {
-        443 => format!("https://{host}"),
-        p => format!("https://{host}:{p}"),
-    }
 }
 
 fn apex(path: &str) -> Response<Body> {

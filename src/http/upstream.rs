@@ -1,36 +1,49 @@
-//! Upstream connections: HTTP/1.1 over `forwarded-tcpip` channels to the members of a tunnel's
-//! pool, kept alive per member and reused once their previous response has been read.
+//! Upstream connections: HTTP/1.1 over channels into a tunnel's pool members (opened through the
+//! [`Directory`]), kept alive per member and reused once their previous response has been read.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use crate::ssh::channels::open_channel;
-use crate::ssh::pump::channel_io;
-use crate::tunnels::Member;
+use crate::tunnels::{first_member, Directory, Member, MemberId};
 
-pub type Sender = SendRequest<Incoming>;
+pub(crate) type Sender = SendRequest<Incoming>;
 
 /// Idle keep-alive connections a member keeps; more are closed when released.
 const MAX_IDLE_PER_MEMBER: usize = 16;
 
-/// A member's idle upstream connections, dropped (and closed) with the member.
+/// Kept-alive upstream connections by pool member. A member that leaves takes its entry with it
+/// (pruned as other members come and go); after [`IdlePool::close`] nothing is kept, so the
+/// channels they hold close and a draining tunnel client can leave.
 #[derive(Default)]
-pub struct IdleConns(Mutex<Vec<Sender>>);
+pub(crate) struct IdlePool {
+    members: Mutex<HashMap<MemberId, Idle>>,
+    closed: AtomicBool,
+}
 
-impl std::fmt::Debug for IdleConns {
+/// One member's idle connections, with a weak handle that tells when the member has gone.
+type Idle = (Weak<Member>, Vec<Sender>);
+
+impl std::fmt::Debug for IdlePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IdleConns")
+        f.write_str("IdlePool")
     }
 }
 
-impl IdleConns {
-    fn take(&self) -> Option<Sender> {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+impl IdlePool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MemberId, Idle>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, member: MemberId) -> Option<Sender> {
+        let mut members = self.lock();
+        let (_, idle) = members.get_mut(&member)?;
         while let Some(s) = idle.pop() {
             if s.is_ready() && !s.is_closed() {
                 return Some(s);
@@ -39,66 +52,63 @@ impl IdleConns {
         None
     }
 
-    /// Closes every kept-alive connection (shutdown: they would hold their channels open).
-    pub fn clear(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-
-    fn put(&self, s: Sender) {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    fn put(&self, member: &Arc<Member>, s: Sender) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut members = self.lock();
+        if !members.contains_key(&member.id) {
+            // A new entry: forget the members that have gone meanwhile (bounded by live members).
+            members.retain(|_, (m, _)| m.strong_count() > 0);
+        }
+        let (_, idle) = members
+            .entry(member.id)
+            .or_insert_with(|| (Arc::downgrade(member), Vec::new()));
         if idle.len() < MAX_IDLE_PER_MEMBER {
             idle.push(s);
         }
     }
-}
 
-/// How upstream channels are opened.
-#[derive(Debug, Clone, Copy)]
-pub struct Opts {
-    /// Time a tunnel client gets to accept a channel before the next member is tried.
-    pub open_timeout: Duration,
-    /// Bytes a channel buffers for a slow reader (`ssh.channel_buffer`).
-    pub buffer: usize,
-    /// `limits.channels_per_tunnel`.
-    pub max_channels: usize,
+    /// Closes every kept-alive connection and keeps none from now on (shutdown: they would hold
+    /// their channels open).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.lock().clear();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("no tunnel client accepted a channel")]
     Unavailable,
 }
 
 /// A ready connection to the first member that can serve: a kept-alive one, or a new channel.
-/// Members that refuse or time out opening a channel are skipped; nothing was sent to them.
-pub async fn connect(
+/// Members that refuse, or take longer than `open_timeout` to open a channel, are skipped;
+/// nothing was sent to them.
+pub(crate) async fn connect(
+    (directory, pool): (&dyn Directory, &IdlePool),
     members: &[Arc<Member>],
     origin: SocketAddr,
-    opts: &Opts,
+    open_timeout: Duration,
     upgrade: bool,
 ) -> Result<(Sender, Arc<Member>), UpstreamError> {
-    for m in members {
+    let ip = origin.ip().to_canonical().to_string();
+    let origin = (ip.as_str(), u32::from(origin.port()));
+    first_member(members, open_timeout, |m| async move {
         if !upgrade {
-            if let Some(s) = m.idle.take() {
-                return Ok((s, m.clone()));
+            if let Some(s) = pool.take(m.id) {
+                return Some(s);
             }
         }
-        match tokio::time::timeout(opts.open_timeout, open(m, origin, opts, upgrade)).await {
-            Ok(Some(s)) => return Ok((s, m.clone())),
-            Ok(None) => {}
-            Err(_) => tracing::info!(
-                conn = m.conn,
-                "tunnel client did not open a channel in time; trying the next"
-            ),
-        }
-    }
-    Err(UpstreamError::Unavailable)
+        open(directory, &m, origin, upgrade).await
+    })
+    .await
+    .ok_or(UpstreamError::Unavailable)
 }
 
-async fn open(m: &Member, origin: SocketAddr, opts: &Opts, upgrade: bool) -> Option<Sender> {
-    let ip = origin.ip().to_canonical().to_string();
-    let (channel, slot) = open_channel(m, &ip, u32::from(origin.port()), opts.max_channels).await?;
-    let io = TokioIo::new(channel_io(channel, m.handle.clone(), opts.buffer, Some(slot)));
+async fn open(directory: &dyn Directory, m: &Member, origin: (&str, u32), upgrade: bool) -> Option<Sender> {
+    let io = TokioIo::new(directory.open(m, origin).await?);
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await
@@ -119,10 +129,10 @@ async fn open(m: &Member, origin: SocketAddr, opts: &Opts, upgrade: bool) -> Opt
 
 /// Returns a connection to its member's idle list once its response has been read in full.
 /// Waiting happens in its own task, so a slow download never blocks another request.
-pub fn release(member: Arc<Member>, mut sender: Sender) {
+pub(crate) fn release(pool: Arc<IdlePool>, member: Arc<Member>, mut sender: Sender) {
     tokio::spawn(async move {
         if sender.ready().await.is_ok() {
-            member.idle.put(sender);
+            pool.put(&member, sender);
         }
     });
 }

@@ -1,5 +1,6 @@
-//! Channels into tunnels: opening `forwarded-tcpip` channels to pool members, and bridging an
-//! `ssh -L` (direct-tcpip) visitor to one. Always run from spawned tasks, never inside a russh
+//! Channels into tunnels: the local registry as the [`Directory`] the HTTP proxy and `ssh -L`
+//! use (it opens `forwarded-tcpip` channels to pool members), and the bridge that carries an
+//! `ssh -L` visitor's channel to one. Opens always run in spawned tasks, never inside a russh
 //! handler callback (awaiting a channel open there deadlocks the session).
 
 use std::sync::Arc;
@@ -8,55 +9,52 @@ use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 
 use super::pump::channel_io;
-use crate::tunnels::{ChannelSlot, Member};
+use crate::config::LiveLimits;
+use crate::io::BoxStream;
+use crate::tunnels::{first_member, Directory, Member, Opening, TunnelKey, Tunnels};
 
-/// The bounds a bridge works within (`ssh.channel_buffer`, `limits.channels_per_tunnel`,
-/// `limits.tunnel_open_timeout`).
-#[derive(Debug, Clone, Copy)]
-pub struct BridgeLimits {
-    pub buffer: usize,
-    pub max_channels: usize,
-    pub open_timeout: std::time::Duration,
+/// The tunnels of this gateway, reached over their SSH connections.
+#[derive(Debug)]
+pub(crate) struct LocalDirectory {
+    tunnels: Arc<Tunnels>,
+    limits: LiveLimits,
+    /// Bytes one channel may hold for a reader that is not keeping up (`ssh.channel_buffer`).
+    buffer: usize,
 }
 
-/// Opens a `forwarded-tcpip` channel to the first pool member that accepts, then copies bytes both
-/// ways. Runs in its own task (see the module doc).
-pub async fn bridge(
-    members: Vec<Arc<Member>>,
-    (visitor, visitor_session): (Channel<Msg>, russh::server::Handle),
-    reply: ChannelOpenHandle,
-    origin: (String, u32),
-    limits: BridgeLimits,
-) {
-    let mut found = None;
-    for m in &members {
-        let open = open_channel(m, &origin.0, origin.1, limits.max_channels);
-        // A tunnel client that never answers is skipped like one that refuses.
-        if let Ok(Some((ch, slot))) = tokio::time::timeout(limits.open_timeout, open).await {
-            found = Some((ch, slot, m.handle.clone()));
-            break;
+impl LocalDirectory {
+    pub(crate) fn new(tunnels: Arc<Tunnels>, limits: LiveLimits, buffer: usize) -> Self {
+        Self {
+            tunnels,
+            limits,
+            buffer,
         }
     }
-    let Some((upstream, slot, upstream_session)) = found else {
-        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-        return;
-    };
-    reply.accept().await;
-    let mut a = channel_io(visitor, visitor_session, limits.buffer, None);
-    let mut b = channel_io(upstream, upstream_session, limits.buffer, Some(slot));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        tracing::debug!(error = %e, "tunnel bridge ended");
+}
+
+impl Directory for LocalDirectory {
+    fn members(&self, key: &TunnelKey) -> Vec<Arc<Member>> {
+        self.tunnels.members(key)
+    }
+
+    fn open<'a>(&'a self, m: &'a Member, origin: (&'a str, u32)) -> Opening<'a> {
+        Box::pin(async move {
+            let max_channels = self.limits.load_full().channels_per_tunnel;
+            let channel = open_forwarded(m, origin, max_channels, self.buffer).await?;
+            let io: BoxStream = Box::new(channel);
+            Some(io)
+        })
     }
 }
 
 /// Opens a `forwarded-tcpip` channel to one pool member, echoing the address and port its client
 /// asked for (OpenSSH refuses anything else), within `limits.channels_per_tunnel`.
-pub async fn open_channel(
+async fn open_forwarded(
     m: &Member,
-    origin_addr: &str,
-    origin_port: u32,
+    (origin_addr, origin_port): (&str, u32),
     max_channels: usize,
-) -> Option<(Channel<Msg>, ChannelSlot)> {
+    buffer: usize,
+) -> Option<super::pump::ChannelIo> {
     let Some(slot) = m.stats.try_open(max_channels) else {
         crate::metrics::forwarded_channel("limit");
         tracing::info!(
@@ -73,12 +71,39 @@ pub async fn open_channel(
     match opened {
         Ok(ch) => {
             crate::metrics::forwarded_channel("opened");
-            Some((ch, slot))
+            Some(channel_io(ch, m.handle.clone(), buffer, Some(slot)))
         }
         Err(e) => {
             crate::metrics::forwarded_channel("failed");
             tracing::info!(conn = m.conn, error = %e, "tunnel client refused a channel");
             None
         }
+    }
+}
+
+/// Carries an `ssh -L` visitor's channel to the first pool member that accepts one, then copies
+/// bytes both ways. Runs in its own task (see the module doc).
+pub(crate) async fn bridge(
+    directory: Arc<dyn Directory>,
+    members: Vec<Arc<Member>>,
+    (visitor, visitor_session): (Channel<Msg>, russh::server::Handle),
+    reply: ChannelOpenHandle,
+    origin: (String, u32),
+    (open_timeout, buffer): (std::time::Duration, usize),
+) {
+    let origin = (origin.0.as_str(), origin.1);
+    let opened = first_member(&members, open_timeout, |m| {
+        let directory = directory.clone();
+        async move { directory.open(&m, origin).await }
+    })
+    .await;
+    let Some((mut upstream, _member)) = opened else {
+        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        return;
+    };
+    reply.accept().await;
+    let mut visitor = channel_io(visitor, visitor_session, buffer, None);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut visitor, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel bridge ended");
     }
 }

@@ -4,19 +4,20 @@
 //! Nothing here awaits a channel open on a session handle: russh would deadlock the session, so
 //! every such open happens in a spawned task.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
-use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 
 use super::keys::key_id;
-use super::names::{self, TunnelName};
-use super::SshContext;
-use crate::tunnels::{Kind, Member, Registration, Route, TunnelKey};
+use super::{ConnShared, SshContext};
+use crate::io::ClientAddr;
+use crate::names::{self, TunnelName};
+use crate::tunnels::{Member, Route, TunnelKey};
 
 /// How many `tcpip-forward`s one SSH connection may hold.
 const MAX_FORWARDS_PER_CONN: usize = 64;
@@ -30,29 +31,25 @@ const AUTH_DELAY_MAX: Duration = Duration::from_secs(4);
 /// Where ports are handed out for `-R 0:…` requests.
 const FIRST_ASSIGNED_PORT: u32 = 10_000;
 
-pub struct Handler {
+pub(super) struct Handler {
     ctx: Arc<SshContext>,
-    shared: Arc<super::ConnShared>,
+    shared: Arc<ConnShared>,
     auth_failures: u32,
     vpce: Option<String>,
     conn: u64,
     client: SocketAddr,
     user: String,
     keyid: Option<String>,
-    forwards: HashMap<(String, u32), Registration<Member>>,
-    /// Live forwards and whether a session channel exists, shared with the refusal timer.
-    forward_count: Arc<AtomicUsize>,
-    has_session: Arc<AtomicBool>,
-    sessions: HashSet<ChannelId>,
+    /// Refusals waiting for a session channel to be shown on.
     refusals: Vec<String>,
 }
 
 impl Handler {
-    pub fn new(
+    pub(super) fn new(
         ctx: Arc<SshContext>,
         conn: u64,
-        (client, vpce): (SocketAddr, Option<String>),
-        shared: Arc<super::ConnShared>,
+        ClientAddr { client, vpce }: ClientAddr,
+        shared: Arc<ConnShared>,
     ) -> Self {
         Self {
             vpce,
@@ -63,10 +60,6 @@ impl Handler {
             client,
             user: String::new(),
             keyid: None,
-            forwards: HashMap::new(),
-            forward_count: Arc::new(AtomicUsize::new(0)),
-            has_session: Arc::new(AtomicBool::new(false)),
-            sessions: HashSet::new(),
             refusals: Vec::new(),
         }
     }
@@ -81,7 +74,8 @@ impl Handler {
 
     fn refuse_forward(&mut self, message: String, session: &Session) {
         tracing::info!(conn = self.conn, client = %self.client, %message, "tunnel refused");
-        if let Some(&id) = self.sessions.iter().next() {
+        let session_channel = self.shared.sessions().iter().next().copied();
+        if let Some(id) = session_channel {
             let handle = session.handle();
             let text = format!("edgemux: {message}\r\n");
             tokio::spawn(async move {
@@ -90,21 +84,15 @@ impl Handler {
             return;
         }
         self.refusals.push(message.clone());
-        let (count, has_session, handle) = (
-            self.forward_count.clone(),
-            self.has_session.clone(),
-            session.handle(),
-        );
+        // Weak: a connection that ends meanwhile deregisters its tunnels at once, not after the grace.
+        let (shared, handle) = (Arc::downgrade(&self.shared), session.handle());
         tokio::spawn(async move {
             tokio::time::sleep(REFUSAL_GRACE).await;
-            if count.load(Ordering::Acquire) == 0 && !has_session.load(Ordering::Acquire) {
-                let _ = handle
-                    .disconnect(
-                        Disconnect::ByApplication,
-                        format!("edgemux: {message}"),
-                        String::new(),
-                    )
-                    .await;
+            let nothing_else = shared
+                .upgrade()
+                .is_some_and(|s| s.forwards().is_empty() && s.sessions().is_empty());
+            if nothing_else {
+                super::disconnect(&handle, &message).await;
             }
         });
     }
@@ -124,10 +112,6 @@ impl Handler {
             .map_err(|e| format!("{e}; try -R myapp:80:localhost:3000"))?;
         let host = names::host_for(&name, keyid, &self.ctx.domain);
         Ok((name.to_string(), host))
-    }
-
-    fn key_tunnel_count(&self, keyid: &str) -> usize {
-        self.ctx.tunnels.count(|m| m.keyid == keyid)
     }
 
     fn assign_port(&self, host: &str) -> u32 {
@@ -150,32 +134,16 @@ impl Handler {
     /// The caller's tunnels, as `ssh gw tunnels` prints them.
     fn tunnels_json(&self) -> String {
         let keyid = self.keyid.clone().unwrap_or_default();
-        let tunnels: Vec<serde_json::Value> = self
-            .ctx
-            .tunnels
-            .snapshot()
-            .into_iter()
-            .filter_map(|(key, members)| {
-                let m = members.first().filter(|m| m.keyid == keyid)?;
-                Some(self.describe(&key, &m.name, m.bind_port))
-            })
-            .collect();
-        serde_json::json!({ "keyid": keyid, "tunnels": tunnels }).to_string()
-    }
-
-    fn describe(&self, key: &TunnelKey, name: &str, bind_port: u32) -> serde_json::Value {
-        let (kind, port, url) = match key.route {
-            Route::Http => (Kind::Http, bind_port, self.ctx.url_for(&key.host)),
-            Route::Tcp(p) => (Kind::Tcp, p, format!("tcp://{}:{p}", key.host)),
-        };
-        serde_json::json!({ "name": name, "host": key.host, "url": url, "port": port, "kind": kind })
+        let snapshot = self.ctx.tunnels.snapshot();
+        let mut list = crate::tunnels::tunnels_json(&snapshot, self.ctx.public_port, |m| m.keyid == keyid);
+        list["keyid"] = serde_json::Value::String(keyid);
+        list.to_string()
     }
 
     fn banner(&self) -> String {
         let mut text = String::from("edgemux: your tunnels\r\n");
-        let mut any = false;
-        for ((addr, port), reg) in &self.forwards {
-            any = true;
+        let forwards = self.shared.forwards();
+        for ((addr, port), reg) in forwards.iter() {
             let key = reg.key();
             let line = match key.route {
                 Route::Http => format!("  {}  ->  -R {addr}:{port}\r\n", self.ctx.url_for(&key.host)),
@@ -187,7 +155,7 @@ impl Handler {
             };
             text.push_str(&line);
         }
-        if !any {
+        if forwards.is_empty() {
             text.push_str("  none yet: add -R myapp:80:localhost:3000 to your ssh command\r\n");
         }
         text.push_str("Press Ctrl-C to close.\r\n");
@@ -257,15 +225,15 @@ impl russh::server::Handler for Handler {
                 return Ok(false);
             }
         };
-        let per_key = self.ctx.limits.get().tunnels_per_key;
-        if self.key_tunnel_count(&keyid) >= per_key {
+        let per_key = self.ctx.limits.load_full().tunnels_per_key;
+        if self.ctx.tunnels.count(|m| m.keyid == keyid) >= per_key {
             self.refuse_forward(
                 format!("at most {per_key} tunnels per key (limits.tunnels_per_key)"),
                 session,
             );
             return Ok(false);
         }
-        if self.forwards.len() >= MAX_FORWARDS_PER_CONN {
+        if self.shared.forwards().len() >= MAX_FORWARDS_PER_CONN {
             self.refuse_forward(
                 format!("at most {MAX_FORWARDS_PER_CONN} tunnels per connection"),
                 session,
@@ -275,7 +243,8 @@ impl russh::server::Handler for Handler {
         if *port == 0 {
             *port = self.assign_port(&host);
         }
-        if *port > u32::from(u16::MAX) || self.forwards.contains_key(&(address.to_owned(), *port)) {
+        let taken = self.shared.forwards().contains_key(&(address.to_owned(), *port));
+        if *port > u32::from(u16::MAX) || taken {
             self.refuse_forward(format!("port {port} is not available for {name}"), session);
             return Ok(false);
         }
@@ -283,7 +252,11 @@ impl russh::server::Handler for Handler {
             host: host.clone(),
             route: Route::for_port(*port),
         };
-        let member = Member {
+        if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
+            hook(&key.host);
+        }
+        let member = |id| Member {
+            id,
             conn: self.conn,
             keyid,
             name: name.to_string(),
@@ -292,21 +265,11 @@ impl russh::server::Handler for Handler {
             client: self.client,
             since: SystemTime::now(),
             handle: session.handle(),
-            idle: Default::default(),
             stats: Default::default(),
             vpce: self.vpce.clone(),
         };
-        if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
-            hook(&key.host);
-        }
         let reg = self.ctx.tunnels.register(key, member);
-        self.shared
-            .members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(reg.member().clone());
-        self.forwards.insert((address.to_owned(), *port), reg);
-        self.forward_count.fetch_add(1, Ordering::AcqRel);
+        self.shared.forwards().insert((address.to_owned(), *port), reg);
         Ok(true)
     }
 
@@ -316,16 +279,8 @@ impl russh::server::Handler for Handler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let removed = self.forwards.remove(&(address.to_owned(), port));
-        if let Some(reg) = &removed {
-            let mut members = self.shared.members.lock().unwrap_or_else(|p| p.into_inner());
-            members.retain(|m| !Arc::ptr_eq(m, reg.member()));
-        }
-        let removed = removed.is_some();
-        if removed {
-            self.forward_count.fetch_sub(1, Ordering::AcqRel);
-        }
-        Ok(removed)
+        let removed = self.shared.forwards().remove(&(address.to_owned(), port));
+        Ok(removed.is_some())
     }
 
     async fn channel_open_session(
@@ -335,8 +290,7 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         // Keystrokes arrive through `data`; dropping the channel object keeps its queue from filling.
-        self.sessions.insert(channel.id());
-        self.has_session.store(true, Ordering::Release);
+        self.shared.sessions().insert(channel.id());
         reply.accept().await;
         Ok(())
     }
@@ -393,7 +347,7 @@ impl russh::server::Handler for Handler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         // Ctrl-C or Ctrl-D in the interactive session ends it.
-        if self.sessions.contains(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
+        if self.shared.sessions().contains(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
             session.data(channel, b"bye\r\n".to_vec())?;
             session.exit_status_request(channel, 0)?;
             session.eof(channel)?;
@@ -403,7 +357,7 @@ impl russh::server::Handler for Handler {
     }
 
     async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
-        self.sessions.remove(&channel);
+        self.shared.sessions().remove(&channel);
         Ok(())
     }
 
@@ -427,7 +381,7 @@ impl russh::server::Handler for Handler {
         });
         let members = target
             .as_ref()
-            .map(|k| self.ctx.tunnels.members(k))
+            .map(|k| self.ctx.directory.members(k))
             .unwrap_or_default();
         let allowed = members.first().is_some_and(|m| {
             target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.keyid, &visitor)
@@ -438,14 +392,15 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         let origin = (originator_address.to_owned(), originator_port);
-        let limits = self.ctx.limits.get();
-        let limits = super::channels::BridgeLimits {
-            buffer: self.ctx.channel_buffer,
-            max_channels: limits.channels_per_tunnel,
-            open_timeout: limits.tunnel_open_timeout,
-        };
+        let bounds = (
+            self.ctx.limits.load_full().tunnel_open_timeout,
+            self.ctx.channel_buffer,
+        );
         let visitor = (channel, session.handle());
-        tokio::spawn(super::channels::bridge(members, visitor, reply, origin, limits));
+        let directory = self.ctx.directory.clone();
+        tokio::spawn(super::channels::bridge(
+            directory, members, visitor, reply, origin, bounds,
+        ));
         Ok(())
     }
 }

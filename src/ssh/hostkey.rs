@@ -16,7 +16,7 @@ pub enum HostKeyError {
 }
 
 /// Loads the host key at `path`, generating it first when the file does not exist.
-pub fn load_or_generate(path: &Path) -> Result<PrivateKey, HostKeyError> {
+pub(crate) fn load_or_generate(path: &Path) -> Result<PrivateKey, HostKeyError> {
     let key = if path.exists() {
         russh::keys::load_secret_key(path, None).map_err(|e| HostKeyError::Read {
             path: path.to_owned(),
@@ -46,5 +46,5 @@ fn generate() -> Result<PrivateKey, String> {
 
 fn write_private(path: &Path, key: &PrivateKey) -> Result<(), String> {
     let pem = key.to_openssh(LineEnding::LF).map_err(|e| e.to_string())?;
-    crate::certs::write_secret(path, pem.as_bytes()).map_err(|e| e.to_string())
+    crate::secret_file::write_secret(path, pem.as_bytes()).map_err(|e| e.to_string())
 }

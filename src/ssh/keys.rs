@@ -2,14 +2,13 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use russh::keys::{HashAlg, PublicKey};
 
-/// 8 base32 characters = 40 bits of SHA-256: collisions need ~10^12 keys, and a host label
-/// `<name>-<keyid>` still leaves 54 characters for the name.
-pub const KEY_ID_LEN: usize = 8;
+use crate::names::KEY_ID_LEN;
 
 /// The key id of a public key: the first [`KEY_ID_LEN`] characters of the lowercase base32 of its
 /// SHA-256 fingerprint (the same digest `ssh-keygen -lf` shows in base64).
@@ -21,12 +20,6 @@ pub fn key_id(key: &PublicKey) -> String {
         .to_ascii_lowercase();
     id.truncate(KEY_ID_LEN);
     id
-}
-
-pub fn is_key_id(s: &str) -> bool {
-    s.len() == KEY_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +78,8 @@ pub enum KeyPolicy {
 #[derive(Debug)]
 pub struct AuthorizedKeys {
     path: PathBuf,
-    state: RwLock<(Option<SystemTime>, Arc<HashSet<String>>)>,
+    /// The file's modification time when last read, and the key ids it allowed then.
+    state: ArcSwap<(Option<SystemTime>, Arc<HashSet<String>>)>,
     /// When the file's mtime was last looked at: at most once per [`RECHECK_EVERY`].
     checked: std::sync::Mutex<Instant>,
 }
@@ -99,7 +93,7 @@ impl AuthorizedKeys {
         let ids = read_authorized_keys(path)?;
         Ok(Self {
             path: path.to_owned(),
-            state: RwLock::new((mtime(path), Arc::new(ids))),
+            state: ArcSwap::from_pointee((mtime(path), Arc::new(ids))),
             checked: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -115,30 +109,27 @@ impl AuthorizedKeys {
             *checked = Instant::now();
         }
         let now = mtime(&self.path);
-        let stale = self.state.read().map(|s| s.0 != now).unwrap_or(true);
+        let stale = self.state.load().0 != now;
         if !(force || stale) {
             return;
         }
         match read_authorized_keys(&self.path) {
             Ok(ids) => {
                 tracing::info!(path = %self.path.display(), keys = ids.len(), "authorized_keys reloaded");
-                if let Ok(mut s) = self.state.write() {
-                    *s = (now, Arc::new(ids));
-                }
+                self.state.store(Arc::new((now, Arc::new(ids))));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "authorized_keys not reloaded; the previous keys stay in force");
                 // Remember this version so a broken file is reported once, not on every login.
-                if let Ok(mut s) = self.state.write() {
-                    s.0 = now;
-                }
+                let keys = self.state.load().1.clone();
+                self.state.store(Arc::new((now, keys)));
             }
         }
     }
 
     pub fn allows(&self, keyid: &str) -> bool {
         self.refresh(false);
-        self.state.read().map(|s| s.1.contains(keyid)).unwrap_or(false)
+        self.state.load().1.contains(keyid)
     }
 }
 
@@ -173,7 +164,7 @@ mod tests {
     fn key_id_is_stable_and_dns_safe() {
         let key = parse_public_key_line(ED25519).unwrap();
         let id = key_id(&key);
-        assert!(is_key_id(&id), "{id}");
+        assert!(crate::names::is_key_id(&id), "{id}");
         assert_eq!(id, key_id(&parse_public_key_line(ED25519).unwrap()));
     }
 

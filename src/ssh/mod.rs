@@ -1,37 +1,34 @@
 //! The embedded SSH tunnel endpoint: public-key auth, `ssh -R` tunnels, `ssh -L` to private
 //! tunnels, and a session channel that shows the tunnel URLs.
 
-pub mod channels;
-pub mod handler;
-pub mod hostkey;
+pub(crate) mod channels;
+mod handler;
+pub(crate) mod hostkey;
 pub mod keys;
-pub mod names;
-pub mod pump;
+mod pump;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
-use russh::{MethodKind, MethodSet};
+use russh::{ChannelId, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Limits, LiveLimits, SshConfig};
-use crate::tunnels::Tunnels;
+use crate::config::defaults::SSH_WINDOW;
+use crate::config::{Config, Limits, LiveLimits, SshConfig};
+use crate::io::ClientAddr;
+use crate::tunnels::{Directory, Member, Registration, Tunnels};
 
-pub use keys::KeyPolicy;
+pub(crate) use keys::KeyPolicy;
 
-/// SSH flow-control window: at least 8 MiB so one channel fills a long fat link
-/// (100 ms × 640 Mbit/s).
-pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 /// Largest SSH packet we send or accept per channel; OpenSSH's own default is 32 KiB.
 const MAX_PACKET: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SshError {
+pub(crate) enum SshError {
     #[error("ssh protocol: {0}")]
     Protocol(#[from] russh::Error),
     #[error("not authenticated within limits.login_timeout")]
@@ -39,15 +36,8 @@ pub enum SshError {
 }
 
 impl SshError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Protocol(_) => "protocol",
-            Self::LoginTimeout => "login_timeout",
-        }
-    }
-
     /// The client went away (TCP close, TLS without close_notify as `openssl s_client` does).
-    pub fn is_disconnect(&self) -> bool {
+    pub(crate) fn is_disconnect(&self) -> bool {
         match self {
             Self::Protocol(russh::Error::IO(e)) => matches!(
                 e.kind(),
@@ -62,23 +52,26 @@ impl SshError {
 }
 
 /// A callback told about a host (on-demand certificates for new HTTP tunnels).
-pub type HostHook = Arc<dyn Fn(&str) + Send + Sync>;
+pub(crate) type HostHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Everything the SSH side shares between connections.
-pub struct SshContext {
-    pub server: Arc<russh::server::Config>,
-    pub policy: KeyPolicy,
-    pub tunnels: Arc<Tunnels>,
-    pub domain: String,
-    pub public_port: u16,
+pub(crate) struct SshContext {
+    server: Arc<russh::server::Config>,
+    pub(crate) policy: KeyPolicy,
+    /// Where this endpoint registers the tunnels its clients open.
+    tunnels: Arc<Tunnels>,
+    /// Where `ssh -L` finds the tunnels it reaches.
+    directory: Arc<dyn Directory>,
+    domain: String,
+    public_port: u16,
     /// owner key id → key ids that may reach the owner's private tunnels.
-    pub grants: HashMap<String, HashSet<String>>,
+    grants: HashMap<String, HashSet<String>>,
     /// Vanity host → the only key id that may serve it.
-    pub reserved: HashMap<String, String>,
-    pub channel_buffer: usize,
+    reserved: HashMap<String, String>,
+    channel_buffer: usize,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
-    pub on_http_tunnel: Option<HostHook>,
-    pub limits: LiveLimits,
+    pub(crate) on_http_tunnel: Option<HostHook>,
+    limits: LiveLimits,
     conn_ids: AtomicU64,
 }
 
@@ -91,15 +84,14 @@ impl std::fmt::Debug for SshContext {
 }
 
 impl SshContext {
-    pub fn new(
-        cfg: &SshConfig,
-        host_key: PrivateKey,
-        policy: KeyPolicy,
+    pub(crate) fn new(
+        config: &Config,
+        (host_key, policy): (PrivateKey, KeyPolicy),
         tunnels: Arc<Tunnels>,
-        domain: String,
-        public_port: u16,
+        directory: Arc<dyn Directory>,
         limits: LiveLimits,
     ) -> Self {
+        let cfg = &config.ssh;
         let mut grants: HashMap<String, HashSet<String>> = HashMap::new();
         for g in &cfg.grants {
             grants
@@ -108,11 +100,12 @@ impl SshContext {
                 .extend(g.keys.iter().cloned());
         }
         Self {
-            server: Arc::new(server_config(cfg, host_key, &limits.get())),
+            server: Arc::new(server_config(cfg, host_key, &limits.load_full())),
             policy,
             tunnels,
-            domain,
-            public_port,
+            directory,
+            domain: config.domain.clone(),
+            public_port: config.public_port,
             grants,
             reserved: cfg.reserved.clone(),
             channel_buffer: cfg.channel_buffer,
@@ -123,13 +116,13 @@ impl SshContext {
     }
 
     /// Whether `visitor` may open channels to `owner`'s private tunnels.
-    pub fn may_reach(&self, owner: &str, visitor: &str) -> bool {
+    pub(crate) fn may_reach(&self, owner: &str, visitor: &str) -> bool {
         owner == visitor || self.grants.get(owner).is_some_and(|g| g.contains(visitor))
     }
 
     /// The URL users type for a host: `https://host` plus the port when it is not 443.
-    pub fn url_for(&self, host: &str) -> String {
-        crate::http::https_origin(host, self.public_port)
+    pub(crate) fn url_for(&self, host: &str) -> String {
+        crate::names::https_origin(host, self.public_port)
     }
 }
 
@@ -141,7 +134,7 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
         // OpenSSH probes with "none" first; answering it at once is not an oracle.
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
-        window_size: WINDOW_SIZE,
+        window_size: SSH_WINDOW,
         maximum_packet_size: MAX_PACKET,
         max_auth_attempts: limits.ssh_auth_attempts,
         // Dead clients are found by keepalives, not by the 10-minute inactivity default.
@@ -157,10 +150,10 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
 ///
 /// A client that has not authenticated within `limits.login_timeout` is disconnected, and on
 /// shutdown every client is told so (OpenSSH prints it; `ssh` with keepalives reconnects).
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     ctx: Arc<SshContext>,
     stream: S,
-    (client, vpce): (SocketAddr, Option<String>),
+    client: ClientAddr,
     shutdown: CancellationToken,
 ) -> Result<(), SshError>
 where
@@ -168,8 +161,9 @@ where
 {
     let conn = ctx.conn_ids.fetch_add(1, Ordering::Relaxed) + 1;
     let shared = Arc::new(ConnShared::default());
-    let handler = handler::Handler::new(ctx.clone(), conn, (client, vpce), shared.clone());
-    let login_deadline = tokio::time::Instant::now() + ctx.limits.get().login_timeout;
+    let handler = handler::Handler::new(ctx.clone(), conn, client.clone(), shared.clone());
+    let client = client.client;
+    let login_deadline = tokio::time::Instant::now() + ctx.limits.load_full().login_timeout;
     let start = russh::server::run_stream(ctx.server.clone(), stream, handler);
     let mut session = tokio::time::timeout_at(login_deadline, start)
         .await
@@ -206,26 +200,38 @@ where
 /// How often a draining tunnel connection checks whether its last channel has closed.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What one SSH connection's handler shares with the task that serves it.
+/// One SSH connection's state, shared by its handler, the task that serves it and the refusal
+/// timer; everything else about the connection is derived from it.
 #[derive(Debug, Default)]
-pub struct ConnShared {
-    pub authenticated: AtomicBool,
-    /// The pool members this connection registered.
-    pub members: std::sync::Mutex<Vec<Arc<crate::tunnels::Member>>>,
+struct ConnShared {
+    authenticated: AtomicBool,
+    /// The forwards this connection holds, by the address and port its client asked for;
+    /// dropping one deregisters it.
+    forwards: Mutex<HashMap<(String, u32), Registration<Member>>>,
+    /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown.
+    sessions: Mutex<HashSet<ChannelId>>,
 }
 
 impl ConnShared {
-    /// Drops kept-alive upstream connections and says whether no channel is open any more.
+    fn forwards(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Registration<Member>>> {
+        self.forwards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashSet<ChannelId>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether no channel into this connection's tunnels is open any more.
     fn tunnels_idle(&self) -> bool {
-        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        members.iter().for_each(|m| m.idle.clear());
-        members
-            .iter()
-            .all(|m| m.stats.open_channels.load(Ordering::Acquire) == 0)
+        self.forwards()
+            .values()
+            .all(|reg| reg.member().stats.open_channels.load(Ordering::Acquire) == 0)
     }
 }
 
-async fn disconnect(handle: &russh::server::Handle, why: &str) {
+/// Tells an SSH client why it is disconnected (OpenSSH prints the message), the one way this
+/// endpoint ends a client's connection.
+pub(crate) async fn disconnect(handle: &russh::server::Handle, why: &str) {
     let _ = handle
         .disconnect(
             russh::Disconnect::ByApplication,

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::config::defaults::SSH_WINDOW;
 use crate::tunnels::ChannelSlot;
 
 /// Consumption is reported in steps of at most this much (and at most 1/8 of the window), so
@@ -29,7 +30,7 @@ const REPORT_STEP: usize = 256 * 1024;
 const OVERRUN_SLACK: usize = 1024 * 1024;
 
 /// The stream side of a drained channel.
-pub struct ChannelIo {
+pub(crate) struct ChannelIo {
     rx: mpsc::UnboundedReceiver<Bytes>,
     current: Bytes,
     buffered: Arc<AtomicUsize>,
@@ -69,7 +70,7 @@ impl std::fmt::Debug for ChannelIo {
 /// Starts draining `channel` (which belongs to the session behind `handle`) and returns its
 /// stream, with at most `window` bytes in flight. The channel is closed when the stream is
 /// dropped, when the peer closes it, or when the peer overruns its window.
-pub fn channel_io(
+pub(crate) fn channel_io(
     channel: Channel<Msg>,
     handle: Handle,
     window: usize,
@@ -79,7 +80,7 @@ pub fn channel_io(
     let id = channel.id();
     // The first report switches the channel to consumer-driven flow control.
     let _ = handle.consumed(id, 0, window32);
-    let limit = window.max(super::WINDOW_SIZE as usize) + OVERRUN_SLACK;
+    let limit = window.max(SSH_WINDOW as usize) + OVERRUN_SLACK;
     let stats = slot.map(Arc::new);
     let writer = channel.make_writer();
     let (read_half, write_half) = channel.split();

@@ -1,32 +1,40 @@
-//! The tunnel registry: host → pool of SSH connections that serve it.
+//! The tunnel registry: host → pool of SSH connections that serve it. It knows members and
+//! pools, nothing of HTTP.
 //!
 //! Registering returns a [`Registration`] guard whose drop removes the member, so a dying SSH
-//! connection can never leave a stale route. All access goes through [`Registry`]'s few methods,
-//! so a distributed implementation can replace it without touching the HTTP or SSH paths.
+//! connection can never leave a stale route. The HTTP proxy and `ssh -L` reach tunnels only
+//! through the [`Directory`] seam, so a distributed directory can be added beside the registry
+//! without touching them.
+
+mod directory;
+mod member;
+mod report;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+
+pub(crate) use directory::{first_member, Directory, Opening};
+pub(crate) use member::{ChannelSlot, Member, MemberId};
+pub(crate) use report::tunnels_json;
 
 /// HTTP tunnels (ports 80 and 443) are public by Host; everything else is a private TCP tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub(crate) enum Kind {
     Http,
     Tcp,
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Tcp => "tcp",
         }
     }
 
-    pub fn for_port(port: u32) -> Self {
+    pub(crate) fn for_port(port: u32) -> Self {
         match port {
             80 | 443 => Self::Http,
             _ => Self::Tcp,
@@ -36,26 +44,26 @@ impl Kind {
 
 /// What a pool is found by: the host, and the port for TCP tunnels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TunnelKey {
-    pub host: String,
-    pub route: Route,
+pub(crate) struct TunnelKey {
+    pub(crate) host: String,
+    pub(crate) route: Route,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
+pub(crate) enum Route {
     Http,
     Tcp(u32),
 }
 
 impl Route {
-    pub fn kind(self) -> Kind {
+    pub(crate) fn kind(self) -> Kind {
         match self {
             Self::Http => Kind::Http,
             Self::Tcp(_) => Kind::Tcp,
         }
     }
 
-    pub fn for_port(port: u32) -> Self {
+    pub(crate) fn for_port(port: u32) -> Self {
         match Kind::for_port(port) {
             Kind::Http => Self::Http,
             Kind::Tcp => Self::Tcp(port),
@@ -63,68 +71,8 @@ impl Route {
     }
 }
 
-/// One SSH connection serving a tunnel.
-#[derive(Debug)]
-pub struct Member {
-    /// The SSH connection's id, for logs and the admin API.
-    pub conn: u64,
-    pub keyid: String,
-    pub name: String,
-    /// The `tcpip-forward` address and port exactly as the client sent them: OpenSSH refuses a
-    /// `forwarded-tcpip` channel that does not echo them.
-    pub bind_address: String,
-    pub bind_port: u32,
-    pub client: SocketAddr,
-    /// The AWS VPC endpoint the client came through, when an NLB said so (PROXY v2 TLV 0xEA).
-    pub vpce: Option<String>,
-    pub since: SystemTime,
-    pub handle: russh::server::Handle,
-    /// Kept-alive HTTP connections into this member.
-    pub idle: crate::http::upstream::IdleConns,
-    pub stats: Arc<MemberStats>,
-}
-
-/// Traffic through one pool member, for the admin API.
-#[derive(Debug, Default)]
-pub struct MemberStats {
-    /// Bytes received from the tunnel client.
-    pub bytes_in: AtomicU64,
-    /// Bytes sent to the tunnel client.
-    pub bytes_out: AtomicU64,
-    pub requests: AtomicU64,
-    pub open_channels: AtomicUsize,
-}
-
-impl MemberStats {
-    /// Takes a channel place under `limit` (`limits.channels_per_tunnel`), or `None` when full.
-    pub fn try_open(self: &Arc<Self>, limit: usize) -> Option<ChannelSlot> {
-        let before = self.open_channels.fetch_add(1, Ordering::AcqRel);
-        if before >= limit {
-            self.open_channels.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(ChannelSlot(self.clone()))
-    }
-}
-
-/// An open channel into a pool member; dropping it frees the place and keeps the stats reachable.
-#[derive(Debug)]
-pub struct ChannelSlot(Arc<MemberStats>);
-
-impl ChannelSlot {
-    pub fn stats(&self) -> &MemberStats {
-        &self.0
-    }
-}
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        self.0.open_channels.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// The registry of the running gateway.
-pub type Tunnels = Registry<Member>;
+pub(crate) type Tunnels = Registry<Member>;
 
 #[derive(Debug)]
 struct Pool<M> {
@@ -143,13 +91,13 @@ impl<M> Default for Pool<M> {
 
 /// Generic over the member so its logic is unit-tested without SSH sessions.
 #[derive(Debug)]
-pub struct Registry<M> {
+pub(crate) struct Registry<M> {
     pools: Mutex<HashMap<TunnelKey, Pool<M>>>,
     ids: AtomicU64,
 }
 
 impl<M: Send + Sync + 'static> Registry<M> {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             pools: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
@@ -160,11 +108,15 @@ impl<M: Send + Sync + 'static> Registry<M> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds `member` to the pool for `key`. Only the key id in the host can own it, so every member
-    /// of a pool belongs to the same key.
-    pub fn register(self: &Arc<Self>, key: TunnelKey, member: M) -> Registration<M> {
-        let member = Arc::new(member);
+    /// Adds the member that `make` builds (given its id) to the pool for `key`. Only the key id in
+    /// the host can own it, so every member of a pool belongs to the same key.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        key: TunnelKey,
+        make: impl FnOnce(MemberId) -> M,
+    ) -> Registration<M> {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let member = Arc::new(make(id));
         let size = {
             let mut pools = self.lock();
             let pool = pools.entry(key.clone()).or_default();
@@ -198,7 +150,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
 
     /// The members of a pool, starting at the round-robin cursor: try them in order, so a failing
     /// member is skipped and the next one serves.
-    pub fn members(&self, key: &TunnelKey) -> Vec<Arc<M>> {
+    pub(crate) fn members(&self, key: &TunnelKey) -> Vec<Arc<M>> {
         let pools = self.lock();
         let Some(pool) = pools.get(key) else {
             return Vec::new();
@@ -211,7 +163,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
     }
 
     /// How many members, across all pools, satisfy `pred` (one pass, no copies).
-    pub fn count(&self, pred: impl Fn(&M) -> bool) -> usize {
+    pub(crate) fn count(&self, pred: impl Fn(&M) -> bool) -> usize {
         let pools = self.lock();
         pools
             .values()
@@ -221,12 +173,12 @@ impl<M: Send + Sync + 'static> Registry<M> {
     }
 
     /// Whether a pool exists for `key` (no round-robin side effect, unlike [`Self::members`]).
-    pub fn contains(&self, key: &TunnelKey) -> bool {
+    pub(crate) fn contains(&self, key: &TunnelKey) -> bool {
         self.lock().contains_key(key)
     }
 
     /// Every tunnel with its members, sorted by host then route.
-    pub fn snapshot(&self) -> Vec<(TunnelKey, Vec<Arc<M>>)> {
+    pub(crate) fn snapshot(&self) -> Vec<(TunnelKey, Vec<Arc<M>>)> {
         let mut all: Vec<_> = self
             .lock()
             .iter()
@@ -246,7 +198,7 @@ fn route_order(r: Route) -> u32 {
 
 /// Keeps a member registered; dropping it deregisters.
 #[derive(Debug)]
-pub struct Registration<M: Send + Sync + 'static> {
+pub(crate) struct Registration<M: Send + Sync + 'static> {
     registry: Arc<Registry<M>>,
     key: TunnelKey,
     id: u64,
@@ -254,11 +206,11 @@ pub struct Registration<M: Send + Sync + 'static> {
 }
 
 impl<M: Send + Sync + 'static> Registration<M> {
-    pub fn key(&self) -> &TunnelKey {
+    pub(crate) fn key(&self) -> &TunnelKey {
         &self.key
     }
 
-    pub fn member(&self) -> &Arc<M> {
+    pub(crate) fn member(&self) -> &Arc<M> {
         &self.member
     }
 }
@@ -283,8 +235,8 @@ mod tests {
     #[test]
     fn pool_round_robin_and_guard_drop() {
         let reg = Registry::<&'static str>::new();
-        let a = reg.register(key("h"), "a");
-        let b = reg.register(key("h"), "b");
+        let a = reg.register(key("h"), |_| "a");
+        let b = reg.register(key("h"), |_| "b");
         let firsts: Vec<&str> = (0..4).map(|_| *reg.members(&key("h"))[0]).collect();
         assert_eq!(firsts, ["a", "b", "a", "b"]);
         assert_eq!(reg.members(&key("h")).len(), 2);
@@ -301,12 +253,12 @@ mod tests {
     #[test]
     fn routes_are_separate() {
         let reg = Registry::<u8>::new();
-        let _http = reg.register(key("h"), 1);
+        let _http = reg.register(key("h"), |_| 1);
         let tcp = TunnelKey {
             host: "h".into(),
             route: Route::for_port(5432),
         };
-        let _t = reg.register(tcp.clone(), 2);
+        let _t = reg.register(tcp.clone(), |_| 2);
         assert_eq!(*reg.members(&tcp)[0], 2);
         assert_eq!(Route::for_port(443), Route::Http);
         assert_eq!(reg.snapshot().len(), 2);

@@ -1,8 +1,11 @@
-//! Tunnel names and hosts: `<name>-<keyid>.<domain>`. Pure functions, fuzzed.
+//! The shared vocabulary of names, with no I/O: tunnel names, key ids, tunnel hosts
+//! (`<name>-<keyid>.<domain>`) and the origin URLs built from them. Pure functions, fuzzed.
 //!
 //! The key id in every host is what stops one user from taking over another's hostname.
 
-use super::keys::KEY_ID_LEN;
+/// 8 base32 characters = 40 bits of SHA-256: collisions need ~10^12 keys, and a host label
+/// `<name>-<keyid>` still leaves 54 characters for the name.
+pub const KEY_ID_LEN: usize = 8;
 
 /// A DNS label is at most 63 bytes; the host label is `<name>-<keyid>`.
 pub const MAX_NAME: usize = 63 - 1 - KEY_ID_LEN;
@@ -74,6 +77,21 @@ pub fn host_for(name: &TunnelName, keyid: &str, domain: &str) -> String {
 /// `myapp-abcdefgh`, the host's first label.
 pub fn short_host(name: &TunnelName, keyid: &str) -> String {
     format!("{name}-{keyid}")
+}
+
+/// Whether `s` has the form of a key id: [`KEY_ID_LEN`] characters of lowercase base32.
+pub fn is_key_id(s: &str) -> bool {
+    s.len() == KEY_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+}
+
+/// `https://host`, with `:port` unless it is 443: the public form of a host's URL.
+pub fn https_origin(host: &str, port: u16) -> String {
+    match port {
+        443 => format!("https://{host}"),
+        p => format!("https://{host}:{p}"),
+    }
 }
 
 /// Whether `domain` is a DNS name made of valid labels.
@@ -151,6 +169,16 @@ mod tests {
         assert_eq!(canonical_host("gw.test", d), None);
         assert_eq!(canonical_host("", d), None);
         assert_eq!(canonical_host("xgw.test", d), None);
+    }
+
+    #[test]
+    fn key_ids_and_origins() {
+        assert!(is_key_id("abcd2345"));
+        assert!(!is_key_id("abcd1234"), "1 is not base32");
+        assert!(!is_key_id("ABCD2345"));
+        assert!(!is_key_id("abcd234"));
+        assert_eq!(https_origin("a.gw.test", 443), "https://a.gw.test");
+        assert_eq!(https_origin("a.gw.test", 8443), "https://a.gw.test:8443");
     }
 
     #[test]

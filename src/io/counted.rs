@@ -14,12 +14,12 @@ const FLUSH_EVERY: u64 = 64 * 1024;
 
 /// Totals readable after the stream has been handed to a service.
 #[derive(Debug, Default)]
-pub struct Totals {
+pub(crate) struct Totals {
     pub inbound: AtomicU64,
     pub outbound: AtomicU64,
 }
 
-pub struct Counted<S> {
+pub(crate) struct Counted<S> {
     inner: S,
     route: &'static str,
     totals: Arc<Totals>,
@@ -28,7 +28,7 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
-    pub fn new(inner: S, route: &'static str) -> (Self, Arc<Totals>) {
+    pub(crate) fn new(inner: S, route: &'static str) -> (Self, Arc<Totals>) {
         let totals = Arc::new(Totals::default());
         let me = Self {
             inner,

@@ -1,11 +1,9 @@
-//! The certificate store on disk: secrets written 0600 with write-then-rename, and the local CA
-//! plus `*.localhost` certificate that `edgemux dev` generates.
-
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+//! A local CA: `edgemux dev` generates one with a `localhost` certificate, and `[tls] local_ca`
+//! mints a certificate per tunnel host on first use (development, private deployments with their
+//! own CA). Also the self-signed stand-in served before ACME has issued anything.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -14,31 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
 use crate::config::CertificatePaths;
-
-/// Writes `bytes` to `path` readable by the owner only; a crash never leaves a half-written file.
-pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_file(path, bytes, 0o600)
-}
-
-pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    // `name.tmp` beside the target: `with_extension` would make `x.crt` and `x.key` share one.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+use crate::secret_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevCertError {
@@ -88,9 +62,9 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, DevCertError> {
 
     let write = |path: &Path, bytes: &[u8], secret: bool| {
         let res = if secret {
-            write_secret(path, bytes)
+            secret_file::write_secret(path, bytes)
         } else {
-            write_file(path, bytes, 0o644)
+            secret_file::write_file(path, bytes, 0o644)
         };
         res.map_err(|source| DevCertError::Write {
             path: path.to_owned(),
@@ -112,7 +86,7 @@ pub fn self_signed(host: &str) -> Result<CertifiedKey, String> {
         .and_then(|p| p.self_signed(&key))
         .map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::try_from(key.serialize_der())?;
-    crate::tls::certified_key(vec![cert.der().clone()], der).map_err(|e| e.to_string())
+    super::certs::certified_key(vec![cert.der().clone()], der).map_err(|e| e.to_string())
 }
 
 fn leaf_params(host: &str) -> Result<CertificateParams, rcgen::Error> {
@@ -139,8 +113,8 @@ impl std::fmt::Debug for LocalCa {
 }
 
 impl LocalCa {
-    pub fn load(paths: &CertificatePaths) -> Result<Self, crate::tls::TlsError> {
-        let err = |path: &Path, reason: String| crate::tls::TlsError::Certificate {
+    pub fn load(paths: &CertificatePaths) -> Result<Self, super::TlsError> {
+        let err = |path: &Path, reason: String| super::TlsError::Certificate {
             path: path.display().to_string(),
             reason,
         };
@@ -188,7 +162,7 @@ impl LocalCa {
             .map_err(|e| e.to_string())?;
         let der = PrivateKeyDer::try_from(key.serialize_der())?;
         let chain = vec![cert.der().clone(), self.ca_der.clone()];
-        crate::tls::certified_key(chain, der)
+        super::certs::certified_key(chain, der)
             .map(Arc::new)
             .map_err(|e| e.to_string())
     }
@@ -197,6 +171,8 @@ impl LocalCa {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -208,8 +184,8 @@ mod tests {
         let first = std::fs::read(&files.leaf.cert).unwrap();
         ensure_dev_certs(dir.path()).unwrap();
         assert_eq!(first, std::fs::read(&files.leaf.cert).unwrap());
-        let (names, _) = crate::tls::load_certificate(&files.leaf).unwrap();
-        assert_eq!(names, vec!["localhost"]);
+        let issued = super::super::certs::load_certificate(&files.leaf).unwrap();
+        assert_eq!(issued.names, vec!["localhost"]);
     }
 
     #[test]
@@ -222,7 +198,7 @@ mod tests {
             &a,
             &ca.certificate_for("app-abcdefgh.localhost").unwrap()
         ));
-        let names = crate::tls::dns_names(&a.cert[0]).unwrap();
+        let names = super::super::certs::dns_names(&a.cert[0]).unwrap();
         assert_eq!(names, vec!["app-abcdefgh.localhost"]);
         assert_eq!(a.cert.len(), 2, "chain carries the CA");
     }

@@ -1,5 +1,6 @@
-//! Pending ACME challenge answers, shared with the TLS stage (TLS-ALPN-01, RFC 8737) and the
-//! plain-HTTP path (HTTP-01).
+//! Pending ACME challenge answers: the ACME client publishes them, the TLS stage answers
+//! TLS-ALPN-01 (RFC 8737) and the plain-HTTP path answers HTTP-01. It lives with the TLS stage,
+//! so neither TLS nor HTTP imports the ACME client.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,10 +12,10 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 /// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737 §6.2).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 #[derive(Debug, Default)]
-pub struct Challenges {
+pub(crate) struct Challenges {
     tls_alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     http01: Mutex<HashMap<String, String>>,
 }
@@ -22,7 +23,7 @@ pub struct Challenges {
 impl Challenges {
     /// Publishes the TLS-ALPN-01 answer for `domain`: a self-signed certificate for it carrying
     /// the critical acmeIdentifier extension with the SHA-256 of the key authorization.
-    pub fn add_tls_alpn(&self, domain: &str, key_authorization_digest: &[u8]) -> Result<(), String> {
+    pub(crate) fn add_tls_alpn(&self, domain: &str, key_authorization_digest: &[u8]) -> Result<(), String> {
         if key_authorization_digest.len() != 32 {
             return Err("the key authorization digest must be SHA-256".into());
         }
@@ -43,29 +44,24 @@ impl Challenges {
         Ok(())
     }
 
-    pub fn add_http01(&self, token: &str, key_authorization: &str) {
+    pub(crate) fn add_http01(&self, token: &str, key_authorization: &str) {
         lock(&self.http01).insert(token.to_owned(), key_authorization.to_owned());
     }
 
-    pub fn remove(&self, domain: &str, token: &str) {
+    pub(crate) fn remove(&self, domain: &str, token: &str) {
         lock(&self.tls_alpn).remove(&domain.to_ascii_lowercase());
         lock(&self.http01).remove(token);
     }
 
     /// The key authorization to answer `GET /.well-known/acme-challenge/{token}` with.
-    pub fn http01(&self, token: &str) -> Option<String> {
+    pub(crate) fn http01(&self, token: &str) -> Option<String> {
         lock(&self.http01).get(token).cloned()
     }
 
     /// A server config that answers the TLS-ALPN-01 challenge for `domain`, if one is pending.
-    pub fn tls_alpn_config(&self, domain: &str) -> Option<Arc<ServerConfig>> {
+    pub(crate) fn tls_alpn_config(&self, domain: &str) -> Option<Arc<ServerConfig>> {
         let key = lock(&self.tls_alpn).get(&domain.to_ascii_lowercase()).cloned()?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .ok()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Fixed(key)));
+        let mut config = super::builder().ok()?.with_cert_resolver(Arc::new(Fixed(key)));
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         Some(Arc::new(config))
     }
