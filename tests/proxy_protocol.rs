@@ -14,6 +14,7 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use common::config::{Listener, ProxyProtocol};
 use common::haproxy::{v2_local, v2_proxy, Haproxy, SendProxy};
 use common::process::{poll_until, run_bounded, Output, Proc};
 use common::ssh::{KeyKind, SshKey, Transport};
@@ -24,23 +25,18 @@ use rustls::ClientConnection;
 /// The fix the gateway logs when a PROXY header reaches a listener with `proxy_protocol = "off"`.
 const OFF_HINT: &str = "enable proxy_protocol on this listener and add the load balancer to trusted_proxies";
 
-/// Listener 0 takes no PROXY header (the ssh tunnel clients connect there); listener 1 requires
-/// one from 127.0.0.1, where HAProxy and the hand-written headers come from.
-const LISTENERS: &str = "[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"off\"\n\n\
-    [[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"required\"\n\
-    trusted_proxies = [\"127.0.0.1\"]\n";
-
-/// A gateway with [`LISTENERS`]; returns it with the `off` and the `required` ports.
+/// A gateway whose listener 0 takes no PROXY header (the ssh tunnel clients connect there) and
+/// whose listener 1 requires one from 127.0.0.1, where HAProxy and the hand-written headers come
+/// from; returns it with the `off` and the `required` ports.
 fn start_gateway(env: &TestEnv) -> (Gateway, u16, u16) {
-    let rendered = env.gateway().render();
-    let default = "[[listener]]\nbind = \"127.0.0.1:0\"\n";
-    assert!(
-        rendered.contains(default),
-        "harness config changed shape:\n{rendered}"
-    );
-    let config = env.path().join("edgemux-proxy-protocol.toml");
-    fs::write(&config, rendered.replacen(default, LISTENERS, 1)).unwrap();
-    let gw = Gateway::start(env, &config);
+    let gw = env
+        .gateway()
+        .listeners(&[
+            Listener::local().proxy_protocol(ProxyProtocol::Off, &[]),
+            Listener::local().proxy_protocol(ProxyProtocol::Required, &["127.0.0.1"]),
+        ])
+        .start();
+    assert_eq!(gw.ports().len(), 2, "one port per configured listener");
     let (off, required) = (gw.ports()[0], gw.ports()[1]);
     (gw, off, required)
 }

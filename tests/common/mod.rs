@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod config;
 pub mod flood;
 pub mod haproxy;
 pub mod http;
@@ -15,16 +16,15 @@ pub mod process;
 pub mod prom;
 pub mod ssh;
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use config::GatewayBuilder;
 use pki::Pki;
 use ssh::{KeyKind, SshClient, SshKey, Transport};
 
@@ -99,93 +99,7 @@ impl TestEnv {
     }
 
     pub fn gateway(&self) -> GatewayBuilder<'_> {
-        GatewayBuilder {
-            env: self,
-            authorized_keys: None,
-            grants: Vec::new(),
-            sniff_timeout: "500ms".to_owned(),
-        }
-    }
-}
-
-pub struct GatewayBuilder<'a> {
-    env: &'a TestEnv,
-    authorized_keys: Option<Vec<SshKey>>,
-    grants: Vec<(String, Vec<String>)>,
-    sniff_timeout: String,
-}
-
-impl GatewayBuilder<'_> {
-    /// Only these keys may log in (omitted: open mode).
-    pub fn authorized_keys(mut self, keys: &[&SshKey]) -> Self {
-        self.authorized_keys = Some(keys.iter().map(|k| (*k).clone()).collect());
-        self
-    }
-
-    /// `[[ssh.grant]]`: `keys` may reach `owner`'s private TCP tunnels.
-    pub fn grant(mut self, owner: &SshKey, keys: &[&SshKey]) -> Self {
-        let ids = keys.iter().map(|k| k.keyid.clone()).collect();
-        self.grants.push((owner.keyid.clone(), ids));
-        self
-    }
-
-    pub fn sniff_timeout(mut self, value: &str) -> Self {
-        value.clone_into(&mut self.sniff_timeout);
-        self
-    }
-
-    /// The config as TOML; files it names are created in the temp dir.
-    pub fn render(&self) -> String {
-        let dir = self.env.path();
-        let certs = dir.join("certs");
-        fs::create_dir_all(&certs).expect("create certs dir");
-        let pki = &self.env.pki;
-        let q = |p: &Path| format!("{:?}", p.display().to_string());
-        let mut toml = format!(
-            "domain = \"{DOMAIN}\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
-             [tls]\ncerts_dir = {}\n\n\
-             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
-             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
-             [ssh]\nhost_key = {}\nkeepalive_interval = \"1s\"\nkeepalive_max = 2\n",
-            q(&certs),
-            q(&pki.gw.chain),
-            q(&pki.gw.key),
-            q(&pki.other.chain),
-            q(&pki.other.key),
-            q(&certs.join("ssh_host_ed25519_key")),
-        );
-        if let Some(keys) = &self.authorized_keys {
-            let file = dir.join("authorized_keys");
-            let lines: Vec<String> = keys
-                .iter()
-                .map(|k| fs::read_to_string(&k.public).expect("read public key"))
-                .collect();
-            fs::write(&file, lines.concat()).expect("write authorized_keys");
-            let _ = writeln!(toml, "authorized_keys = {}", q(&file));
-        }
-        for (owner, keys) in &self.grants {
-            let _ = write!(toml, "\n[[ssh.grant]]\nowner = {owner:?}\nkeys = {keys:?}\n");
-        }
-        let _ = write!(
-            toml,
-            "\n[limits]\nsniff_timeout = {:?}\npre_routing_timeout = \"10s\"\n\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n",
-            self.sniff_timeout
-        );
-        toml
-    }
-
-    /// Writes the config to a fresh file and returns its path.
-    pub fn write_config(&self) -> PathBuf {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self.env.path().join(format!("edgemux-{n}.toml"));
-        fs::write(&path, self.render()).expect("write config");
-        path
-    }
-
-    pub fn start(self) -> Gateway {
-        Gateway::start(self.env, &self.write_config())
+        GatewayBuilder::new(self)
     }
 }
 
