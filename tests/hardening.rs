@@ -350,8 +350,7 @@ fn sigterm_lets_in_flight_256mib_downloads_finish_and_refuses_new_connections() 
     let log = gw.stderr();
     assert!(!log.contains("drain deadline reached"), "drain cut:\n{log}");
     let told = "the gateway is shutting down; reconnect to continue";
-    let seen = poll_until(SETUP, || tunnel.stderr().contains(told).then_some(()));
-    assert!(seen.is_some(), "ssh not told {told:?}\n{}", tunnel.describe());
+    tunnel.wait_output(told, true, SETUP);
 }
 
 /// The decimal serial of the certificate a new TLS handshake for `gw.test` is served.
@@ -414,14 +413,13 @@ fn sighup_swaps_the_certificate_keeps_connections_and_refuses_a_broken_config() 
     std::fs::copy(&renewed.chain, &live_cert).unwrap();
     let log_count = |needle: &str| gw.stderr().matches(needle).count();
     send_signal("HUP", &gw.pid().to_string());
-    let reloaded = poll_until(SETUP, || (log_count("certificates reloaded") == 1).then_some(()));
-    assert!(reloaded.is_some(), "not reloaded:\n{}", gw.stderr());
+    gw.wait_log(&["certificates reloaded"]);
+    assert_eq!(log_count("certificates reloaded"), 1, "reloaded more than once");
     check("after SIGHUP", "4242");
 
     std::fs::write(&config, builder.set("no_such_key", 1).render()).unwrap();
     send_signal("HUP", &gw.pid().to_string());
-    let rejected = poll_until(SETUP, || (log_count("new config rejected") > 0).then_some(()));
-    assert!(rejected.is_some(), "broken config not rejected:\n{}", gw.stderr());
+    gw.wait_log(&["new config rejected"]);
     assert!(
         gw.stderr().contains("no_such_key"),
         "key not named:\n{}",

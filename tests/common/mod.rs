@@ -35,6 +35,10 @@ pub const DOMAIN: &str = "gw.test";
 /// parallel on small machines, and a deadline only costs time when something is broken.
 pub const SETUP: Duration = Duration::from_secs(20);
 
+/// How many of the gateway's last log lines a failed `wait_log` shows (the whole log is printed
+/// when the test's `Gateway` drops).
+const LOG_TAIL: usize = 30;
+
 const TOOLS: [&str; 4] = ["ssh", "ssh-keygen", "openssl", "curl"];
 const INSTALL_HINT: &str = "apt-get install -y openssh-client openssl curl";
 
@@ -213,6 +217,28 @@ impl Gateway {
 
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits up to `SETUP` for a log line containing every one of `needles` and returns it.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        self.wait_log_within(SETUP, needles)
+    }
+
+    /// `wait_log` for steps slower than setup (an ACME order); panics with the log's tail.
+    pub fn wait_log_within(&self, timeout: Duration, needles: &[&str]) -> String {
+        let matching = |line: &&str| needles.iter().all(|n| line.contains(n));
+        let found = process::poll_until(timeout, || {
+            self.stderr().lines().find(matching).map(str::to_owned)
+        });
+        found.unwrap_or_else(|| {
+            let log = self.stderr();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            panic!(
+                "no gateway log line with all of {needles:?} within {timeout:?}; last lines:\n{}",
+                tail.join("\n")
+            )
+        })
     }
 
     /// An ssh client for `key` over `transport`, user name `tester`.
