@@ -45,12 +45,6 @@ fn metric(gw: &Gateway, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Waits (bounded) until the gateway's log contains `needle`.
-fn wait_log(gw: &Gateway, needle: &str) {
-    let seen = poll_until(ISSUE, || gw.stderr().contains(needle).then_some(()));
-    assert!(seen.is_some(), "{needle:?} not logged within {ISSUE:?}");
-}
-
 /// `POST /acme/renew` is accepted.
 fn force_renewal(gw: &Gateway) {
     let (status, body) = admin(gw, "POST", "/acme/renew");
@@ -73,7 +67,7 @@ fn issues_through(challenge: Challenge, answered: &str, not_answered: &str) {
     let gw = &acme.gateway;
     let cert = wait_issued(&acme);
 
-    wait_log(gw, "certificate issued and in service");
+    gw.wait_log_within(ISSUE, &["certificate issued and in service"]);
     let log = gw.stderr();
     assert!(log.contains("ACME order placed"), "no order logged:\n{log}");
     assert!(
@@ -137,7 +131,7 @@ fn restart_serves_the_stored_certificate_without_a_new_order() {
         config,
     } = pebble::start(&env, Challenge::TlsAlpn01, false);
     let first = pebble.wait_served(gateway.port(), DOMAIN, ServedCert::is_pebble);
-    wait_log(&gateway, "certificate issued and in service");
+    gateway.wait_log_within(ISSUE, &["certificate issued and in service"]);
     let port = gateway.port();
     drop(gateway);
 
@@ -157,7 +151,7 @@ fn restart_serves_the_stored_certificate_without_a_new_order() {
     );
 
     // The manager has looked at the stored certificate and scheduled its renewal.
-    wait_log(&again, "next certificate renewal scheduled");
+    again.wait_log_within(ISSUE, &["next certificate renewal scheduled"]);
     let log = again.stderr();
     assert!(log.contains("serving the stored ACME certificate"), "{log}");
     assert!(log.contains("using the stored ACME account"), "{log}");
@@ -236,7 +230,7 @@ fn on_demand_issues_a_certificate_for_a_new_tunnel_host() {
     // The handshake verifies the name and the chain to Pebble's root.
     let cert = acme.pebble.wait_served(gw.port(), &host, ServedCert::is_pebble);
     assert_eq!(cert.dns_names, [host.as_str()], "on-demand certificate names");
-    wait_log(gw, "no certificate covers this tunnel host: ordering one");
+    gw.wait_log_within(ISSUE, &["no certificate covers this tunnel host: ordering one"]);
     let stored = env.path().join(format!("state/acme/{host}.crt"));
     assert!(stored.is_file(), "{} not stored", stored.display());
 }
@@ -246,13 +240,14 @@ fn failed_renewal_with_pebble_gone_keeps_the_current_certificate() {
     let env = TestEnv::new();
     let mut acme = pebble::start(&env, Challenge::TlsAlpn01, false);
     let first = wait_issued(&acme);
-    wait_log(&acme.gateway, "certificate issued and in service");
+    acme.gateway
+        .wait_log_within(ISSUE, &["certificate issued and in service"]);
 
     acme.pebble.stop();
     force_renewal(&acme.gateway);
-    wait_log(
-        &acme.gateway,
-        "ACME order failed; the current certificate stays in service",
+    acme.gateway.wait_log_within(
+        ISSUE,
+        &["ACME order failed; the current certificate stays in service"],
     );
 
     let gw = &acme.gateway;

@@ -225,13 +225,7 @@ fn a_reserved_vanity_host_is_served_only_for_its_key() {
         env.key("owner", KeyKind::Ed25519),
         env.key("other", KeyKind::Ed25519),
     );
-    let config = env.path().join("edgemux-vanity.toml");
-    let reserve = format!(
-        "\n[[ssh.reserve]]\nhost = \"app.example.com\"\nkey = \"{}\"\n",
-        owner.keyid
-    );
-    std::fs::write(&config, env.gateway().render() + &reserve).unwrap();
-    let gw = common::Gateway::start(&env, &config);
+    let gw = env.gateway().reserve("app.example.com", &owner).start();
     let echo = echo_server();
     let spec = format!("app.example.com:80:127.0.0.1:{echo}");
 

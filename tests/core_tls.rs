@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
 
+use common::config::{GatewayBuilder, Listener};
 use common::process::{run_bounded, Output};
 use common::{edgemux, Gateway, TestEnv, DOMAIN, SETUP};
 
@@ -119,7 +119,7 @@ fn read_line(stream: &mut impl Read) -> String {
 fn fragmented_2kb_client_hello_with_alpn_ssh_reaches_ssh() {
     let env = TestEnv::new();
     // A long sniff timeout: the banner must come from ALPN routing, not from the silence fallback.
-    let gw = env.gateway().sniff_timeout("10s").start();
+    let gw = env.gateway().limit("sniff_timeout", "10s").start();
     let mut alpn: Vec<Vec<u8>> = (0..9)
         .map(|i| format!("x-pad-{i}-{}", "p".repeat(190)).into_bytes())
         .collect();
@@ -192,12 +192,10 @@ fn silent_plain_tcp_client_gets_the_ssh_banner_after_the_sniff_timeout() {
     assert_banner_after_silence(&mut tcp, started);
 }
 
-/// `edgemux check -c` on `toml`.
-fn check(env: &TestEnv, toml: &str) -> Output {
-    let path = env.path().join("check.toml");
-    fs::write(&path, toml).unwrap();
+/// `edgemux check -c` on `config`.
+fn check(env: &TestEnv, config: &GatewayBuilder) -> Output {
     let mut cmd = edgemux();
-    cmd.args(["check", "-c"]).arg(&path);
+    cmd.args(["check", "-c"]).arg(config.write_config());
     run_bounded(env.path(), "check", cmd, SETUP)
 }
 
@@ -220,7 +218,7 @@ fn assert_rejected(out: &Output, words: &[&str]) {
 #[test]
 fn check_accepts_a_good_config() {
     let env = TestEnv::new();
-    let out = check(&env, &env.gateway().render());
+    let out = check(&env, &env.gateway());
     assert!(
         out.status.success(),
         "check rejected a good config:\n{}",
@@ -231,17 +229,28 @@ fn check_accepts_a_good_config() {
 #[test]
 fn check_names_the_key_path_of_every_problem() {
     let env = TestEnv::new();
-    let good = env.gateway().render();
-    assert!(good.contains("keepalive_max = 2\n") && good.contains("bind = \"127.0.0.1:0\""));
+    let good = env.gateway();
+    // The variants below start from a config `check` accepts, so each rejection is their doing.
+    let out = check(&env, &good);
+    assert!(
+        out.status.success(),
+        "the base config is rejected:\n{}",
+        out.combined()
+    );
 
-    let unknown = good.replace("keepalive_max = 2\n", "keepalive_max = 2\nkeepalive_maxx = 3\n");
+    let unknown = good.clone().set("ssh.keepalive_maxx", 3);
     assert_rejected(&check(&env, &unknown), &["keepalive_maxx", "ssh"]);
 
-    let bad_bind = good.replacen("bind = \"127.0.0.1:0\"", "bind = \"not-an-address\"", 1);
-    assert_rejected(&check(&env, &bad_bind), &["listener", "bind"]);
+    let bad_bind = good.listeners(&[Listener::bind("not-an-address")]);
+    let out = check(&env, &bad_bind);
+    assert_rejected(&out, &["listener", "bind"]);
+    assert!(
+        !out.stderr.contains("admin"),
+        "admin blamed for the listener:\n{}",
+        out.stderr
+    );
 
     // Two bad values in one file: both are reported, each with its own path.
-    let two = bad_bind.replace("[admin]\nbind = \"127.0.0.1:0\"", "[admin]\nbind = \"also-bad\"");
-    assert_ne!(two, bad_bind);
+    let two = bad_bind.set("admin.bind", "also-bad");
     assert_rejected(&check(&env, &two), &["listener", "admin"]);
 }

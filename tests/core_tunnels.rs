@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::backend::{echo_server, id_server, push_or_echo_server, random_bytes};
-use common::backend::{read_to_eof, read_up_to, round_trip};
+use common::backend::{read_up_to, round_trip};
 use common::process::poll_until;
 use common::ssh::{KeyKind, LocalForward, SshClient, Transport};
 use common::{TestEnv, SETUP};
@@ -22,19 +22,6 @@ const PORT: u16 = 5432;
 /// `ssh -L` from `client` to `host:PORT`.
 fn forward_to(client: &SshClient, host: &str) -> LocalForward {
     client.local_forward(&format!("{host}:{PORT}"))
-}
-
-/// A refused channel: the local connection closes without a byte, and ssh reports the failed open.
-fn assert_refused(fwd: &LocalForward, what: &str) {
-    let mut conn = fwd.connect();
-    let _ = conn.write_all(b"anyone there?\n");
-    let got = read_to_eof(conn, SETUP);
-    assert!(
-        got.is_empty(),
-        "{what}: expected no data, got {:?}",
-        String::from_utf8_lossy(&got)
-    );
-    fwd.proc.wait_output("open failed", true, SETUP);
 }
 
 /// 1 MiB of random bytes through `ssh -L` to the owner's own tunnel comes back unchanged.
@@ -79,7 +66,7 @@ fn other_key_is_refused_for_a_private_tunnel() {
     let _tunnel = gw.ssh(&a, Transport::Tls).open_tunnel("db", PORT, echo_server());
 
     let fwd = forward_to(&gw.ssh(&b, Transport::Tls), &a.host("db"));
-    assert_refused(&fwd, "key B to key A's private tunnel");
+    fwd.assert_channel_refused("key B to key A's private tunnel");
 }
 
 #[test]
@@ -92,10 +79,10 @@ fn direct_tcpip_to_anything_but_a_tunnel_is_refused() {
     let _tunnel = client.open_tunnel("db", PORT, echo);
 
     let admin = client.local_forward(&format!("127.0.0.1:{}", gw.admin_port()));
-    assert_refused(&admin, "the admin listener");
+    admin.assert_channel_refused("the admin listener");
     // A live local service that is not a tunnel: the gateway must not be an open proxy.
     let local = client.local_forward(&format!("127.0.0.1:{echo}"));
-    assert_refused(&local, "a local port that is not a tunnel");
+    local.assert_channel_refused("a local port that is not a tunnel");
 }
 
 #[test]
@@ -119,7 +106,7 @@ fn granted_key_reaches_owner_tunnel_and_others_stay_refused() {
     );
 
     let fwd = forward_to(&gw.ssh(&c, Transport::Tls), &a.host("db"));
-    assert_refused(&fwd, "key C, not in A's grant");
+    fwd.assert_channel_refused("key C, not in A's grant");
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::backend::read_up_to;
 use common::flood::{ensure_open_files, Ended, Flood};
 use common::http::{http_backend, pattern_sha256, tls_connect, Visitor};
-use common::pki;
+use common::pki::{self, Leaf};
 use common::process::{poll_until, run_bounded, send_signal, Proc};
 use common::prom::Admin;
 use common::ssh::{KeyKind, SshKey, Transport};
@@ -25,25 +25,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const MIB: u64 = 1 << 20;
 /// Timers never fire early; this only absorbs the clock reads on both sides.
 const EARLY: Duration = Duration::from_millis(50);
-
-/// Starts the gateway on the harness config with `limits` set (see [`config_with`]).
-fn start(env: &TestEnv, limits: &[(&str, &str)]) -> (Gateway, PathBuf) {
-    let path = config_with(env, limits, |toml| toml);
-    (Gateway::start(env, &path), path)
-}
-
-/// Writes the harness config with `limits` set (replacing its own values of those keys) and then
-/// `edit`ed; returns its path.
-fn config_with(env: &TestEnv, limits: &[(&str, &str)], edit: impl Fn(String) -> String) -> PathBuf {
-    let toml = env.gateway().render();
-    let overridden = |l: &&str| limits.iter().any(|(k, _)| l.starts_with(&format!("{k} = ")));
-    let kept: Vec<&str> = toml.lines().filter(|l| !overridden(l)).collect();
-    let set: String = limits.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-    let toml = (kept.join("\n") + "\n").replacen("[limits]\n", &format!("[limits]\n{set}"), 1);
-    let path = env.path().join("hardening.toml");
-    std::fs::write(&path, edit(toml)).unwrap();
-    path
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     let mut builder = tokio::runtime::Builder::new_current_thread();
@@ -105,12 +86,12 @@ fn a_thousand_silent_connections_neither_block_a_new_client_nor_outlive_their_de
     let env = TestEnv::new();
     // A silent peer is routed to SSH at `sniff` (it gets the banner), and cut `login` after that.
     let (sniff, login) = (Duration::from_secs(1), Duration::from_secs(5));
-    let limits = [
-        ("sniff_timeout", "\"1s\""),
-        ("login_timeout", "\"5s\""),
-        ("pre_routing_timeout", "\"3s\""),
-    ];
-    let (gw, _) = start(&env, &limits);
+    let gw = env
+        .gateway()
+        .limit("sniff_timeout", "1s")
+        .limit("login_timeout", "5s")
+        .limit("pre_routing_timeout", "3s")
+        .start();
     let key = env.key("a", KeyKind::Ed25519);
     let client = gw.ssh(&key, Transport::Tls);
     let _tunnel = client.open_tunnel("app", 80, http_backend("alpha"));
@@ -152,8 +133,11 @@ fn stalled_tls_handshakes_are_closed_silently_at_the_pre_routing_deadline() {
     // A ClientHello record announcing 512 bytes, of which only these ever arrive.
     const PARTIAL_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
     let env = TestEnv::new();
-    let limits = [("pre_routing_timeout", "\"2s\""), ("sniff_timeout", "\"1s\"")];
-    let (gw, _) = start(&env, &limits);
+    let gw = env
+        .gateway()
+        .limit("pre_routing_timeout", "2s")
+        .limit("sniff_timeout", "1s")
+        .start();
     let source = [Ipv4Addr::new(127, 0, 0, 20)];
     let flood = Flood::start(gw.port(), &source, 100, PARTIAL_HELLO, SETUP);
     assert_eq!(flood.wait_connected(SETUP), 100);
@@ -188,7 +172,7 @@ async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, head: &[u8]) -> 
 fn slowloris_headers_are_cut_at_header_timeout_while_another_client_is_served() {
     let header_timeout = Duration::from_secs(2);
     let env = TestEnv::new();
-    let (gw, _) = start(&env, &[("header_timeout", "\"2s\"")]);
+    let gw = env.gateway().limit("header_timeout", "2s").start();
     let visitor = Visitor::new(&env, &gw);
     let head = format!("GET /healthz HTTP/1.1\r\nHost: {DOMAIN}\r\nX-Slow: ");
     let (cut, sent) = thread::scope(|scope| {
@@ -218,7 +202,7 @@ fn slowloris_headers_are_cut_at_header_timeout_while_another_client_is_served() 
 fn tls_client_silent_after_the_handshake_is_cut_at_header_timeout() {
     let header_timeout = Duration::from_secs(2);
     let env = TestEnv::new();
-    let (gw, _) = start(&env, &[("header_timeout", "\"2s\"")]);
+    let gw = env.gateway().limit("header_timeout", "2s").start();
     let cut = runtime().block_on(async {
         let mut tls = tls_connect(&env.pki.ca_der, gw.port(), DOMAIN, &[b"http/1.1"]).await;
         let started = Instant::now();
@@ -233,8 +217,11 @@ fn tls_client_silent_after_the_handshake_is_cut_at_header_timeout() {
 #[test]
 fn per_address_cap_refuses_the_excess_from_one_address_while_another_is_served() {
     let env = TestEnv::new();
-    let limits = [("max_connections_per_client", "5"), ("login_timeout", "\"60s\"")];
-    let (gw, _) = start(&env, &limits);
+    let gw = env
+        .gateway()
+        .limit("max_connections_per_client", 5)
+        .limit("login_timeout", "60s")
+        .start();
     let (visitor, admin) = (Visitor::new(&env, &gw), Admin::new(&gw, None));
     // Five silent connections from 127.0.0.1, each held until it was routed (it got the banner).
     let held: Vec<TcpStream> = (0..5)
@@ -316,7 +303,7 @@ fn spawn_download(env: &TestEnv, visitor: &Visitor, host: &str, args: &[&str]) -
 fn sigterm_lets_in_flight_256mib_downloads_finish_and_refuses_new_connections() {
     const LEN: u64 = 256 * MIB;
     let env = TestEnv::new();
-    let (mut gw, _) = start(&env, &[("drain_timeout", "\"60s\"")]);
+    let mut gw = env.gateway().limit("drain_timeout", "60s").start();
     let key = env.key("a", KeyKind::Ed25519);
     let tunnel = gw.ssh(&key, Transport::Tls);
     let tunnel = tunnel.open_tunnel("app", 80, http_backend("alpha"));
@@ -363,8 +350,7 @@ fn sigterm_lets_in_flight_256mib_downloads_finish_and_refuses_new_connections() 
     let log = gw.stderr();
     assert!(!log.contains("drain deadline reached"), "drain cut:\n{log}");
     let told = "the gateway is shutting down; reconnect to continue";
-    let seen = poll_until(SETUP, || tunnel.stderr().contains(told).then_some(()));
-    assert!(seen.is_some(), "ssh not told {told:?}\n{}", tunnel.describe());
+    tunnel.wait_output(told, true, SETUP);
 }
 
 /// The decimal serial of the certificate a new TLS handshake for `gw.test` is served.
@@ -402,11 +388,15 @@ fn sighup_swaps_the_certificate_keeps_connections_and_refuses_a_broken_config() 
     let (live_cert, live_key) = (env.path().join("live-cert.pem"), env.path().join("live-key.pem"));
     std::fs::copy(&env.pki.gw.chain, &live_cert).unwrap();
     std::fs::copy(&env.pki.gw.key, &live_key).unwrap();
-    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
-    let config = config_with(&env, &[("header_timeout", "\"60s\"")], |toml| {
-        let toml = toml.replace(&quoted(&env.pki.gw.chain), &quoted(&live_cert));
-        toml.replace(&quoted(&env.pki.gw.key), &quoted(&live_key))
-    });
+    let live = Leaf {
+        chain: live_cert.clone(),
+        key: live_key.clone(),
+    };
+    let builder = env
+        .gateway()
+        .limit("header_timeout", "60s")
+        .certificates(&[&live, &env.pki.other]);
+    let config = builder.write_config();
     let gw = Gateway::start(&env, &config);
     let (ca, port, rt) = (env.pki.ca_der.clone(), gw.port(), runtime());
     let mut kept = rt.block_on(tls_connect(&ca, port, DOMAIN, &[b"http/1.1"]));
@@ -423,15 +413,13 @@ fn sighup_swaps_the_certificate_keeps_connections_and_refuses_a_broken_config() 
     std::fs::copy(&renewed.chain, &live_cert).unwrap();
     let log_count = |needle: &str| gw.stderr().matches(needle).count();
     send_signal("HUP", &gw.pid().to_string());
-    let reloaded = poll_until(SETUP, || (log_count("certificates reloaded") == 1).then_some(()));
-    assert!(reloaded.is_some(), "not reloaded:\n{}", gw.stderr());
+    gw.wait_log(&["certificates reloaded"]);
+    assert_eq!(log_count("certificates reloaded"), 1, "reloaded more than once");
     check("after SIGHUP", "4242");
 
-    let valid = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("no_such_key = 1\n{valid}")).unwrap();
+    std::fs::write(&config, builder.set("no_such_key", 1).render()).unwrap();
     send_signal("HUP", &gw.pid().to_string());
-    let rejected = poll_until(SETUP, || (log_count("new config rejected") > 0).then_some(()));
-    assert!(rejected.is_some(), "broken config not rejected:\n{}", gw.stderr());
+    gw.wait_log(&["new config rejected"]);
     assert!(
         gw.stderr().contains("no_such_key"),
         "key not named:\n{}",

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::backend::random_bytes;
-use common::http::{gateway_with, http_backend, pattern, pattern_sha256};
+use common::http::{http_backend, pattern, pattern_sha256};
 use common::http::{rss_kib, tls_connect, RssSampler, Visitor};
 use common::process::{poll_until, Proc};
 use common::ssh::{KeyKind, SshClient, SshKey, Transport};
@@ -34,9 +34,13 @@ struct Site {
     env: TestEnv,
 }
 
+/// `limits` are `[limits]` keys with their values, e.g. `("upstream_timeout", "1s")`.
 fn site(limits: &[(&str, &str)]) -> Site {
     let env = TestEnv::new();
-    let gw = gateway_with(&env, limits, &[]);
+    let config = limits
+        .iter()
+        .fold(env.gateway(), |config, &(key, value)| config.limit(key, value));
+    let gw = config.start();
     let key = env.key("a", KeyKind::Ed25519);
     let client = gw.ssh(&key, Transport::Tls);
     let tunnel = client.open_tunnel("app", 80, http_backend("alpha"));
@@ -215,7 +219,7 @@ fn unknown_host_is_404_closed_backend_is_502_and_apex_healthz_is_200() {
 fn slow_backend_is_504_and_frozen_tunnel_client_is_502_or_504() {
     // The harness's keepalives (1 s × 2) drop a frozen client after 2-3 s, which would turn the
     // answer into a 404; with 1 s timeouts the gateway answers before that.
-    let s = site(&[("tunnel_open_timeout", "\"1s\""), ("upstream_timeout", "\"1s\"")]);
+    let s = site(&[("tunnel_open_timeout", "1s"), ("upstream_timeout", "1s")]);
     let started = Instant::now();
     s.visitor
         .get(&s.host, "/sleep/5000", &[])

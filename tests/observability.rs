@@ -39,20 +39,13 @@ const HTTP1: [(&str, &str); 1] = [("protocol", "http/1.1")];
 
 /// The harness config plus `[admin] token_file` when `token` is set, started with `global_args`.
 fn start(env: &TestEnv, token: Option<&str>, global_args: &[&str]) -> Gateway {
-    let mut toml = env.gateway().render();
+    let mut config = env.gateway();
     if let Some(token) = token {
         let file = env.path().join("admin-token");
         fs::write(&file, format!("{token}\n")).unwrap();
-        assert!(
-            toml.contains("[admin]\n"),
-            "harness config has no [admin]:\n{toml}"
-        );
-        let line = format!("[admin]\ntoken_file = {:?}\n", file.display().to_string());
-        toml = toml.replacen("[admin]\n", &line, 1);
+        config = config.admin_token_file(&file);
     }
-    let path = env.path().join("observability.toml");
-    fs::write(&path, toml).unwrap();
-    Gateway::start_with(env, &path, global_args)
+    config.start_with(global_args)
 }
 
 /// A live HTTP tunnel `web` under a fresh key, held by `ssh -R` over TLS.

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use common::config::{Listener, ProxyProtocol};
 use common::haproxy::{v2_local, v2_proxy, Haproxy, SendProxy};
 use common::process::{poll_until, run_bounded, Output, Proc};
 use common::ssh::{KeyKind, SshKey, Transport};
@@ -24,23 +25,18 @@ use rustls::ClientConnection;
 /// The fix the gateway logs when a PROXY header reaches a listener with `proxy_protocol = "off"`.
 const OFF_HINT: &str = "enable proxy_protocol on this listener and add the load balancer to trusted_proxies";
 
-/// Listener 0 takes no PROXY header (the ssh tunnel clients connect there); listener 1 requires
-/// one from 127.0.0.1, where HAProxy and the hand-written headers come from.
-const LISTENERS: &str = "[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"off\"\n\n\
-    [[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"required\"\n\
-    trusted_proxies = [\"127.0.0.1\"]\n";
-
-/// A gateway with [`LISTENERS`]; returns it with the `off` and the `required` ports.
+/// A gateway whose listener 0 takes no PROXY header (the ssh tunnel clients connect there) and
+/// whose listener 1 requires one from 127.0.0.1, where HAProxy and the hand-written headers come
+/// from; returns it with the `off` and the `required` ports.
 fn start_gateway(env: &TestEnv) -> (Gateway, u16, u16) {
-    let rendered = env.gateway().render();
-    let default = "[[listener]]\nbind = \"127.0.0.1:0\"\n";
-    assert!(
-        rendered.contains(default),
-        "harness config changed shape:\n{rendered}"
-    );
-    let config = env.path().join("edgemux-proxy-protocol.toml");
-    fs::write(&config, rendered.replacen(default, LISTENERS, 1)).unwrap();
-    let gw = Gateway::start(env, &config);
+    let gw = env
+        .gateway()
+        .listeners(&[
+            Listener::local().proxy_protocol(ProxyProtocol::Off, &[]),
+            Listener::local().proxy_protocol(ProxyProtocol::Required, &["127.0.0.1"]),
+        ])
+        .start();
+    assert_eq!(gw.ports().len(), 2, "one port per configured listener");
     let (off, required) = (gw.ports()[0], gw.ports()[1]);
     (gw, off, required)
 }
@@ -117,25 +113,6 @@ fn assert_client(head: &str, ip: &str, forwarded_for: &str) {
     );
 }
 
-/// Waits (bounded) until the gateway's log has a line containing every one of `needles`.
-fn wait_log(gw: &Gateway, needles: &[&str]) -> String {
-    let found = poll_until(SETUP, || {
-        let log = gw.stderr();
-        let hit = log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
-        hit.then_some(log)
-    });
-    found.unwrap_or_else(|| panic!("no gateway log line with all of {needles:?}"))
-}
-
-/// Asserts curl got no HTTP response at all: the gateway closed the connection.
-fn assert_refused(out: &Output, what: &str) {
-    assert!(
-        !out.status.success() && out.stdout.is_empty(),
-        "{what}: expected a closed connection, curl got:\n{}",
-        out.combined()
-    );
-}
-
 /// From 127.0.0.1: writes `header` one byte per TCP segment, then does TLS for `host` and an
 /// HTTP/1.1 GET; returns the whole response.
 fn get_after_header(env: &TestEnv, port: u16, header: &[u8], host: &str) -> String {
@@ -180,7 +157,7 @@ fn visitor_through_haproxy(send: SendProxy) {
     let out = curl(&env, &host, haproxy.port, &["--interface", "127.0.0.5"]);
     assert!(out.status.success(), "curl via HAProxy:\n{}", out.combined());
     assert_client(&out.stdout, "127.0.0.5", "127.0.0.5");
-    wait_log(&gw, &[": request", "client=127.0.0.5:", &host]);
+    gw.wait_log(&[": request", "client=127.0.0.5:", &host]);
     holder.wait_output("originator 127.0.0.5 port", true, SETUP);
 }
 
@@ -201,8 +178,8 @@ fn header_from_an_untrusted_peer_is_refused() {
     // curl writes a v1 header naming its own address; 127.0.0.9 is not in trusted_proxies.
     let args = ["--interface", "127.0.0.9", "--haproxy-protocol"];
     let out = curl(&env, "web.gw.test", required, &args);
-    assert_refused(&out, "PROXY header from 127.0.0.9");
-    wait_log(&gw, &["PROXY header from untrusted peer 127.0.0.9"]);
+    out.assert_no_reply("PROXY header from 127.0.0.9");
+    gw.wait_log(&["PROXY header from untrusted peer 127.0.0.9"]);
 }
 
 #[test]
@@ -210,8 +187,8 @@ fn required_mode_refuses_a_trusted_peer_without_a_header() {
     let env = TestEnv::new();
     let (gw, _, required) = start_gateway(&env);
     let out = curl(&env, "web.gw.test", required, &["--interface", "127.0.0.1"]);
-    assert_refused(&out, "no PROXY header on a required listener");
-    wait_log(&gw, &["no PROXY header from trusted peer 127.0.0.1"]);
+    out.assert_no_reply("no PROXY header on a required listener");
+    gw.wait_log(&["no PROXY header from trusted peer 127.0.0.1"]);
 }
 
 #[test]
@@ -226,7 +203,7 @@ fn v2_header_written_one_byte_at_a_time_is_read_whole() {
     let response = get_after_header(&env, required, &header, &host);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_client(&response, "192.0.2.33", "192.0.2.33");
-    wait_log(&gw, &[": request", "client=192.0.2.33:5555", &host]);
+    gw.wait_log(&[": request", "client=192.0.2.33:5555", &host]);
 }
 
 #[test]
@@ -252,7 +229,7 @@ fn v2_ipv6_client_address_reaches_the_backend() {
     let response = get_after_header(&env, required, &v2_proxy(source, destination), &host);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_client(&response, "2001:db8::7", "\"[2001:db8::7]\"");
-    wait_log(&gw, &[": request", "client=[2001:db8::7]:5555", &host]);
+    gw.wait_log(&[": request", "client=[2001:db8::7]:5555", &host]);
     holder.wait_output("originator 2001:db8::7 port 5555", true, SETUP);
 }
 
@@ -263,8 +240,8 @@ fn header_on_a_listener_with_proxy_protocol_off_is_refused_with_the_fix() {
     // The usual misconfiguration: the load balancer sends v2, the listener expects none.
     let haproxy = Haproxy::start(env.path(), off, SendProxy::V2);
     let out = curl(&env, "web.gw.test", haproxy.port, &[]);
-    assert_refused(&out, "PROXY v2 header on an `off` listener");
-    wait_log(&gw, &[OFF_HINT]);
+    out.assert_no_reply("PROXY v2 header on an `off` listener");
+    gw.wait_log(&[OFF_HINT]);
 }
 
 /// A ProxyCommand that writes a PROXY v2 header (from a file) to the gateway, then relays the

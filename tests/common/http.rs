@@ -369,24 +369,6 @@ impl Visitor {
     }
 }
 
-/// Renders the harness's gateway config with extra `[limits]` and `[ssh]` keys, then starts it.
-pub fn gateway_with(env: &TestEnv, limits: &[(&str, &str)], ssh: &[(&str, &str)]) -> Gateway {
-    let mut toml = env.gateway().render();
-    for (section, pairs) in [("[limits]\n", limits), ("[ssh]\n", ssh)] {
-        let lines: String = pairs.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-        assert!(
-            toml.contains(section),
-            "harness config has no {section:?}:\n{toml}"
-        );
-        toml = toml.replacen(section, &format!("{section}{lines}"), 1);
-    }
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let path = env.path().join(format!("edgemux-http-{n}.toml"));
-    fs::write(&path, toml).expect("write config");
-    Gateway::start(env, &path)
-}
-
 /// Resident set size of process `pid` in KiB (`VmRSS` in /proc), if it still runs.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

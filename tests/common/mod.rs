@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod config;
 pub mod flood;
 pub mod haproxy;
 pub mod http;
@@ -15,16 +16,15 @@ pub mod process;
 pub mod prom;
 pub mod ssh;
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use config::GatewayBuilder;
 use pki::Pki;
 use ssh::{KeyKind, SshClient, SshKey, Transport};
 
@@ -34,6 +34,10 @@ pub const DOMAIN: &str = "gw.test";
 /// Deadline for setup steps (start, ssh login, tunnel registration). Generous: tests run in
 /// parallel on small machines, and a deadline only costs time when something is broken.
 pub const SETUP: Duration = Duration::from_secs(20);
+
+/// How many of the gateway's last log lines a failed `wait_log` shows (the whole log is printed
+/// when the test's `Gateway` drops).
+const LOG_TAIL: usize = 30;
 
 const TOOLS: [&str; 4] = ["ssh", "ssh-keygen", "openssl", "curl"];
 const INSTALL_HINT: &str = "apt-get install -y openssh-client openssl curl";
@@ -99,93 +103,7 @@ impl TestEnv {
     }
 
     pub fn gateway(&self) -> GatewayBuilder<'_> {
-        GatewayBuilder {
-            env: self,
-            authorized_keys: None,
-            grants: Vec::new(),
-            sniff_timeout: "500ms".to_owned(),
-        }
-    }
-}
-
-pub struct GatewayBuilder<'a> {
-    env: &'a TestEnv,
-    authorized_keys: Option<Vec<SshKey>>,
-    grants: Vec<(String, Vec<String>)>,
-    sniff_timeout: String,
-}
-
-impl GatewayBuilder<'_> {
-    /// Only these keys may log in (omitted: open mode).
-    pub fn authorized_keys(mut self, keys: &[&SshKey]) -> Self {
-        self.authorized_keys = Some(keys.iter().map(|k| (*k).clone()).collect());
-        self
-    }
-
-    /// `[[ssh.grant]]`: `keys` may reach `owner`'s private TCP tunnels.
-    pub fn grant(mut self, owner: &SshKey, keys: &[&SshKey]) -> Self {
-        let ids = keys.iter().map(|k| k.keyid.clone()).collect();
-        self.grants.push((owner.keyid.clone(), ids));
-        self
-    }
-
-    pub fn sniff_timeout(mut self, value: &str) -> Self {
-        value.clone_into(&mut self.sniff_timeout);
-        self
-    }
-
-    /// The config as TOML; files it names are created in the temp dir.
-    pub fn render(&self) -> String {
-        let dir = self.env.path();
-        let certs = dir.join("certs");
-        fs::create_dir_all(&certs).expect("create certs dir");
-        let pki = &self.env.pki;
-        let q = |p: &Path| format!("{:?}", p.display().to_string());
-        let mut toml = format!(
-            "domain = \"{DOMAIN}\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
-             [tls]\ncerts_dir = {}\n\n\
-             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
-             [[tls.certificate]]\ncert = {}\nkey = {}\n\n\
-             [ssh]\nhost_key = {}\nkeepalive_interval = \"1s\"\nkeepalive_max = 2\n",
-            q(&certs),
-            q(&pki.gw.chain),
-            q(&pki.gw.key),
-            q(&pki.other.chain),
-            q(&pki.other.key),
-            q(&certs.join("ssh_host_ed25519_key")),
-        );
-        if let Some(keys) = &self.authorized_keys {
-            let file = dir.join("authorized_keys");
-            let lines: Vec<String> = keys
-                .iter()
-                .map(|k| fs::read_to_string(&k.public).expect("read public key"))
-                .collect();
-            fs::write(&file, lines.concat()).expect("write authorized_keys");
-            let _ = writeln!(toml, "authorized_keys = {}", q(&file));
-        }
-        for (owner, keys) in &self.grants {
-            let _ = write!(toml, "\n[[ssh.grant]]\nowner = {owner:?}\nkeys = {keys:?}\n");
-        }
-        let _ = write!(
-            toml,
-            "\n[limits]\nsniff_timeout = {:?}\npre_routing_timeout = \"10s\"\n\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n",
-            self.sniff_timeout
-        );
-        toml
-    }
-
-    /// Writes the config to a fresh file and returns its path.
-    pub fn write_config(&self) -> PathBuf {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self.env.path().join(format!("edgemux-{n}.toml"));
-        fs::write(&path, self.render()).expect("write config");
-        path
-    }
-
-    pub fn start(self) -> Gateway {
-        Gateway::start(self.env, &self.write_config())
+        GatewayBuilder::new(self)
     }
 }
 
@@ -299,6 +217,28 @@ impl Gateway {
 
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits up to `SETUP` for a log line containing every one of `needles` and returns it.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        self.wait_log_within(SETUP, needles)
+    }
+
+    /// `wait_log` for steps slower than setup (an ACME order); panics with the log's tail.
+    pub fn wait_log_within(&self, timeout: Duration, needles: &[&str]) -> String {
+        let matching = |line: &&str| needles.iter().all(|n| line.contains(n));
+        let found = process::poll_until(timeout, || {
+            self.stderr().lines().find(matching).map(str::to_owned)
+        });
+        found.unwrap_or_else(|| {
+            let log = self.stderr();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            panic!(
+                "no gateway log line with all of {needles:?} within {timeout:?}; last lines:\n{}",
+                tail.join("\n")
+            )
+        })
     }
 
     /// An ssh client for `key` over `transport`, user name `tester`.

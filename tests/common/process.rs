@@ -168,6 +168,16 @@ impl Output {
     pub fn combined(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
+
+    /// Asserts a client (curl) got no reply at all: it failed with nothing on stdout, as when the
+    /// gateway closes the connection instead of answering.
+    pub fn assert_no_reply(&self, what: &str) {
+        assert!(
+            !self.status.success() && self.stdout.is_empty(),
+            "{what}: expected a closed connection, the client got:\n{}",
+            self.combined()
+        );
+    }
 }
 
 /// Runs `cmd` to completion with stdin closed, killing it (and its group) after `timeout`.

@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -284,15 +284,13 @@ impl Prometheus {
                 .arg(format!("--storage.tsdb.path={}", home.join("data").display()))
                 .arg(format!("--web.listen-address=127.0.0.1:{port}"));
             let mut proc = Proc::spawn(&home, "prometheus", cmd);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if proc.try_wait().is_some() {
-                    break;
-                }
-                if ready(port) {
-                    return Prometheus { proc, port };
-                }
-                std::thread::sleep(Duration::from_millis(100));
+            // `Some(false)`: it exited, which is fine only if it lost its port (checked below).
+            let up = poll_until(Duration::from_secs(30), || match proc.try_wait() {
+                Some(_) => Some(false),
+                None => ready(port).then_some(true),
+            });
+            if up == Some(true) {
+                return Prometheus { proc, port };
             }
             let stderr = proc.stderr();
             assert!(

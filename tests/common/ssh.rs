@@ -1,6 +1,7 @@
 //! The real OpenSSH client against the gateway: through TLS (an `openssl s_client` ProxyCommand
 //! that verifies the gateway's certificate, with or without ALPN `ssh`) or as raw SSH on the port.
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
+use super::backend::read_to_eof;
 use super::process::{poll_until, run_bounded, Output, Proc};
 use super::{keyid, DOMAIN, SETUP};
 
@@ -204,5 +206,19 @@ impl LocalForward {
                 self.proc.describe()
             )
         })
+    }
+
+    /// Asserts the gateway refused the channel behind this forward: a local connection closes
+    /// without a byte, and ssh reports the failed open.
+    pub fn assert_channel_refused(&self, what: &str) {
+        let mut conn = self.connect();
+        let _ = conn.write_all(b"anyone there?\n");
+        let got = read_to_eof(conn, SETUP);
+        assert!(
+            got.is_empty(),
+            "{what}: expected no data, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        self.proc.wait_output("open failed", true, SETUP);
     }
 }
