@@ -20,7 +20,10 @@ use crate::tls::challenge::Challenges;
 use crate::tls::local_ca::{self, LocalCa};
 use crate::tls::resolver::{CertResolver, MayMint};
 use crate::tls::{self, TlsError};
-use crate::tunnels::{Directory, Registry, Route, TunnelKey, Tunnels};
+use crate::tunnels::{Directory, KeyOwners, Registry, Route, TunnelKey, Tunnels};
+
+/// Under `certs_dir`: which full key owns each short key id (see `tunnels::KeyOwners`).
+const KEY_OWNERS_FILE: &str = "key-owners";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -34,6 +37,8 @@ pub enum BuildError {
     NoCertificates,
     #[error("cannot make the stand-in certificate: {0}")]
     StandIn(String),
+    #[error("cannot read the gateway state {path}: {reason}")]
+    State { path: String, reason: String },
     #[error("admin.token_file {path}: {reason}")]
     AdminToken { path: String, reason: String },
 }
@@ -130,10 +135,15 @@ impl Gateway {
                 tunnels.clone(),
             )
         });
+        let owners_file = config.certs_dir.join(KEY_OWNERS_FILE);
+        let owners = KeyOwners::load(&owners_file).map_err(|e| BuildError::State {
+            path: owners_file.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let mut ssh = SshContext::new(
             &config,
             (host_key, policy),
-            tunnels.clone(),
+            (tunnels.clone(), Arc::new(owners)),
             directory.clone(),
             limits.clone(),
         );

@@ -53,7 +53,13 @@ enum Command {
         admin: SocketAddr,
     },
     /// Print the key id that a client's tunnel hosts carry.
-    Keyid { key: PathBuf },
+    Keyid {
+        key: PathBuf,
+        /// Print the key's full `SHA256:` fingerprint instead: what `[[ssh.grant]]` and
+        /// `[[ssh.reserve]]` name keys by.
+        #[arg(long)]
+        fingerprint: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,7 +72,7 @@ fn main() -> ExitCode {
             .and_then(|c| serve(c, Some(path), None)),
         Command::Check { config } => return check(&config),
         Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
-        Command::Keyid { key } => keyid(&key),
+        Command::Keyid { key, fingerprint } => keyid(&key, fingerprint),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,11 +117,16 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn keyid(path: &Path) -> Result<()> {
+fn keyid(path: &Path, full: bool) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let key = edgemux::ssh::keys::parse_public_key_line(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    println!("{}", edgemux::ssh::keys::key_id(&key));
+    let fingerprint = edgemux::ssh::keys::fingerprint(&key);
+    if full {
+        println!("{fingerprint}");
+    } else {
+        println!("{}", fingerprint.key_id());
+    }
     Ok(())
 }
 

@@ -79,6 +79,61 @@ pub fn short_host(name: &TunnelName, keyid: &str) -> String {
     format!("{name}-{keyid}")
 }
 
+/// An SSH key's identity: the SHA-256 digest of the public key, shown as OpenSSH shows it
+/// (`SHA256:` and unpadded base64, what `ssh-keygen -lf KEY.pub` prints). Authorization, grants,
+/// reservations, pools and key-id ownership compare this, never the short key id: 40 bits can be
+/// collided with rented hardware, 256 cannot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyFingerprint([u8; 32]);
+
+impl KeyFingerprint {
+    pub const fn from_sha256(digest: [u8; 32]) -> Self {
+        Self(digest)
+    }
+
+    /// Parses `SHA256:<43 base64 characters>`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let b64 = text.trim().strip_prefix("SHA256:")?;
+        let bytes = data_encoding::BASE64_NOPAD.decode(b64.as_bytes()).ok()?;
+        <[u8; 32]>::try_from(bytes).ok().map(Self)
+    }
+
+    /// The short id in host names: the first [`KEY_ID_LEN`] characters of the lowercase base32 of
+    /// the digest (DNS-safe).
+    pub fn key_id(&self) -> String {
+        let mut id = data_encoding::BASE32_NOPAD.encode(&self.0).to_ascii_lowercase();
+        id.truncate(KEY_ID_LEN);
+        id
+    }
+
+    /// Another key with the same short id (the first 5 digest bytes) but not the same
+    /// fingerprint: what an attacker has after about 2^40 hashes.
+    #[cfg(test)]
+    pub(crate) fn colliding(&self) -> Self {
+        let mut other = self.0;
+        other[31] ^= 0xff;
+        Self(other)
+    }
+}
+
+impl std::fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SHA256:{}", data_encoding::BASE64_NOPAD.encode(&self.0))
+    }
+}
+
+impl std::fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for KeyFingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Whether `s` has the form of a key id: [`KEY_ID_LEN`] characters of lowercase base32.
 pub fn is_key_id(s: &str) -> bool {
     s.len() == KEY_ID_LEN
@@ -169,6 +224,24 @@ mod tests {
         assert_eq!(canonical_host("gw.test", d), None);
         assert_eq!(canonical_host("", d), None);
         assert_eq!(canonical_host("xgw.test", d), None);
+    }
+
+    #[test]
+    fn fingerprints_round_trip_and_give_the_key_id() {
+        let fp = KeyFingerprint::from_sha256([7u8; 32]);
+        let text = fp.to_string();
+        assert!(text.starts_with("SHA256:") && text.len() == 7 + 43, "{text}");
+        assert_eq!(KeyFingerprint::parse(&text), Some(fp));
+        assert!(is_key_id(&fp.key_id()));
+        assert_eq!(KeyFingerprint::parse("SHA256:short"), None);
+        assert_eq!(
+            KeyFingerprint::parse("abcd2345"),
+            None,
+            "a key id is not a fingerprint"
+        );
+        assert_eq!(KeyFingerprint::parse(&text.replace("SHA256:", "MD5:")), None);
+        assert_eq!(fp.colliding().key_id(), fp.key_id());
+        assert_ne!(fp.colliding(), fp);
     }
 
     #[test]

@@ -146,6 +146,34 @@ fn same_name_under_two_keys_gives_two_tunnels() {
 }
 
 #[test]
+fn key_id_claims_are_kept_in_the_state_dir_and_survive_a_restart() {
+    let env = TestEnv::new();
+    let a = env.key("a", KeyKind::Ed25519);
+    let builder = env.gateway();
+    let claims = env.path().join("certs/key-owners");
+    {
+        let gw = builder.clone().start();
+        let _tunnel = gw.ssh(&a, Transport::Tls).open_tunnel("db", PORT, echo_server());
+    }
+    let text = std::fs::read_to_string(&claims).expect("the claim is written under certs_dir");
+    assert_eq!(
+        text,
+        format!("{} {}\n", a.keyid, a.fingerprint),
+        "one line per claimed key id"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&claims).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the claims file is private");
+
+    // After a restart the owner still serves its id, and the file does not grow for it.
+    let gw = builder.start();
+    let client = gw.ssh(&a, Transport::Tls);
+    let _tunnel = client.open_tunnel("db", PORT, echo_server());
+    let echoed = round_trip(forward_to(&client, &a.host("db")).connect(), b"again", SETUP);
+    assert_eq!(echoed, b"again");
+    assert_eq!(std::fs::read_to_string(&claims).unwrap(), text);
+}
+
+#[test]
 fn same_key_and_name_twice_is_a_round_robin_pool() {
     let env = TestEnv::new();
     let gw = env.gateway().start();

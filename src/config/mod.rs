@@ -12,8 +12,10 @@ use serde::Deserialize;
 
 mod acme;
 mod limits;
+mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use limits::{Limits, LiveLimits, RawLimits};
+pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -66,35 +68,6 @@ pub struct RawCertificate {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSsh {
-    pub host_key: Option<PathBuf>,
-    pub authorized_keys: Option<PathBuf>,
-    pub keepalive_interval: Option<String>,
-    pub keepalive_max: Option<usize>,
-    pub channel_buffer: Option<usize>,
-    #[serde(default)]
-    pub grant: Vec<RawGrant>,
-    #[serde(default)]
-    pub reserve: Vec<RawReserve>,
-}
-
-/// A vanity host kept for one key: `ssh -R app.example.com:80:…` by that key serves it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawReserve {
-    pub host: String,
-    pub key: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawGrant {
-    pub owner: String,
-    pub keys: Vec<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -130,25 +103,6 @@ impl ListenerConfig {
 pub struct CertificatePaths {
     pub cert: PathBuf,
     pub key: PathBuf,
-}
-
-#[derive(Debug, Clone)]
-pub struct Grant {
-    pub owner: String,
-    pub keys: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SshConfig {
-    pub host_key: PathBuf,
-    pub authorized_keys: Option<PathBuf>,
-    pub keepalive_interval: Duration,
-    pub keepalive_max: usize,
-    /// Bytes one channel may buffer for a reader that is not keeping up before it is closed.
-    pub channel_buffer: usize,
-    pub grants: Vec<Grant>,
-    /// Vanity host → the key id that alone may serve it.
-    pub reserved: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -296,7 +250,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .public_port
         .or_else(|| listeners.first().map(|l| l.bind.port()))
         .unwrap_or(443);
-    let ssh = validate_ssh(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
+    let ssh = ssh::validate(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
     let limits = limits::validate(&mut c, &raw.limits);
     let admin = raw.admin.as_ref().and_then(|a| match a.bind.parse() {
         Ok(bind) => Some(AdminConfig {
@@ -354,7 +308,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     })
 }
 
-fn certs_dir_or_default(dir: Option<&Path>) -> PathBuf {
+pub(super) fn certs_dir_or_default(dir: Option<&Path>) -> PathBuf {
     dir.map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(defaults::CERTS_DIR))
 }
@@ -404,83 +358,6 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/16) or an IP address"))
-}
-
-fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> SshConfig {
-    let keepalive_interval = c.duration(
-        "ssh.keepalive_interval",
-        raw.keepalive_interval.as_deref(),
-        defaults::KEEPALIVE_INTERVAL,
-    );
-    if keepalive_interval.is_zero() {
-        c.push("ssh.keepalive_interval", "must be greater than zero");
-    }
-    let keepalive_max = raw.keepalive_max.unwrap_or(defaults::KEEPALIVE_MAX);
-    if keepalive_max == 0 {
-        c.push("ssh.keepalive_max", "must be at least 1");
-    }
-    let channel_buffer = raw.channel_buffer.unwrap_or(defaults::CHANNEL_BUFFER);
-    // At most twice the initial SSH window: the first flow-control report then never needs to
-    // grant window before the channel is confirmed.
-    let max_buffer = 2 * defaults::SSH_WINDOW as usize;
-    if !(64 * 1024..=max_buffer).contains(&channel_buffer) {
-        c.push(
-            "ssh.channel_buffer",
-            format!("must be between 65536 and {max_buffer} bytes"),
-        );
-    }
-    let mut grants = Vec::new();
-    for (i, g) in raw.grant.iter().enumerate() {
-        let ids = std::iter::once(("owner".to_string(), &g.owner))
-            .chain(g.keys.iter().enumerate().map(|(j, k)| (format!("keys[{j}]"), k)));
-        let mut ok = true;
-        for (key, id) in ids {
-            if !crate::names::is_key_id(id) {
-                c.push(
-                    format!("ssh.grant[{i}].{key}"),
-                    format!("{id:?} is not a key id (see `edgemux keyid KEY.pub`)"),
-                );
-                ok = false;
-            }
-        }
-        if ok {
-            grants.push(Grant {
-                owner: g.owner.clone(),
-                keys: g.keys.clone(),
-            });
-        }
-    }
-    let mut reserved = std::collections::HashMap::new();
-    for (i, r) in raw.reserve.iter().enumerate() {
-        let host = r.host.trim_end_matches('.').to_ascii_lowercase();
-        if !crate::names::is_domain(&host) || !host.contains('.') {
-            c.push(
-                format!("ssh.reserve[{i}].host"),
-                format!("{:?} is not a host name like app.example.com", r.host),
-            );
-        }
-        if !crate::names::is_key_id(&r.key) {
-            c.push(
-                format!("ssh.reserve[{i}].key"),
-                format!("{:?} is not a key id (see `edgemux keyid KEY.pub`)", r.key),
-            );
-        }
-        if reserved.insert(host, r.key.clone()).is_some() {
-            c.push(format!("ssh.reserve[{i}].host"), "reserved twice");
-        }
-    }
-    SshConfig {
-        reserved,
-        host_key: raw
-            .host_key
-            .clone()
-            .unwrap_or_else(|| certs_dir_or_default(certs_dir).join("ssh_host_ed25519_key")),
-        authorized_keys: raw.authorized_keys.clone(),
-        keepalive_interval,
-        keepalive_max,
-        channel_buffer,
-        grants,
-    }
 }
 
 /// Parses `"250ms"`, `"2s"`, `"5m"`, `"1h"`.

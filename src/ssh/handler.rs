@@ -13,10 +13,10 @@ use std::time::{Duration, SystemTime};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 
-use super::keys::key_id;
+use super::keys::fingerprint;
 use super::{ConnShared, SshContext};
 use crate::io::ClientAddr;
-use crate::names::{self, TunnelName};
+use crate::names::{self, KeyFingerprint, TunnelName};
 use crate::tunnels::{Member, Route, TunnelKey};
 
 /// How many `tcpip-forward`s one SSH connection may hold.
@@ -39,7 +39,8 @@ pub(super) struct Handler {
     conn: u64,
     client: SocketAddr,
     user: String,
-    keyid: Option<String>,
+    /// The key this connection authenticated with.
+    key: Option<KeyFingerprint>,
     /// Refusals waiting for a session channel to be shown on.
     refusals: Vec<String>,
 }
@@ -59,7 +60,7 @@ impl Handler {
             conn,
             client,
             user: String::new(),
-            keyid: None,
+            key: None,
             refusals: Vec::new(),
         }
     }
@@ -99,10 +100,10 @@ impl Handler {
 
     /// The tunnel name and host a `tcpip-forward` bind address asks for: a vanity host reserved
     /// for this key (`[[ssh.reserve]]`), else `<name>-<keyid>.<domain>`.
-    fn forward_host(&self, address: &str, keyid: &str) -> Result<(String, String), String> {
+    fn forward_host(&self, address: &str, key: &KeyFingerprint) -> Result<(String, String), String> {
         let wanted = address.trim_end_matches('.').to_ascii_lowercase();
         if let Some(owner) = self.ctx.reserved.get(&wanted) {
-            return if owner == keyid {
+            return if owner == key {
                 Ok((wanted.clone(), wanted))
             } else {
                 Err(format!("{wanted} is reserved for another key"))
@@ -110,7 +111,9 @@ impl Handler {
         }
         let name: TunnelName = names::name_for_bind(address, &self.user)
             .map_err(|e| format!("{e}; try -R myapp:80:localhost:3000"))?;
-        let host = names::host_for(&name, keyid, &self.ctx.domain);
+        // The short id in the host is this key's only if no other key claimed it first.
+        self.ctx.owners.claim(key).map_err(|e| e.to_string())?;
+        let host = names::host_for(&name, &key.key_id(), &self.ctx.domain);
         Ok((name.to_string(), host))
     }
 
@@ -133,10 +136,10 @@ impl Handler {
 
     /// The caller's tunnels, as `ssh gw tunnels` prints them.
     fn tunnels_json(&self) -> String {
-        let keyid = self.keyid.clone().unwrap_or_default();
+        let key = self.key;
         let snapshot = self.ctx.tunnels.snapshot();
-        let mut list = crate::tunnels::tunnels_json(&snapshot, self.ctx.public_port, |m| m.keyid == keyid);
-        list["keyid"] = serde_json::Value::String(keyid);
+        let mut list = crate::tunnels::tunnels_json(&snapshot, self.ctx.public_port, |m| Some(m.key) == key);
+        list["keyid"] = serde_json::Value::String(key.map(|k| k.key_id()).unwrap_or_default());
         list.to_string()
     }
 
@@ -182,7 +185,7 @@ impl russh::server::Handler for Handler {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.ctx.policy.allows(&key_id(offer.public_key)) {
+        if self.ctx.policy.allows(&fingerprint(offer.public_key)) {
             return Ok(Auth::Accept);
         }
         self.refused().await;
@@ -194,18 +197,19 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let keyid = key_id(key.public_key);
-        if !self.ctx.policy.allows(&keyid) {
-            tracing::info!(conn = self.conn, client = %self.client, %keyid, "ssh key refused");
+        let fp = fingerprint(key.public_key);
+        let keyid = fp.key_id();
+        if !self.ctx.policy.allows(&fp) {
+            tracing::info!(conn = self.conn, client = %self.client, %keyid, key = %fp, "ssh key refused");
             self.refused().await;
             return Ok(Auth::reject());
         }
         crate::metrics::ssh_auth("ok");
         self.shared.authenticated.store(true, Ordering::Release);
         let vpce = self.vpce.as_deref().unwrap_or("");
-        tracing::info!(conn = self.conn, client = %self.client, vpce, user, %keyid, "ssh authenticated");
+        tracing::info!(conn = self.conn, client = %self.client, vpce, user, %keyid, key = %fp, "ssh authenticated");
         self.user = user.to_owned();
-        self.keyid = Some(keyid);
+        self.key = Some(fp);
         Ok(Auth::Accept)
     }
 
@@ -215,10 +219,10 @@ impl russh::server::Handler for Handler {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(keyid) = self.keyid.clone() else {
+        let Some(owner) = self.key else {
             return Ok(false);
         };
-        let (name, host) = match self.forward_host(address, &keyid) {
+        let (name, host) = match self.forward_host(address, &owner) {
             Ok(found) => found,
             Err(message) => {
                 self.refuse_forward(message, session);
@@ -226,7 +230,7 @@ impl russh::server::Handler for Handler {
             }
         };
         let per_key = self.ctx.limits.load_full().tunnels_per_key;
-        if self.ctx.tunnels.count(|m| m.keyid == keyid) >= per_key {
+        if self.ctx.tunnels.count(|m| m.key == owner) >= per_key {
             self.refuse_forward(
                 format!("at most {per_key} tunnels per key (limits.tunnels_per_key)"),
                 session,
@@ -258,7 +262,7 @@ impl russh::server::Handler for Handler {
         let member = |id| Member {
             id,
             conn: self.conn,
-            keyid,
+            key: owner,
             name: name.to_string(),
             bind_address: address.to_owned(),
             bind_port: *port,
@@ -268,9 +272,16 @@ impl russh::server::Handler for Handler {
             stats: Default::default(),
             vpce: self.vpce.clone(),
         };
-        let reg = self.ctx.tunnels.register(key, member);
-        self.shared.forwards().insert((address.to_owned(), *port), reg);
-        Ok(true)
+        match self.ctx.tunnels.register(key, owner, member) {
+            Ok(reg) => {
+                self.shared.forwards().insert((address.to_owned(), *port), reg);
+                Ok(true)
+            }
+            Err(owned) => {
+                self.refuse_forward(owned.to_string(), session);
+                Ok(false)
+            }
+        }
     }
 
     async fn cancel_tcpip_forward(
@@ -371,7 +382,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(visitor) = self.keyid.clone() else {
+        let Some(visitor) = self.key else {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
@@ -384,7 +395,7 @@ impl russh::server::Handler for Handler {
             .map(|k| self.ctx.directory.members(k))
             .unwrap_or_default();
         let allowed = members.first().is_some_and(|m| {
-            target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.keyid, &visitor)
+            target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.key, &visitor)
         });
         if !allowed {
             tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");

@@ -8,18 +8,24 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use russh::keys::{HashAlg, PublicKey};
 
-use crate::names::KEY_ID_LEN;
+use crate::names::KeyFingerprint;
 
-/// The key id of a public key: the first [`KEY_ID_LEN`] characters of the lowercase base32 of its
-/// SHA-256 fingerprint (the same digest `ssh-keygen -lf` shows in base64).
-pub fn key_id(key: &PublicKey) -> String {
+/// A public key's identity: its SHA-256 fingerprint (the digest `ssh-keygen -lf` shows).
+pub fn fingerprint(key: &PublicKey) -> KeyFingerprint {
     let fp = key.fingerprint(HashAlg::Sha256);
-    // Lowercase RFC 4648 base32: DNS-safe.
-    let mut id = data_encoding::BASE32_NOPAD
-        .encode(fp.as_bytes())
-        .to_ascii_lowercase();
-    id.truncate(KEY_ID_LEN);
-    id
+    let digest = <[u8; 32]>::try_from(fp.as_bytes()).unwrap_or_else(|_| {
+        // A SHA-256 fingerprint is 32 bytes; should that ever change, hash what we were given.
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, fp.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    });
+    KeyFingerprint::from_sha256(digest)
+}
+
+/// The key id of a public key, the short label its tunnel hosts carry.
+pub fn key_id(key: &PublicKey) -> String {
+    fingerprint(key).key_id()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +52,8 @@ pub fn parse_public_key_line(line: &str) -> Result<PublicKey, String> {
     russh::keys::parse_public_key_base64(blob).map_err(|e| e.to_string())
 }
 
-/// Reads an `authorized_keys` file into the set of key ids it allows.
-pub fn read_authorized_keys(path: &Path) -> Result<HashSet<String>, KeysError> {
+/// Reads an `authorized_keys` file into the set of keys (by full fingerprint) it allows.
+pub fn read_authorized_keys(path: &Path) -> Result<HashSet<KeyFingerprint>, KeysError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
         path: path.to_owned(),
         source,
@@ -62,7 +68,7 @@ pub fn read_authorized_keys(path: &Path) -> Result<HashSet<String>, KeysError> {
             line: i + 1,
             reason,
         })?;
-        ids.insert(key_id(&key));
+        ids.insert(fingerprint(&key));
     }
     Ok(ids)
 }
@@ -78,8 +84,8 @@ pub enum KeyPolicy {
 #[derive(Debug)]
 pub struct AuthorizedKeys {
     path: PathBuf,
-    /// The file's modification time when last read, and the key ids it allowed then.
-    state: ArcSwap<(Option<SystemTime>, Arc<HashSet<String>>)>,
+    /// The file's modification time when last read, and the keys it allowed then.
+    state: ArcSwap<(Option<SystemTime>, Arc<HashSet<KeyFingerprint>>)>,
     /// When the file's mtime was last looked at: at most once per [`RECHECK_EVERY`].
     checked: std::sync::Mutex<Instant>,
 }
@@ -127,9 +133,9 @@ impl AuthorizedKeys {
         }
     }
 
-    pub fn allows(&self, keyid: &str) -> bool {
+    pub fn allows(&self, key: &KeyFingerprint) -> bool {
         self.refresh(false);
-        self.state.load().1.contains(keyid)
+        self.state.load().1.contains(key)
     }
 }
 
@@ -138,10 +144,10 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 }
 
 impl KeyPolicy {
-    pub fn allows(&self, keyid: &str) -> bool {
+    pub fn allows(&self, key: &KeyFingerprint) -> bool {
         match self {
             Self::Open => true,
-            Self::File(keys) => keys.allows(keyid),
+            Self::File(keys) => keys.allows(key),
         }
     }
 
@@ -166,6 +172,33 @@ mod tests {
         let id = key_id(&key);
         assert!(crate::names::is_key_id(&id), "{id}");
         assert_eq!(id, key_id(&parse_public_key_line(ED25519).unwrap()));
+    }
+
+    #[test]
+    fn fingerprint_is_what_ssh_keygen_prints() {
+        let key = parse_public_key_line(ED25519).unwrap();
+        assert_eq!(
+            fingerprint(&key).to_string(),
+            "SHA256:M1EHtmVEQRQ9PRm2LCsyjWSeNzct+SVx/135HLYdUM4"
+        );
+    }
+
+    #[test]
+    fn authorized_keys_refuse_a_key_whose_short_id_collides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ak");
+        std::fs::write(
+            &p,
+            format!(
+                "{ED25519}
+"
+            ),
+        )
+        .unwrap();
+        let keys = AuthorizedKeys::load(&p).unwrap();
+        let owner = fingerprint(&parse_public_key_line(ED25519).unwrap());
+        assert!(keys.allows(&owner));
+        assert!(!keys.allows(&owner.colliding()));
     }
 
     #[test]

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::defaults::SSH_WINDOW;
 use crate::config::{Config, Limits, LiveLimits, SshConfig};
 use crate::io::ClientAddr;
-use crate::tunnels::{Directory, Member, Registration, Tunnels};
+use crate::names::KeyFingerprint;
+use crate::tunnels::{Directory, KeyOwners, Member, Registration, Tunnels};
 
 pub(crate) use keys::KeyPolicy;
 
@@ -64,10 +65,12 @@ pub(crate) struct SshContext {
     directory: Arc<dyn Directory>,
     domain: String,
     public_port: u16,
-    /// owner key id → key ids that may reach the owner's private tunnels.
-    grants: HashMap<String, HashSet<String>>,
-    /// Vanity host → the only key id that may serve it.
-    reserved: HashMap<String, String>,
+    /// Which full key owns each short key id (host names carry only the short id).
+    owners: Arc<KeyOwners>,
+    /// Owner → the keys that may reach the owner's private tunnels.
+    grants: HashMap<KeyFingerprint, HashSet<KeyFingerprint>>,
+    /// Vanity host → the only key that may serve it.
+    reserved: HashMap<String, KeyFingerprint>,
     channel_buffer: usize,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub(crate) on_http_tunnel: Option<HostHook>,
@@ -87,22 +90,20 @@ impl SshContext {
     pub(crate) fn new(
         config: &Config,
         (host_key, policy): (PrivateKey, KeyPolicy),
-        tunnels: Arc<Tunnels>,
+        (tunnels, owners): (Arc<Tunnels>, Arc<KeyOwners>),
         directory: Arc<dyn Directory>,
         limits: LiveLimits,
     ) -> Self {
         let cfg = &config.ssh;
-        let mut grants: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut grants: HashMap<KeyFingerprint, HashSet<KeyFingerprint>> = HashMap::new();
         for g in &cfg.grants {
-            grants
-                .entry(g.owner.clone())
-                .or_default()
-                .extend(g.keys.iter().cloned());
+            grants.entry(g.owner).or_default().extend(g.keys.iter().copied());
         }
         Self {
             server: Arc::new(server_config(cfg, host_key, &limits.load_full())),
             policy,
             tunnels,
+            owners,
             directory,
             domain: config.domain.clone(),
             public_port: config.public_port,
@@ -115,15 +116,24 @@ impl SshContext {
         }
     }
 
-    /// Whether `visitor` may open channels to `owner`'s private tunnels.
-    pub(crate) fn may_reach(&self, owner: &str, visitor: &str) -> bool {
-        owner == visitor || self.grants.get(owner).is_some_and(|g| g.contains(visitor))
+    /// Whether `visitor` may open channels to `owner`'s tunnels.
+    pub(crate) fn may_reach(&self, owner: &KeyFingerprint, visitor: &KeyFingerprint) -> bool {
+        may_reach(&self.grants, owner, visitor)
     }
 
     /// The URL users type for a host: `https://host` plus the port when it is not 443.
     pub(crate) fn url_for(&self, host: &str) -> String {
         crate::names::https_origin(host, self.public_port)
     }
+}
+
+/// The owner and the keys granted to it, compared as full keys, never by short id.
+fn may_reach(
+    grants: &HashMap<KeyFingerprint, HashSet<KeyFingerprint>>,
+    owner: &KeyFingerprint,
+    visitor: &KeyFingerprint,
+) -> bool {
+    owner == visitor || grants.get(owner).is_some_and(|g| g.contains(visitor))
 }
 
 fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russh::server::Config {
@@ -239,4 +249,22 @@ pub(crate) async fn disconnect(handle: &russh::server::Handle, why: &str) {
             String::new(),
         )
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_whose_short_id_collides_cannot_reach_private_tunnels() {
+        let (owner, friend) = (
+            KeyFingerprint::from_sha256([1u8; 32]),
+            KeyFingerprint::from_sha256([2u8; 32]),
+        );
+        let grants = HashMap::from([(owner, HashSet::from([friend]))]);
+        assert!(may_reach(&grants, &owner, &owner));
+        assert!(may_reach(&grants, &owner, &friend));
+        assert!(!may_reach(&grants, &owner, &owner.colliding()));
+        assert!(!may_reach(&grants, &owner, &friend.colliding()));
+    }
 }

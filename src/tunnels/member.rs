@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::names::KeyFingerprint;
+
 /// A pool member's id, unique for the life of the process (the registry hands them out).
 pub(crate) type MemberId = u64;
 
@@ -14,7 +16,8 @@ pub(crate) struct Member {
     pub(crate) id: MemberId,
     /// The SSH connection's id, for logs and the admin API.
     pub(crate) conn: u64,
-    pub(crate) keyid: String,
+    /// The key the SSH connection authenticated with (its short id is `key.key_id()`).
+    pub(crate) key: KeyFingerprint,
     pub(crate) name: String,
     /// The `tcpip-forward` address and port exactly as the client sent them: OpenSSH refuses a
     /// `forwarded-tcpip` channel that does not echo them.

@@ -8,14 +8,18 @@
 
 mod directory;
 mod member;
+mod owners;
 mod report;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::names::KeyFingerprint;
+
 pub(crate) use directory::{first_member, Directory, Opening};
 pub(crate) use member::{ChannelSlot, Member, MemberId};
+pub(crate) use owners::KeyOwners;
 pub(crate) use report::tunnels_json;
 
 /// HTTP tunnels (ports 80 and 443) are public by Host; everything else is a private TCP tunnel.
@@ -76,17 +80,19 @@ pub(crate) type Tunnels = Registry<Member>;
 
 #[derive(Debug)]
 struct Pool<M> {
+    /// The one key whose connections may serve this pool.
+    owner: KeyFingerprint,
     members: Vec<(u64, Arc<M>)>,
     next: AtomicUsize,
 }
 
-impl<M> Default for Pool<M> {
-    fn default() -> Self {
-        Self {
-            members: Vec::new(),
-            next: AtomicUsize::new(0),
-        }
-    }
+/// A pool is served by one key only: `owner` holds it. (The message, shown to the refused
+/// client, does not name the owner.)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{host} is served by another key")]
+pub(crate) struct PoolOwned {
+    pub(crate) host: String,
+    pub(crate) owner: KeyFingerprint,
 }
 
 /// Generic over the member so its logic is unit-tested without SSH sessions.
@@ -108,29 +114,41 @@ impl<M: Send + Sync + 'static> Registry<M> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds the member that `make` builds (given its id) to the pool for `key`. Only the key id in
-    /// the host can own it, so every member of a pool belongs to the same key.
+    /// Adds the member that `make` builds (given its id) to the pool for `key`, served by
+    /// `owner`. A pool belongs to one full key: another key is refused, even one whose short id
+    /// (and so whose host name) is the same.
     pub(crate) fn register(
         self: &Arc<Self>,
         key: TunnelKey,
+        owner: KeyFingerprint,
         make: impl FnOnce(MemberId) -> M,
-    ) -> Registration<M> {
+    ) -> Result<Registration<M>, PoolOwned> {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let member = Arc::new(make(id));
-        let size = {
+        let (member, size) = {
             let mut pools = self.lock();
-            let pool = pools.entry(key.clone()).or_default();
+            let pool = pools.entry(key.clone()).or_insert_with(|| Pool {
+                owner,
+                members: Vec::new(),
+                next: AtomicUsize::new(0),
+            });
+            if pool.owner != owner {
+                return Err(PoolOwned {
+                    host: key.host,
+                    owner: pool.owner,
+                });
+            }
+            let member = Arc::new(make(id));
             pool.members.push((id, member.clone()));
-            pool.members.len()
+            (member, pool.members.len())
         };
         crate::metrics::tunnel_member(key.route.kind().as_str(), true, size == 1);
         tracing::info!(host = %key.host, route = ?key.route, pool_size = size, "tunnel registered");
-        Registration {
+        Ok(Registration {
             registry: self.clone(),
             key,
             id,
             member,
-        }
+        })
     }
 
     fn deregister(&self, key: &TunnelKey, id: u64) {
@@ -223,7 +241,10 @@ impl<M: Send + Sync + 'static> Drop for Registration<M> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    const A: KeyFingerprint = KeyFingerprint::from_sha256([1u8; 32]);
 
     fn key(host: &str) -> TunnelKey {
         TunnelKey {
@@ -235,8 +256,8 @@ mod tests {
     #[test]
     fn pool_round_robin_and_guard_drop() {
         let reg = Registry::<&'static str>::new();
-        let a = reg.register(key("h"), |_| "a");
-        let b = reg.register(key("h"), |_| "b");
+        let a = reg.register(key("h"), A, |_| "a").unwrap();
+        let b = reg.register(key("h"), A, |_| "b").unwrap();
         let firsts: Vec<&str> = (0..4).map(|_| *reg.members(&key("h"))[0]).collect();
         assert_eq!(firsts, ["a", "b", "a", "b"]);
         assert_eq!(reg.members(&key("h")).len(), 2);
@@ -253,14 +274,24 @@ mod tests {
     #[test]
     fn routes_are_separate() {
         let reg = Registry::<u8>::new();
-        let _http = reg.register(key("h"), |_| 1);
+        let _http = reg.register(key("h"), A, |_| 1).unwrap();
         let tcp = TunnelKey {
             host: "h".into(),
             route: Route::for_port(5432),
         };
-        let _t = reg.register(tcp.clone(), |_| 2);
+        let _t = reg.register(tcp.clone(), A, |_| 2).unwrap();
         assert_eq!(*reg.members(&tcp)[0], 2);
         assert_eq!(Route::for_port(443), Route::Http);
         assert_eq!(reg.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn a_key_whose_short_id_collides_cannot_join_the_pool() {
+        let reg = Registry::<&'static str>::new();
+        let _owner = reg.register(key("app-x"), A, |_| "owner").unwrap();
+        let refused = reg.register(key("app-x"), A.colliding(), |_| "attacker");
+        assert_eq!(refused.unwrap_err().owner, A);
+        let members: Vec<&str> = reg.members(&key("app-x")).iter().map(|m| **m).collect();
+        assert_eq!(members, ["owner"], "no visitor request reaches the attacker");
     }
 }

@@ -23,7 +23,8 @@ pub(crate) fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>], public_port:
     json!({
         "name": first.map(|m| m.name.as_str()).unwrap_or_default(),
         "host": key.host,
-        "keyid": first.map(|m| m.keyid.as_str()).unwrap_or_default(),
+        "keyid": first.map(|m| m.key.key_id()).unwrap_or_default(),
+        "key": first.map(|m| m.key.to_string()).unwrap_or_default(),
         "kind": key.route.kind(),
         "port": port,
         "url": url,

@@ -171,8 +171,8 @@ impl<'a> GatewayBuilder<'a> {
     /// `[[ssh.grant]]`: `keys` may reach `owner`'s private TCP tunnels.
     pub fn grant(self, owner: &SshKey, keys: &[&SshKey]) -> Self {
         let mut grant = Table::new();
-        grant.insert("owner".to_owned(), owner.keyid.clone().into());
-        let ids: Vec<String> = keys.iter().map(|k| k.keyid.clone()).collect();
+        grant.insert("owner".to_owned(), owner.fingerprint.clone().into());
+        let ids: Vec<String> = keys.iter().map(|k| k.fingerprint.clone()).collect();
         grant.insert("keys".to_owned(), ids.into());
         self.push("ssh.grant", Value::Table(grant))
     }
@@ -181,7 +181,7 @@ impl<'a> GatewayBuilder<'a> {
     pub fn reserve(self, host: &str, key: &SshKey) -> Self {
         let mut reserve = Table::new();
         reserve.insert("host".to_owned(), host.into());
-        reserve.insert("key".to_owned(), key.keyid.clone().into());
+        reserve.insert("key".to_owned(), key.fingerprint.clone().into());
         self.push("ssh.reserve", Value::Table(reserve))
     }
 

@@ -77,6 +77,31 @@ pub fn keyid(public: &Path) -> String {
     id
 }
 
+/// `edgemux keyid --fingerprint PUB`, checked to be exactly what OpenSSH's `ssh-keygen -lf`
+/// prints for the key: the full identity grants and reservations name.
+pub fn fingerprint(public: &Path) -> String {
+    let out = edgemux()
+        .args(["keyid", "--fingerprint"])
+        .arg(public)
+        .output()
+        .expect("run edgemux keyid --fingerprint");
+    assert!(
+        out.status.success(),
+        "edgemux keyid --fingerprint failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let keygen = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(public)
+        .output()
+        .expect("run ssh-keygen -lf");
+    let keygen = String::from_utf8_lossy(&keygen.stdout).into_owned();
+    let theirs = keygen.split_whitespace().nth(1).unwrap_or_default();
+    assert_eq!(ours, theirs, "edgemux and ssh-keygen disagree on the fingerprint");
+    ours
+}
+
 /// One test's world: temp dir, PKI, keys, and the gateways it starts.
 pub struct TestEnv {
     pub dir: tempfile::TempDir,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::backend::read_to_eof;
 use super::process::{poll_until, run_bounded, Output, Proc};
-use super::{keyid, DOMAIN, SETUP};
+use super::{fingerprint, keyid, DOMAIN, SETUP};
 
 #[derive(Clone, Copy, Debug)]
 pub enum KeyKind {
@@ -20,12 +20,14 @@ pub enum KeyKind {
     Rsa,
 }
 
-/// A client key pair made by `ssh-keygen`, with the key id the gateway gives it.
+/// A client key pair made by `ssh-keygen`, with the key id the gateway gives it and its full
+/// fingerprint (what the config names keys by).
 #[derive(Clone, Debug)]
 pub struct SshKey {
     pub private: PathBuf,
     pub public: PathBuf,
     pub keyid: String,
+    pub fingerprint: String,
 }
 
 impl SshKey {
@@ -48,10 +50,12 @@ impl SshKey {
         );
         let public = private.with_extension("pub");
         let keyid = keyid(&public);
+        let fingerprint = fingerprint(&public);
         SshKey {
             private,
             public,
             keyid,
+            fingerprint,
         }
     }
 
