@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use russh::keys::Algorithm;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 
@@ -70,6 +71,23 @@ impl Handler {
         self.auth_failures += 1;
         let delay = AUTH_DELAY_START.saturating_mul(1 << self.auth_failures.min(5)) / 2;
         tokio::time::sleep(delay.min(AUTH_DELAY_MAX)).await;
+    }
+
+    /// Whether a login signature would be `ssh-rsa`, RSA with SHA-1, which is refused (logged
+    /// with the fix). russh checks that the signature is made with the algorithm the client
+    /// names; `server-sig-algs` offers only rsa-sha2-256/512 for RSA keys, so OpenSSH 7.2 and
+    /// later never send one, but other clients may.
+    fn sha1_login(&self, algorithm: &Algorithm) -> bool {
+        let sha1 = *algorithm == (Algorithm::Rsa { hash: None });
+        if sha1 {
+            tracing::info!(
+                conn = self.conn,
+                client = %self.client,
+                "ssh-rsa (SHA-1) login signature refused: sign with rsa-sha2-256 or rsa-sha2-512 \
+                 (OpenSSH 7.2 or later) or use an Ed25519 key"
+            );
+        }
+        sha1
     }
 
     fn refuse_forward(&mut self, message: String, session: &Session) {
@@ -182,7 +200,7 @@ impl russh::server::Handler for Handler {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.ctx.policy.allows(&key_id(offer.public_key)) {
+        if self.ctx.policy.allows(&key_id(offer.public_key)) && !self.sha1_login(offer.algorithm) {
             return Ok(Auth::Accept);
         }
         self.refused().await;
@@ -195,7 +213,7 @@ impl russh::server::Handler for Handler {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let keyid = key_id(key.public_key);
-        if !self.ctx.policy.allows(&keyid) {
+        if !self.ctx.policy.allows(&keyid) || self.sha1_login(key.algorithm) {
             tracing::info!(conn = self.conn, client = %self.client, %keyid, "ssh key refused");
             self.refused().await;
             return Ok(Auth::reject());
