@@ -3,6 +3,10 @@
 //!
 //! Nothing here awaits a channel open on a session handle: russh would deadlock the session, so
 //! every such open happens in a spawned task.
+//!
+//! A client gets a bounded amount of work however it behaves: at most `MAX_SESSIONS_PER_CONN`
+//! session channels, one answer per session channel, and `refusals::MAX_REFUSALS_PER_CONN`
+//! refused requests before it is disconnected, with only the first few refusals logged.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -15,13 +19,18 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 
 use super::keys::key_id;
-use super::{ConnShared, SshContext};
+use super::refusals::{Refusals, Verdict};
+use super::{ConnShared, SessionStage, SshContext};
 use crate::io::ClientAddr;
 use crate::names::{self, TunnelName};
 use crate::tunnels::{Member, Route, TunnelKey};
 
 /// How many `tcpip-forward`s one SSH connection may hold.
 const MAX_FORWARDS_PER_CONN: usize = 64;
+/// Session channels one SSH connection may hold open, OpenSSH's `MaxSessions` default: the banner
+/// and `ssh gw tunnels` need one each (a few more with ControlMaster). Unbounded, 60,000 of them
+/// on one connection grew the gateway's RSS from 30 to 214 MB.
+const MAX_SESSIONS_PER_CONN: usize = 10;
 /// A `-N` client whose every forward was refused is told why and disconnected after this long
 /// (OpenSSH sends its forwards before it opens a session, so wait for a session briefly).
 const REFUSAL_GRACE: Duration = Duration::from_millis(700);
@@ -41,8 +50,11 @@ pub(super) struct Handler {
     client: SocketAddr,
     user: String,
     keyid: Option<String>,
-    /// Refusals waiting for a session channel to be shown on.
-    refusals: Vec<String>,
+    /// Refused requests, counted, with the first few messages kept for a session channel.
+    refusals: Refusals,
+    /// Whether the timer that disconnects a client with nothing but refusals was started (once
+    /// per connection).
+    grace_armed: bool,
 }
 
 impl Handler {
@@ -61,7 +73,8 @@ impl Handler {
             client,
             user: String::new(),
             keyid: None,
-            refusals: Vec::new(),
+            refusals: Refusals::default(),
+            grace_armed: false,
         }
     }
 
@@ -90,9 +103,39 @@ impl Handler {
         sha1
     }
 
-    fn refuse_forward(&mut self, message: String, session: &Session) {
-        tracing::info!(conn = self.conn, client = %self.client, %message, "tunnel refused");
-        let session_channel = self.shared.sessions().iter().next().copied();
+    /// Counts a refused request of kind `request`: the first few are logged, and the one that
+    /// reaches the cap disconnects the client. Returns whether the client is to be told why.
+    fn count_refusal(&mut self, request: &'static str, message: &str, session: &Session) -> bool {
+        let (conn, client) = (self.conn, self.client);
+        match self.refusals.note() {
+            Verdict::Tell => {
+                tracing::info!(conn, %client, request, %message, "request refused");
+                true
+            }
+            Verdict::Quiet => false,
+            Verdict::Cut => {
+                let refused = self.refusals.count();
+                tracing::info!(conn, %client, refused, "too many refused requests: disconnecting");
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let why = format!("{refused} requests refused; closing the connection");
+                    super::disconnect(&handle, &why).await;
+                });
+                false
+            }
+        }
+    }
+
+    fn refuse_forward(&mut self, request: &'static str, message: String, session: &Session) {
+        if !self.count_refusal(request, &message, session) {
+            return;
+        }
+        let session_channel = self
+            .shared
+            .sessions()
+            .iter()
+            .find(|(_, s)| **s != SessionStage::Closing)
+            .map(|(id, _)| *id);
         if let Some(id) = session_channel {
             let handle = session.handle();
             let text = format!("edgemux: {message}\r\n");
@@ -101,7 +144,10 @@ impl Handler {
             });
             return;
         }
-        self.refusals.push(message.clone());
+        self.refusals.keep(message.clone());
+        if std::mem::replace(&mut self.grace_armed, true) {
+            return;
+        }
         // Weak: a connection that ends meanwhile deregisters its tunnels at once, not after the grace.
         let (shared, handle) = (Arc::downgrade(&self.shared), session.handle());
         tokio::spawn(async move {
@@ -113,6 +159,33 @@ impl Handler {
                 super::disconnect(&handle, &message).await;
             }
         });
+    }
+
+    /// Moves session channel `channel` from `from` to `to`; false (and nothing changes) when it
+    /// is not at `from`, e.g. a second shell request on one channel.
+    fn advance_session(&self, channel: ChannelId, from: SessionStage, to: SessionStage) -> bool {
+        let mut sessions = self.shared.sessions();
+        match sessions.get_mut(&channel) {
+            Some(stage) if *stage == from => {
+                *stage = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A session request (shell, command) on a channel that already had its answer, or none.
+    fn refuse_session_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        self.count_refusal(
+            "session request",
+            "one shell or command per session channel",
+            session,
+        );
+        session.channel_failure(channel)
     }
 
     /// The tunnel name and host a `tcpip-forward` bind address asks for: a vanity host reserved
@@ -181,10 +254,21 @@ impl Handler {
     }
 
     fn flush_refusals(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
-        for message in std::mem::take(&mut self.refusals) {
+        for message in self.refusals.take_messages() {
             session.extended_data(channel, 1, format!("edgemux: {message}\r\n").into_bytes())?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let unlogged = self.refusals.unlogged();
+        if unlogged > 0 {
+            let (refused, channels) = (self.refusals.count(), self.refusals.uncapped());
+            let (conn, client) = (self.conn, self.client);
+            tracing::info!(conn, %client, refused, direct_tcpip_refused = channels, unlogged, "refusals on this connection");
+        }
     }
 }
 
@@ -233,19 +317,21 @@ impl russh::server::Handler for Handler {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(keyid) = self.keyid.clone() else {
+        const REQUEST: &str = "tcpip-forward";
+        let Some(keyid) = self.keyid.clone().filter(|_| !self.refusals.is_cut()) else {
             return Ok(false);
         };
         let (name, host) = match self.forward_host(address, &keyid) {
             Ok(found) => found,
             Err(message) => {
-                self.refuse_forward(message, session);
+                self.refuse_forward(REQUEST, message, session);
                 return Ok(false);
             }
         };
         let per_key = self.ctx.limits.load_full().tunnels_per_key;
         if self.ctx.tunnels.count(|m| m.keyid == keyid) >= per_key {
             self.refuse_forward(
+                REQUEST,
                 format!("at most {per_key} tunnels per key (limits.tunnels_per_key)"),
                 session,
             );
@@ -253,6 +339,7 @@ impl russh::server::Handler for Handler {
         }
         if self.shared.forwards().len() >= MAX_FORWARDS_PER_CONN {
             self.refuse_forward(
+                REQUEST,
                 format!("at most {MAX_FORWARDS_PER_CONN} tunnels per connection"),
                 session,
             );
@@ -263,7 +350,11 @@ impl russh::server::Handler for Handler {
         }
         let taken = self.shared.forwards().contains_key(&(address.to_owned(), *port));
         if *port > u32::from(u16::MAX) || taken {
-            self.refuse_forward(format!("port {port} is not available for {name}"), session);
+            self.refuse_forward(
+                REQUEST,
+                format!("port {port} is not available for {name}"),
+                session,
+            );
             return Ok(false);
         }
         let key = TunnelKey {
@@ -295,20 +386,51 @@ impl russh::server::Handler for Handler {
         &mut self,
         address: &str,
         port: u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let removed = self.shared.forwards().remove(&(address.to_owned(), port));
+        if removed.is_none() {
+            let message = format!("no tunnel {address}:{port} to cancel");
+            self.count_refusal("cancel-tcpip-forward", &message, session);
+        }
         Ok(removed.is_some())
+    }
+
+    async fn streamlocal_forward(&mut self, path: &str, session: &mut Session) -> Result<bool, Self::Error> {
+        let message =
+            format!("{path}: Unix socket forwarding is not supported; try -R myapp:80:localhost:3000");
+        self.refuse_forward("streamlocal-forward", message, session);
+        Ok(false)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.count_refusal(
+            "cancel-streamlocal-forward",
+            &format!("no {path} to cancel"),
+            session,
+        );
+        Ok(false)
     }
 
     async fn channel_open_session(
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let open = self.shared.sessions().len();
+        if open >= MAX_SESSIONS_PER_CONN || self.refusals.is_cut() {
+            let message = format!("at most {MAX_SESSIONS_PER_CONN} session channels per connection");
+            self.count_refusal("session", &message, session);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         // Keystrokes arrive through `data`; dropping the channel object keeps its queue from filling.
-        self.shared.sessions().insert(channel.id());
+        self.shared.sessions().insert(channel.id(), SessionStage::Opened);
         reply.accept().await;
         Ok(())
     }
@@ -328,6 +450,9 @@ impl russh::server::Handler for Handler {
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        if !self.advance_session(channel, SessionStage::Opened, SessionStage::Answered) {
+            return self.refuse_session_request(channel, session);
+        }
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         session.data(channel, self.banner().into_bytes())
@@ -339,6 +464,9 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if !self.advance_session(channel, SessionStage::Opened, SessionStage::Closing) {
+            return self.refuse_session_request(channel, session);
+        }
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         let command = String::from_utf8_lossy(data);
@@ -364,8 +492,9 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Ctrl-C or Ctrl-D in the interactive session ends it.
-        if self.shared.sessions().contains(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
+        // Ctrl-C or Ctrl-D in the interactive session ends it, once.
+        let interrupt = data.iter().any(|b| *b == 3 || *b == 4);
+        if interrupt && self.advance_session(channel, SessionStage::Answered, SessionStage::Closing) {
             session.data(channel, b"bye\r\n".to_vec())?;
             session.exit_status_request(channel, 0)?;
             session.eof(channel)?;
@@ -389,7 +518,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(visitor) = self.keyid.clone() else {
+        let Some(visitor) = self.keyid.clone().filter(|_| !self.refusals.is_cut()) else {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
@@ -405,7 +534,9 @@ impl russh::server::Handler for Handler {
             target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.keyid, &visitor)
         });
         if !allowed {
-            tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
+            if self.refusals.note_uncapped() {
+                tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
+            }
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }

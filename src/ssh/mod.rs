@@ -6,6 +6,7 @@ mod handler;
 pub(crate) mod hostkey;
 pub mod keys;
 mod pump;
+mod refusals;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -267,8 +268,20 @@ struct ConnShared {
     /// The forwards this connection holds, by the address and port its client asked for;
     /// dropping one deregisters it.
     forwards: Mutex<HashMap<(String, u32), Registration<Member>>>,
-    /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown.
-    sessions: Mutex<HashSet<ChannelId>>,
+    /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown; each
+    /// stays until the client closes it.
+    sessions: Mutex<HashMap<ChannelId, SessionStage>>,
+}
+
+/// Where a session channel is: each gets one answer (a shell's banner or a command's output),
+/// and a shell ends once, so a client repeating requests gets no more output queued for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionStage {
+    Opened,
+    /// The shell is showing the banner; Ctrl-C ends it.
+    Answered,
+    /// Closed on our side, waiting for the client's close.
+    Closing,
 }
 
 impl ConnShared {
@@ -276,7 +289,7 @@ impl ConnShared {
         self.forwards.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashSet<ChannelId>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, SessionStage>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
