@@ -1,16 +1,22 @@
 //! Hostile SSH clients against the real binary: a flood of session channels and a flood of
 //! refused `tcpip-forward`s on one connection are each cut with a message while the gateway's
-//! memory and log stay small.
+//! memory and log stay small, and `direct-tcpip` reaches an HTTP tunnel only for its owner and
+//! the keys granted to it, with the real client address (after PROXY) as the originator.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
+use common::backend::read_to_eof;
+use common::config::{Listener, ProxyProtocol};
+use common::http::http_backend;
 use common::russh_client::Scripted;
 use common::ssh::{KeyKind, Transport};
 use common::{Gateway, TestEnv, SETUP};
 use futures_util::stream::{self, StreamExt};
+use tokio::io::AsyncReadExt;
 
 /// Requests each flood sends on its one connection.
 const FLOOD: usize = 10_000;
@@ -143,4 +149,86 @@ fn ten_thousand_refused_forwards_on_one_connection_are_cut_and_memory_stays_flat
     assert_log_bounded(&gw, "forward flood");
     let again = gw.ssh(&key, Transport::Raw).run(&["tunnels"]);
     assert!(again.status.success(), "after the flood: {}", again.combined());
+}
+
+/// `GET /` through `ssh -L` to `host:80`, raw HTTP/1.1 over the forward's socket.
+fn get_through(fwd: &common::ssh::LocalForward, host: &str) -> String {
+    let mut conn = fwd.connect();
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).unwrap();
+    String::from_utf8_lossy(&read_to_eof(conn, SETUP)).into_owned()
+}
+
+#[test]
+fn direct_tcpip_into_an_http_tunnel_is_for_its_owner_and_granted_keys_only() {
+    let env = TestEnv::new();
+    let (a, b, c) = (
+        env.key("a", KeyKind::Ed25519),
+        env.key("b", KeyKind::Ed25519),
+        env.key("c", KeyKind::Ed25519),
+    );
+    let gw = env.gateway().grant(&a, &[&c]).start();
+    let _tunnel = gw
+        .ssh(&a, Transport::Tls)
+        .open_tunnel("app", 80, http_backend("alpha"));
+    let target = format!("{}:80", a.host("app"));
+
+    let stranger = gw.ssh(&b, Transport::Tls).local_forward(&target);
+    stranger.assert_channel_refused("key B into key A's HTTP tunnel");
+    for (key, who) in [(&a, "the owner"), (&c, "a granted key")] {
+        let fwd = gw.ssh(key, Transport::Tls).local_forward(&target);
+        let reply = get_through(&fwd, &a.host("app"));
+        let ok = reply.starts_with("HTTP/1.1 200") && reply.ends_with("alpha");
+        assert!(ok, "{who} through ssh -L: {reply:?}");
+    }
+}
+
+/// Opens `direct-tcpip` from `visitor` to `host:80` claiming a made-up originator, and returns
+/// the line the tunnel client answers with (the originator it was given).
+async fn origin_seen(visitor: &Scripted, host: &str) -> String {
+    let channel = visitor
+        .handle
+        .channel_open_direct_tcpip(host, 80, "203.0.113.9", 4242)
+        .await
+        .expect("direct-tcpip to the owner's own tunnel");
+    let mut stream = channel.into_stream();
+    let mut line = String::new();
+    let read = tokio::time::timeout(SETUP, stream.read_to_string(&mut line)).await;
+    read.expect("tunnel client's answer in time")
+        .expect("read the answer");
+    line
+}
+
+#[test]
+fn the_tunnel_client_is_told_the_real_client_address_never_the_claimed_one() {
+    let env = TestEnv::new();
+    let listener = Listener::local().proxy_protocol(ProxyProtocol::Optional, &["127.0.0.1"]);
+    let gw = env.gateway().listeners(&[listener]).start();
+    let a = env.key("a", KeyKind::Ed25519);
+    let host = a.host("app");
+    runtime().block_on(async {
+        let tunnel = Scripted::login(gw.port(), None, &a).await;
+        tunnel
+            .handle
+            .tcpip_forward("app", 80)
+            .await
+            .expect("register app:80");
+
+        let direct = Scripted::login(gw.port(), None, &a).await;
+        let line = origin_seen(&direct, &host).await;
+        assert_eq!(line, format!("origin 127.0.0.1:{}\n", direct.local.port()));
+
+        // Behind a load balancer, the address from its PROXY header.
+        let header = format!("PROXY TCP4 198.51.100.7 127.0.0.1 40000 {}\r\n", gw.port());
+        let behind = Scripted::login(gw.port(), Some(&header), &a).await;
+        assert_eq!(origin_seen(&behind, &host).await, "origin 198.51.100.7:40000\n");
+
+        let claimed = ("203.0.113.9".to_owned(), 4242);
+        let seen = tunnel.originators();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            !seen.contains(&claimed),
+            "the claimed originator reached the tunnel client"
+        );
+    });
 }

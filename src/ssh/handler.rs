@@ -513,8 +513,8 @@ impl russh::server::Handler for Handler {
         channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        originator_address: &str,
-        originator_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
@@ -530,9 +530,11 @@ impl russh::server::Handler for Handler {
             .as_ref()
             .map(|k| self.ctx.directory.members(k))
             .unwrap_or_default();
-        let allowed = members.first().is_some_and(|m| {
-            target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.keyid, &visitor)
-        });
+        // HTTP tunnels too: a channel straight into one skips the proxy's header rewriting, so
+        // only keys that may reach a private tunnel of the owner get one.
+        let allowed = members
+            .first()
+            .is_some_and(|m| self.ctx.may_reach(&m.keyid, &visitor));
         if !allowed {
             if self.refusals.note_uncapped() {
                 tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
@@ -540,7 +542,12 @@ impl russh::server::Handler for Handler {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
-        let origin = (originator_address.to_owned(), originator_port);
+        // The tunnel client is told who connected as this gateway knows it (after PROXY), never
+        // what the SSH client claims, as the HTTP proxy does.
+        let origin = (
+            self.client.ip().to_canonical().to_string(),
+            u32::from(self.client.port()),
+        );
         let bounds = (
             self.ctx.limits.load_full().tunnel_open_timeout,
             self.ctx.channel_buffer,
