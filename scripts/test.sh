@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the integration tests drive (see tests/common).
-PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch)
+PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -16,6 +16,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
+
+# ssh-audit, pinned, in a virtualenv beside the build (tests/ssh_algorithms.rs runs it).
+SSH_AUDIT_VERSION=3.3.0
+VENV="${CARGO_TARGET_DIR:-target}/venv"
+[ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check "ssh-audit==$SSH_AUDIT_VERSION"
+EDGEMUX_SSH_AUDIT="$(cd "$VENV" && pwd)/bin/ssh-audit"
+export EDGEMUX_SSH_AUDIT
 
 cargo fmt --all -- --check
 bash scripts/check-vendor.sh

@@ -3,6 +3,10 @@
 //!
 //! Nothing here awaits a channel open on a session handle: russh would deadlock the session, so
 //! every such open happens in a spawned task.
+//!
+//! A client gets a bounded amount of work however it behaves: at most `MAX_SESSIONS_PER_CONN`
+//! session channels, one answer per session channel, and `refusals::MAX_REFUSALS_PER_CONN`
+//! refused requests before it is disconnected, with only the first few refusals logged.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,17 +14,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use russh::keys::Algorithm;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 
 use super::keys::fingerprint;
-use super::{ConnShared, SshContext};
+use super::refusals::{Refusals, Verdict};
+use super::{ConnShared, SessionStage, SshContext};
 use crate::io::ClientAddr;
 use crate::names::{self, KeyFingerprint, TunnelName};
 use crate::tunnels::{Member, Route, TunnelKey};
 
 /// How many `tcpip-forward`s one SSH connection may hold.
 const MAX_FORWARDS_PER_CONN: usize = 64;
+/// Session channels one SSH connection may hold open, OpenSSH's `MaxSessions` default: the banner
+/// and `ssh gw tunnels` need one each (a few more with ControlMaster). Unbounded, 60,000 of them
+/// on one connection grew the gateway's RSS from 30 to 214 MB.
+const MAX_SESSIONS_PER_CONN: usize = 10;
 /// A `-N` client whose every forward was refused is told why and disconnected after this long
 /// (OpenSSH sends its forwards before it opens a session, so wait for a session briefly).
 const REFUSAL_GRACE: Duration = Duration::from_millis(700);
@@ -41,8 +51,11 @@ pub(super) struct Handler {
     user: String,
     /// The key this connection authenticated with.
     key: Option<KeyFingerprint>,
-    /// Refusals waiting for a session channel to be shown on.
-    refusals: Vec<String>,
+    /// Refused requests, counted, with the first few messages kept for a session channel.
+    refusals: Refusals,
+    /// Whether the timer that disconnects a client with nothing but refusals was started (once
+    /// per connection).
+    grace_armed: bool,
 }
 
 impl Handler {
@@ -61,7 +74,8 @@ impl Handler {
             client,
             user: String::new(),
             key: None,
-            refusals: Vec::new(),
+            refusals: Refusals::default(),
+            grace_armed: false,
         }
     }
 
@@ -73,9 +87,56 @@ impl Handler {
         tokio::time::sleep(delay.min(AUTH_DELAY_MAX)).await;
     }
 
-    fn refuse_forward(&mut self, message: String, session: &Session) {
-        tracing::info!(conn = self.conn, client = %self.client, %message, "tunnel refused");
-        let session_channel = self.shared.sessions().iter().next().copied();
+    /// Whether a login signature would be `ssh-rsa`, RSA with SHA-1, which is refused (logged
+    /// with the fix). russh checks that the signature is made with the algorithm the client
+    /// names; `server-sig-algs` offers only rsa-sha2-256/512 for RSA keys, so OpenSSH 7.2 and
+    /// later never send one, but other clients may.
+    fn sha1_login(&self, algorithm: &Algorithm) -> bool {
+        let sha1 = *algorithm == (Algorithm::Rsa { hash: None });
+        if sha1 {
+            tracing::info!(
+                conn = self.conn,
+                client = %self.client,
+                "ssh-rsa (SHA-1) login signature refused: sign with rsa-sha2-256 or rsa-sha2-512 \
+                 (OpenSSH 7.2 or later) or use an Ed25519 key"
+            );
+        }
+        sha1
+    }
+
+    /// Counts a refused request of kind `request`: the first few are logged, and the one that
+    /// reaches the cap disconnects the client. Returns whether the client is to be told why.
+    fn count_refusal(&mut self, request: &'static str, message: &str, session: &Session) -> bool {
+        let (conn, client) = (self.conn, self.client);
+        match self.refusals.note() {
+            Verdict::Tell => {
+                tracing::info!(conn, %client, request, %message, "request refused");
+                true
+            }
+            Verdict::Quiet => false,
+            Verdict::Cut => {
+                let refused = self.refusals.count();
+                tracing::info!(conn, %client, refused, "too many refused requests: disconnecting");
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let why = format!("{refused} requests refused; closing the connection");
+                    super::disconnect(&handle, &why).await;
+                });
+                false
+            }
+        }
+    }
+
+    fn refuse_forward(&mut self, request: &'static str, message: String, session: &Session) {
+        if !self.count_refusal(request, &message, session) {
+            return;
+        }
+        let session_channel = self
+            .shared
+            .sessions()
+            .iter()
+            .find(|(_, s)| **s != SessionStage::Closing)
+            .map(|(id, _)| *id);
         if let Some(id) = session_channel {
             let handle = session.handle();
             let text = format!("edgemux: {message}\r\n");
@@ -84,7 +145,10 @@ impl Handler {
             });
             return;
         }
-        self.refusals.push(message.clone());
+        self.refusals.keep(message.clone());
+        if std::mem::replace(&mut self.grace_armed, true) {
+            return;
+        }
         // Weak: a connection that ends meanwhile deregisters its tunnels at once, not after the grace.
         let (shared, handle) = (Arc::downgrade(&self.shared), session.handle());
         tokio::spawn(async move {
@@ -96,6 +160,33 @@ impl Handler {
                 super::disconnect(&handle, &message).await;
             }
         });
+    }
+
+    /// Moves session channel `channel` from `from` to `to`; false (and nothing changes) when it
+    /// is not at `from`, e.g. a second shell request on one channel.
+    fn advance_session(&self, channel: ChannelId, from: SessionStage, to: SessionStage) -> bool {
+        let mut sessions = self.shared.sessions();
+        match sessions.get_mut(&channel) {
+            Some(stage) if *stage == from => {
+                *stage = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A session request (shell, command) on a channel that already had its answer, or none.
+    fn refuse_session_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        self.count_refusal(
+            "session request",
+            "one shell or command per session channel",
+            session,
+        );
+        session.channel_failure(channel)
     }
 
     /// The tunnel name and host a `tcpip-forward` bind address asks for: a vanity host reserved
@@ -166,10 +257,21 @@ impl Handler {
     }
 
     fn flush_refusals(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
-        for message in std::mem::take(&mut self.refusals) {
+        for message in self.refusals.take_messages() {
             session.extended_data(channel, 1, format!("edgemux: {message}\r\n").into_bytes())?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let unlogged = self.refusals.unlogged();
+        if unlogged > 0 {
+            let (refused, channels) = (self.refusals.count(), self.refusals.uncapped());
+            let (conn, client) = (self.conn, self.client);
+            tracing::info!(conn, %client, refused, direct_tcpip_refused = channels, unlogged, "refusals on this connection");
+        }
     }
 }
 
@@ -185,7 +287,7 @@ impl russh::server::Handler for Handler {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.ctx.policy.allows(&fingerprint(offer.public_key)) {
+        if self.ctx.policy.allows(&fingerprint(offer.public_key)) && !self.sha1_login(offer.algorithm) {
             return Ok(Auth::Accept);
         }
         self.refused().await;
@@ -199,7 +301,7 @@ impl russh::server::Handler for Handler {
     ) -> Result<Auth, Self::Error> {
         let fp = fingerprint(key.public_key);
         let keyid = fp.key_id();
-        if !self.ctx.policy.allows(&fp) {
+        if !self.ctx.policy.allows(&fp) || self.sha1_login(key.algorithm) {
             tracing::info!(conn = self.conn, client = %self.client, %keyid, key = %fp, "ssh key refused");
             self.refused().await;
             return Ok(Auth::reject());
@@ -219,19 +321,21 @@ impl russh::server::Handler for Handler {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(owner) = self.key else {
+        const REQUEST: &str = "tcpip-forward";
+        let Some(owner) = self.key.filter(|_| !self.refusals.is_cut()) else {
             return Ok(false);
         };
         let (name, host) = match self.forward_host(address, &owner) {
             Ok(found) => found,
             Err(message) => {
-                self.refuse_forward(message, session);
+                self.refuse_forward(REQUEST, message, session);
                 return Ok(false);
             }
         };
         let per_key = self.ctx.limits.load_full().tunnels_per_key;
         if self.ctx.tunnels.count(|m| m.key == owner) >= per_key {
             self.refuse_forward(
+                REQUEST,
                 format!("at most {per_key} tunnels per key (limits.tunnels_per_key)"),
                 session,
             );
@@ -239,6 +343,7 @@ impl russh::server::Handler for Handler {
         }
         if self.shared.forwards().len() >= MAX_FORWARDS_PER_CONN {
             self.refuse_forward(
+                REQUEST,
                 format!("at most {MAX_FORWARDS_PER_CONN} tunnels per connection"),
                 session,
             );
@@ -249,7 +354,11 @@ impl russh::server::Handler for Handler {
         }
         let taken = self.shared.forwards().contains_key(&(address.to_owned(), *port));
         if *port > u32::from(u16::MAX) || taken {
-            self.refuse_forward(format!("port {port} is not available for {name}"), session);
+            self.refuse_forward(
+                REQUEST,
+                format!("port {port} is not available for {name}"),
+                session,
+            );
             return Ok(false);
         }
         let key = TunnelKey {
@@ -278,7 +387,7 @@ impl russh::server::Handler for Handler {
                 Ok(true)
             }
             Err(owned) => {
-                self.refuse_forward(owned.to_string(), session);
+                self.refuse_forward(REQUEST, owned.to_string(), session);
                 Ok(false)
             }
         }
@@ -288,20 +397,51 @@ impl russh::server::Handler for Handler {
         &mut self,
         address: &str,
         port: u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let removed = self.shared.forwards().remove(&(address.to_owned(), port));
+        if removed.is_none() {
+            let message = format!("no tunnel {address}:{port} to cancel");
+            self.count_refusal("cancel-tcpip-forward", &message, session);
+        }
         Ok(removed.is_some())
+    }
+
+    async fn streamlocal_forward(&mut self, path: &str, session: &mut Session) -> Result<bool, Self::Error> {
+        let message =
+            format!("{path}: Unix socket forwarding is not supported; try -R myapp:80:localhost:3000");
+        self.refuse_forward("streamlocal-forward", message, session);
+        Ok(false)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.count_refusal(
+            "cancel-streamlocal-forward",
+            &format!("no {path} to cancel"),
+            session,
+        );
+        Ok(false)
     }
 
     async fn channel_open_session(
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let open = self.shared.sessions().len();
+        if open >= MAX_SESSIONS_PER_CONN || self.refusals.is_cut() {
+            let message = format!("at most {MAX_SESSIONS_PER_CONN} session channels per connection");
+            self.count_refusal("session", &message, session);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         // Keystrokes arrive through `data`; dropping the channel object keeps its queue from filling.
-        self.shared.sessions().insert(channel.id());
+        self.shared.sessions().insert(channel.id(), SessionStage::Opened);
         reply.accept().await;
         Ok(())
     }
@@ -321,6 +461,9 @@ impl russh::server::Handler for Handler {
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        if !self.advance_session(channel, SessionStage::Opened, SessionStage::Answered) {
+            return self.refuse_session_request(channel, session);
+        }
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         session.data(channel, self.banner().into_bytes())
@@ -332,6 +475,9 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if !self.advance_session(channel, SessionStage::Opened, SessionStage::Closing) {
+            return self.refuse_session_request(channel, session);
+        }
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         let command = String::from_utf8_lossy(data);
@@ -357,8 +503,9 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Ctrl-C or Ctrl-D in the interactive session ends it.
-        if self.shared.sessions().contains(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
+        // Ctrl-C or Ctrl-D in the interactive session ends it, once.
+        let interrupt = data.iter().any(|b| *b == 3 || *b == 4);
+        if interrupt && self.advance_session(channel, SessionStage::Answered, SessionStage::Closing) {
             session.data(channel, b"bye\r\n".to_vec())?;
             session.exit_status_request(channel, 0)?;
             session.eof(channel)?;
@@ -377,12 +524,12 @@ impl russh::server::Handler for Handler {
         channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        originator_address: &str,
-        originator_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(visitor) = self.key else {
+        let Some(visitor) = self.key.filter(|_| !self.refusals.is_cut()) else {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
@@ -394,15 +541,24 @@ impl russh::server::Handler for Handler {
             .as_ref()
             .map(|k| self.ctx.directory.members(k))
             .unwrap_or_default();
-        let allowed = members.first().is_some_and(|m| {
-            target.as_ref().is_some_and(|t| t.route == Route::Http) || self.ctx.may_reach(&m.key, &visitor)
-        });
+        // HTTP tunnels too: a channel straight into one skips the proxy's header rewriting, so
+        // only keys that may reach a private tunnel of the owner get one.
+        let allowed = members
+            .first()
+            .is_some_and(|m| self.ctx.may_reach(&m.key, &visitor));
         if !allowed {
-            tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
+            if self.refusals.note_uncapped() {
+                tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");
+            }
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
-        let origin = (originator_address.to_owned(), originator_port);
+        // The tunnel client is told who connected as this gateway knows it (after PROXY), never
+        // what the SSH client claims, as the HTTP proxy does.
+        let origin = (
+            self.client.ip().to_canonical().to_string(),
+            u32::from(self.client.port()),
+        );
         let bounds = (
             self.ctx.limits.load_full().tunnel_open_timeout,
             self.ctx.channel_buffer,

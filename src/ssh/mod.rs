@@ -6,14 +6,16 @@ mod handler;
 pub(crate) mod hostkey;
 pub mod keys;
 mod pump;
+mod refusals;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use russh::keys::PrivateKey;
-use russh::{ChannelId, MethodKind, MethodSet};
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKey};
+use russh::{cipher, compression, kex, mac, ChannelId, MethodKind, MethodSet, Preferred};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -152,9 +154,67 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
         keepalive_interval: Some(cfg.keepalive_interval),
         keepalive_max: cfg.keepalive_max,
         nodelay: true,
+        preferred: ALGORITHMS,
         ..Default::default()
     }
 }
+
+/// What the endpoint offers, most preferred first; `tests/ssh_algorithms.rs` holds it to
+/// ssh-audit with no failure and no warning, and every OpenSSH since 6.5 finds a match in each
+/// list.
+const ALGORITHMS: Preferred = Preferred {
+    // Finite-field Diffie-Hellman is left out: russh computes it with num-bigint and a
+    // full-length exponent, two 2048..8192-bit modular exponentiations per handshake on the
+    // session's task, which any unauthenticated peer can ask for over and over (DHEat,
+    // CVE-2002-20001); group14 and group-exchange are weak besides. The NIST curves are left
+    // out as ssh-audit fails them. Clients restricted to FIPS algorithms cannot connect.
+    kex: Cow::Borrowed(&[
+        kex::MLKEM768X25519_SHA256,
+        kex::CURVE25519,
+        kex::CURVE25519_PRE_RFC_8731,
+        // Markers, not algorithms: RFC 8308 extension info and strict kex (Terrapin).
+        kex::EXTENSION_SUPPORT_AS_SERVER,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+    ]),
+    // Host keys are offered only for the algorithms of the key we hold (Ed25519 unless the
+    // operator brings another); the list is also the `server-sig-algs` a client signs its
+    // login with. No `ssh-rsa`: SHA-1 (`Handler::auth_publickey*` refuse it for logins).
+    key: Cow::Borrowed(&[
+        Algorithm::Ed25519,
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP384,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP521,
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha512),
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha256),
+        },
+    ]),
+    host_key_certificates: Cow::Borrowed(&[]),
+    // OpenSSH's default ciphers: AEAD first (AES-GCM carries bulk tunnels fastest on AES-NI,
+    // see BENCHMARKS.md), CTR only with the encrypt-then-MAC MACs below.
+    cipher: Cow::Borrowed(&[
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_256_GCM,
+        cipher::AES_128_GCM,
+        cipher::AES_256_CTR,
+        cipher::AES_192_CTR,
+        cipher::AES_128_CTR,
+    ]),
+    // Encrypt-then-MAC only (the AEAD ciphers need none).
+    mac: Cow::Borrowed(&[mac::HMAC_SHA256_ETM, mac::HMAC_SHA512_ETM]),
+    // No compression at all, not even zlib@openssh.com after login: a zlib compressor and
+    // decompressor take some 300 KiB per connection (zlib's defaults) for traffic that is mostly
+    // compressed already (HTTP bodies, TLS), and OpenSSH clients do not ask for it unless told to.
+    compression: Cow::Borrowed(&[compression::NONE]),
+};
 
 /// Runs one SSH connection to completion on an already-routed stream.
 ///
@@ -218,8 +278,20 @@ struct ConnShared {
     /// The forwards this connection holds, by the address and port its client asked for;
     /// dropping one deregisters it.
     forwards: Mutex<HashMap<(String, u32), Registration<Member>>>,
-    /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown.
-    sessions: Mutex<HashSet<ChannelId>>,
+    /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown; each
+    /// stays until the client closes it.
+    sessions: Mutex<HashMap<ChannelId, SessionStage>>,
+}
+
+/// Where a session channel is: each gets one answer (a shell's banner or a command's output),
+/// and a shell ends once, so a client repeating requests gets no more output queued for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionStage {
+    Opened,
+    /// The shell is showing the banner; Ctrl-C ends it.
+    Answered,
+    /// Closed on our side, waiting for the client's close.
+    Closing,
 }
 
 impl ConnShared {
@@ -227,7 +299,7 @@ impl ConnShared {
         self.forwards.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashSet<ChannelId>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, SessionStage>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -14,6 +14,7 @@ pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod prom;
+pub mod russh_client;
 pub mod ssh;
 
 use std::fs;
