@@ -262,12 +262,13 @@ fn live_tunnel_hosts(domain: &str, tunnels: &Arc<Tunnels>) -> MayMint {
 fn warn_restart_needed(old: &Config, new: &Config) {
     let changed = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let l = (&old.limits, &new.limits);
-    let checks: [(&str, bool); 10] = [
+    let checks: [(&str, bool); 11] = [
         ("domain", old.domain != new.domain),
         ("public_port", old.public_port != new.public_port),
         ("listener", changed(&old.listeners, &new.listeners)),
         ("tls.certs_dir", old.certs_dir != new.certs_dir),
         ("tls.local_ca", changed(&old.local_ca, &new.local_ca)),
+        ("http", changed(&old.http, &new.http)),
         ("admin", changed(&old.admin, &new.admin)),
         ("acme", changed(&old.acme, &new.acme)),
         ("ssh", changed(&old.ssh, &new.ssh)),

@@ -11,8 +11,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod acme;
+mod http;
 mod limits;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
+pub use http::{HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
@@ -33,6 +35,8 @@ pub struct RawConfig {
     pub ssh: RawSsh,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub http: RawHttp,
     pub admin: Option<RawAdmin>,
     pub acme: Option<RawAcme>,
 }
@@ -121,9 +125,14 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     /// Whether `ip` may send a PROXY header (IPv4-mapped IPv6 peers match IPv4 CIDRs).
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+        contains(&self.trusted_proxies, ip)
     }
+}
+
+/// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address matches IPv4 CIDRs.
+fn contains(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|net| net.contains(&ip))
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +177,7 @@ pub struct Config {
     pub local_ca: Option<CertificatePaths>,
     pub ssh: SshConfig,
     pub limits: Limits,
+    pub http: HttpConfig,
     pub admin: Option<AdminConfig>,
     pub acme: Option<AcmeConfig>,
 }
@@ -298,6 +308,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .unwrap_or(443);
     let ssh = validate_ssh(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
     let limits = limits::validate(&mut c, &raw.limits);
+    let http = http::validate(&mut c, &raw.http);
     let admin = raw.admin.as_ref().and_then(|a| match a.bind.parse() {
         Ok(bind) => Some(AdminConfig {
             bind,
@@ -349,6 +360,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }),
         ssh,
         limits,
+        http,
         admin,
         acme,
     })
@@ -566,6 +578,26 @@ sniff_timeout = "1 fortnight"
         let text = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\nproxy_protocol = \"required\"";
         let err = parse(text).unwrap_err();
         assert_eq!(err[0].path, "listener[0].trusted_proxies");
+    }
+
+    #[test]
+    fn trusted_forwarders_are_cidrs_and_trust_nobody_by_default() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n";
+        let c = parse(head).unwrap();
+        assert!(!c.http.trusts("127.0.0.1".parse().unwrap()));
+        let c = parse(&format!(
+            "{head}[http]\ntrusted_forwarders = [\"10.0.0.0/8\", \"::1\"]"
+        ))
+        .unwrap();
+        assert!(c.http.trusts("10.2.3.4".parse().unwrap()));
+        assert!(c.http.trusts("::ffff:10.2.3.4".parse().unwrap()));
+        assert!(c.http.trusts("::1".parse().unwrap()));
+        assert!(!c.http.trusts("11.0.0.1".parse().unwrap()));
+        let err = parse(&format!(
+            "{head}[http]\ntrusted_forwarders = [\"10.0.0.0/8\", \"ten\"]"
+        ))
+        .unwrap_err();
+        assert_eq!(err[0].path, "http.trusted_forwarders[1]");
     }
 
     #[test]
