@@ -104,6 +104,8 @@ pub struct RawGrant {
 pub struct RawAdmin {
     pub bind: String,
     pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// Whether a listener expects a PROXY protocol header in front of the connection.
@@ -164,6 +166,9 @@ pub struct SshConfig {
 pub struct AdminConfig {
     pub bind: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// Names (lowercase) and addresses a request's Host may carry besides loopback ones and the
+    /// address the request arrived on.
+    pub hosts: Vec<String>,
 }
 
 /// The validated configuration the gateway runs on.
@@ -309,16 +314,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let ssh = validate_ssh(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
     let limits = limits::validate(&mut c, &raw.limits);
     let http = http::validate(&mut c, &raw.http);
-    let admin = raw.admin.as_ref().and_then(|a| match a.bind.parse() {
-        Ok(bind) => Some(AdminConfig {
-            bind,
-            token_file: a.token_file.clone(),
-        }),
-        Err(_) => {
-            c.push("admin.bind", format!("{:?} is not an address:port", a.bind));
-            None
-        }
-    });
+    let admin = raw.admin.as_ref().and_then(|a| validate_admin(&mut c, a));
     let cert_files = raw
         .tls
         .certificate
@@ -363,6 +359,34 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         http,
         admin,
         acme,
+    })
+}
+
+fn validate_admin(c: &mut Collector, raw: &RawAdmin) -> Option<AdminConfig> {
+    let mut hosts = Vec::new();
+    for (i, given) in raw.hosts.iter().enumerate() {
+        let host = given.trim_end_matches('.').to_ascii_lowercase();
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>();
+        match ip {
+            Ok(ip) => hosts.push(ip.to_canonical().to_string()),
+            Err(_) if crate::names::is_domain(&host) => hosts.push(host),
+            Err(_) => c.push(
+                format!("admin.hosts[{i}]"),
+                format!("{given:?} is not a host name or an IP address (without a port)"),
+            ),
+        }
+    }
+    let Ok(bind) = raw.bind.parse::<SocketAddr>() else {
+        c.push("admin.bind", format!("{:?} is not an address:port", raw.bind));
+        return None;
+    };
+    Some(AdminConfig {
+        bind,
+        token_file: raw.token_file.clone(),
+        hosts,
     })
 }
 
@@ -578,6 +602,21 @@ sniff_timeout = "1 fortnight"
         let text = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\nproxy_protocol = \"required\"";
         let err = parse(text).unwrap_err();
         assert_eq!(err[0].path, "listener[0].trusted_proxies");
+    }
+
+    const ADMIN_HEAD: &str = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[admin]\n";
+
+    #[test]
+    fn admin_hosts_are_names_or_addresses() {
+        let text = format!(
+            "{ADMIN_HEAD}bind = \"127.0.0.1:9090\"\nhosts = [\"Admin.Internal.\", \"[::1]\", \"10.0.0.5\", \"a:80\"]"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].path, "admin.hosts[3]");
+        let text = format!("{ADMIN_HEAD}bind = \"127.0.0.1:9090\"\nhosts = [\"Admin.Internal.\", \"[::1]\"]");
+        let admin = parse(&text).unwrap().admin.unwrap();
+        assert_eq!(admin.hosts, ["admin.internal", "::1"]);
     }
 
     #[test]

@@ -232,7 +232,7 @@ async fn route(
 }
 
 /// `:authority` for h2 (and absolute-form HTTP/1.1), else the `Host` header.
-fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
+pub(crate) fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
     req.uri()
         .authority()
         .map(|a| a.as_str().as_bytes())
