@@ -441,6 +441,22 @@ fn admin_api_answers_only_requests_that_name_it_but_probes_answer_any_host() {
     }
 }
 
+#[test]
+fn serve_refuses_an_admin_listener_off_loopback_without_a_token() {
+    let env = TestEnv::new();
+    let config = env.gateway().set("admin.bind", "0.0.0.0:0").write_config();
+    let mut serve = common::edgemux();
+    serve.arg("serve").arg("-c").arg(&config);
+    let out = common::process::run_bounded(env.path(), "serve-open-admin", serve, SETUP);
+    assert!(!out.status.success(), "serve started:\n{}", out.combined());
+    assert!(
+        out.stderr.contains("admin.token_file") && out.stderr.contains("0.0.0.0:0"),
+        "the error names the key to set:\n{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("ready"), "{}", out.stdout);
+}
+
 /// A field of a tracing JSON line: under `fields` (the default layout) or at the top level.
 fn field<'a>(line: &'a Value, name: &str) -> &'a Value {
     match &line["fields"][name] {

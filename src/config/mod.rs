@@ -383,6 +383,16 @@ fn validate_admin(c: &mut Collector, raw: &RawAdmin) -> Option<AdminConfig> {
         c.push("admin.bind", format!("{:?} is not an address:port", raw.bind));
         return None;
     };
+    if raw.token_file.is_none() && !bind.ip().to_canonical().is_loopback() {
+        c.push(
+            "admin.token_file",
+            format!(
+                "required when admin.bind ({bind}) is not a loopback address: without a token, \
+                 anyone who reaches it can read metrics and remove tunnels (make one with \
+                 `openssl rand -hex 32`, in a file readable by edgemux only)"
+            ),
+        );
+    }
     Some(AdminConfig {
         bind,
         token_file: raw.token_file.clone(),
@@ -617,6 +627,19 @@ sniff_timeout = "1 fortnight"
         let text = format!("{ADMIN_HEAD}bind = \"127.0.0.1:9090\"\nhosts = [\"Admin.Internal.\", \"[::1]\"]");
         let admin = parse(&text).unwrap().admin.unwrap();
         assert_eq!(admin.hosts, ["admin.internal", "::1"]);
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token() {
+        let err = parse(&format!("{ADMIN_HEAD}bind = \"0.0.0.0:9090\"")).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].path, "admin.token_file");
+        assert!(err[0].message.contains("0.0.0.0:9090"), "{err:?}");
+        for bind in ["127.0.0.1:9090", "[::1]:9090", "[::ffff:127.0.0.1]:9090"] {
+            assert!(parse(&format!("{ADMIN_HEAD}bind = \"{bind}\"")).is_ok(), "{bind}");
+        }
+        let with_token = format!("{ADMIN_HEAD}bind = \"0.0.0.0:9090\"\ntoken_file = \"/t\"");
+        assert!(parse(&with_token).is_ok());
     }
 
     #[test]
