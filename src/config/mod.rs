@@ -663,6 +663,23 @@ sniff_timeout = "1 fortnight"
     }
 
     #[test]
+    fn on_demand_orders_leave_a_share_for_the_configured_domains() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[acme]\non_demand = true\n";
+        let limits = |extra: &str| parse(&format!("{head}{extra}")).map(|c| c.acme.unwrap().limits);
+        let l = limits("domains = [\"a.b\"]").unwrap();
+        assert_eq!((l.orders_per_week, l.on_demand_orders_per_week), (45, 30));
+        let l = limits("").unwrap();
+        assert_eq!(
+            l.on_demand_orders_per_week, 45,
+            "no configured domain: no reserve"
+        );
+        let l = limits("domains = [\"a.b\"]\norders_per_week = 9").unwrap();
+        assert_eq!(l.on_demand_orders_per_week, 6);
+        let err = limits("domains = [\"a.b\"]\non_demand_orders_per_week = 45").unwrap_err();
+        assert_eq!(err[0].path, "acme.on_demand_orders_per_week");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
