@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the integration tests drive (see tests/common).
-PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv)
+PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

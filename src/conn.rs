@@ -33,7 +33,7 @@ enum ConnError {
     Deadline,
     #[error("TLS handshake took longer than limits.tls_handshake_timeout")]
     TlsTimeout,
-    #[error("{0} already has limits.max_connections_per_client connections")]
+    #[error("{0} (for IPv6, its /64) already has limits.max_connections_per_client connections")]
     PerClientLimit(std::net::IpAddr),
 }
 

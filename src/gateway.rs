@@ -1,5 +1,6 @@
 //! The gateway's shared state, built once from a validated config and shared by every connection.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -44,14 +45,9 @@ pub enum BuildError {
 }
 
 /// The admin bearer token, trimmed; an empty or unreadable file is an error, not "no token".
+/// (Without a token the admin listener is on loopback: `config` refuses any other bind.)
 fn read_admin_token(config: &Config) -> Result<Option<String>, BuildError> {
-    let Some(admin) = &config.admin else {
-        return Ok(None);
-    };
-    let Some(path) = &admin.token_file else {
-        if !admin.bind.ip().is_loopback() {
-            tracing::warn!(bind = %admin.bind, "admin listener is not on loopback and has no token_file: anyone who reaches it can read metrics and remove tunnels");
-        }
+    let Some(path) = config.admin.as_ref().and_then(|a| a.token_file.as_ref()) else {
         return Ok(None);
     };
     let err = |reason: String| BuildError::AdminToken {
@@ -271,12 +267,13 @@ fn live_tunnel_hosts(domain: &str, tunnels: &Arc<Tunnels>) -> MayMint {
 fn warn_restart_needed(old: &Config, new: &Config) {
     let changed = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let l = (&old.limits, &new.limits);
-    let checks: [(&str, bool); 10] = [
+    let checks: [(&str, bool); 11] = [
         ("domain", old.domain != new.domain),
         ("public_port", old.public_port != new.public_port),
         ("listener", changed(&old.listeners, &new.listeners)),
         ("tls.certs_dir", old.certs_dir != new.certs_dir),
         ("tls.local_ca", changed(&old.local_ca, &new.local_ca)),
+        ("http", changed(&old.http, &new.http)),
         ("admin", changed(&old.admin, &new.admin)),
         ("acme", changed(&old.acme, &new.acme)),
         ("ssh", changed(&old.ssh, &new.ssh)),
@@ -296,38 +293,110 @@ fn warn_restart_needed(old: &Config, new: &Config) {
     }
 }
 
-/// Open connections per client address, for `limits.max_connections_per_client`.
+/// Open connections per client, for `limits.max_connections_per_client`. An IPv4 client is its
+/// address; an IPv6 client is its /64: one host may use any of its subnet's 2^64 addresses
+/// (temporary addresses, RFC 8981), so counted by address it would have no limit.
 #[derive(Debug, Default)]
-pub struct ClientCounter(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+pub struct ClientCounter(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
 
 /// One connection's place in the per-client count; dropping it frees the place.
 #[derive(Debug)]
 pub struct ClientSlot<'a> {
     counter: &'a ClientCounter,
-    ip: std::net::IpAddr,
+    client: IpAddr,
+}
+
+/// What a connection from `ip` is counted under: IPv4 (IPv4-mapped IPv6 too) by address, IPv6
+/// by its /64.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        v4 => v4,
+    }
 }
 
 impl ClientCounter {
-    /// Takes a place for `ip`, or `None` when it already has `limit` connections.
-    pub fn acquire(&self, ip: std::net::IpAddr, limit: usize) -> Option<ClientSlot<'_>> {
+    /// Takes a place for `ip`'s client, or `None` when it already has `limit` connections.
+    pub fn acquire(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot<'_>> {
+        let client = client_of(ip);
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(client).or_insert(0);
         if *n >= limit {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { counter: self, ip })
+        Some(ClientSlot {
+            counter: self,
+            client,
+        })
     }
 }
 
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
         let mut map = self.counter.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = map.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                map.remove(&self.client);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let counter = ClientCounter::default();
+        let a = counter.acquire(ip("2001:db8:1:2::1"), 2).unwrap();
+        let _b = counter
+            .acquire(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 2)
+            .unwrap();
+        assert!(
+            counter.acquire(ip("2001:db8:1:2:dead::beef"), 2).is_none(),
+            "a third address of the same /64 is over the limit"
+        );
+        assert!(
+            counter.acquire(ip("2001:db8:1:3::1"), 2).is_some(),
+            "the next /64 is another client"
+        );
+        drop(a);
+        assert!(
+            counter.acquire(ip("2001:db8:1:2::77"), 2).is_some(),
+            "a freed place is taken"
+        );
+    }
+
+    #[test]
+    fn ipv4_clients_are_counted_by_address_mapped_or_not() {
+        let counter = ClientCounter::default();
+        let _a = counter.acquire(ip("192.0.2.1"), 1).unwrap();
+        assert!(
+            counter.acquire(ip("::ffff:192.0.2.1"), 1).is_none(),
+            "mapped is the same client"
+        );
+        assert!(
+            counter.acquire(ip("192.0.2.2"), 1).is_some(),
+            "a neighbour is another client"
+        );
+    }
+
+    #[test]
+    fn a_client_without_connections_is_forgotten() {
+        let counter = ClientCounter::default();
+        let slots: Vec<_> = (1..=3)
+            .map(|i| counter.acquire(ip(&format!("2001:db8:{i}::1")), 1).unwrap())
+            .collect();
+        assert_eq!(counter.0.lock().unwrap().len(), 3);
+        drop(slots);
+        assert!(counter.0.lock().unwrap().is_empty());
     }
 }

@@ -14,7 +14,7 @@ pub mod config;
 pub(crate) mod io;
 pub mod metrics;
 pub mod names;
-pub(crate) mod secret_file;
+pub mod secret_file;
 // Stages:
 pub(crate) mod acme;
 pub mod http;

@@ -48,7 +48,7 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "certs/dev")]
         certs: PathBuf,
-        /// Admin listener (/healthz); keep it on loopback.
+        /// Admin listener; its bearer token is generated once and kept in the certs directory.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
@@ -130,8 +130,8 @@ fn keyid(path: &Path, full: bool) -> Result<()> {
     Ok(())
 }
 
-/// Called once every listener is bound, with their addresses.
-type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
+/// Called once every listener is bound, with the main listeners' addresses and the admin one's.
+type OnReady = Box<dyn FnOnce(&[SocketAddr], Option<SocketAddr>)>;
 
 /// Builds the gateway, binds every listener, reports the bound addresses on stdout, and serves
 /// until SIGTERM/SIGINT. SIGHUP reloads certificates and authorized keys.
@@ -167,7 +167,7 @@ fn serve(mut config: Config, reload_from: Option<PathBuf>, after_ready: Option<O
         };
         println!("ready");
         if let Some(f) = after_ready {
-            f(&bound);
+            f(&bound, admin.as_ref().and_then(|l| l.local_addr().ok()));
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(gw.clone(), reload_from, shutdown.clone()));
@@ -218,6 +218,9 @@ fn reload(gw: &Gateway, path: Option<&Path>) {
 
 fn dev(listen: SocketAddr, certs: &Path, admin: SocketAddr) -> Result<()> {
     let files = edgemux::tls::local_ca::ensure_dev_certs(certs)?;
+    let token_file = certs.join("admin-token");
+    let token = edgemux::secret_file::read_or_create_token(&token_file)
+        .with_context(|| format!("cannot make the admin token {}", token_file.display()))?;
     let toml = format!(
         r#"domain = "localhost"
 [[listener]]
@@ -230,8 +233,10 @@ cert = {cert:?}
 key = {key:?}
 [admin]
 bind = "{admin}"
+token_file = {token_file:?}
 "#,
         dir = certs.display().to_string(),
+        token_file = token_file.display().to_string(),
         cert = files.leaf.cert.display().to_string(),
         key = files.leaf.key.display().to_string(),
         ca_cert = files.ca.cert.display().to_string(),
@@ -239,11 +244,23 @@ bind = "{admin}"
     );
     let config = config::parse(&toml).map_err(|p| anyhow::anyhow!("{p:?}"))?;
     let ca = files.ca.cert.display().to_string();
-    let help: OnReady = Box::new(move |bound: &[SocketAddr]| print_dev_help(bound, &ca));
+    let token = AdminToken {
+        token,
+        file: token_file.display().to_string(),
+    };
+    let help: OnReady = Box::new(move |bound: &[SocketAddr], admin: Option<SocketAddr>| {
+        print_dev_help(bound, &ca, admin, &token)
+    });
     serve(config, None, Some(help))
 }
 
-fn print_dev_help(bound: &[SocketAddr], ca: &str) {
+/// The dev admin listener's bearer token and the file that keeps it.
+struct AdminToken {
+    token: String,
+    file: String,
+}
+
+fn print_dev_help(bound: &[SocketAddr], ca: &str, admin: Option<SocketAddr>, token: &AdminToken) {
     let Some(addr) = bound.first() else { return };
     let port = addr.port();
     let keyid = default_key_id().unwrap_or_else(|| "<keyid>".into());
@@ -254,11 +271,18 @@ fn print_dev_help(bound: &[SocketAddr], ca: &str) {
          -servername localhost\" -o HostKeyAlias=edgemux-dev -o StrictHostKeyChecking=accept-new \
          -R myapp:80:localhost:3000 localhost"
     );
+    let admin = admin.map_or_else(String::new, |admin| {
+        let AdminToken { token, file } = token;
+        format!(
+            "\n3. See your tunnels on the admin API (bearer token {token}, kept in {file}):\n   \
+             curl -H \"Authorization: Bearer {token}\" http://{admin}/tunnels\n"
+        )
+    });
     println!(
         "\nedgemux dev is running on {addr} (TLS + SSH, domain localhost).\n\
          \n1. Expose a local app on port 3000:\n   {ssh}\n\
          \n2. Reach it:\n   curl --cacert {ca} https://myapp-{keyid}.localhost:{port}/\n\
-         \n(the key id of a key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
+         {admin}\n(the key id of a key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
     );
 }
 

@@ -254,3 +254,89 @@ fn check_names_the_key_path_of_every_problem() {
     let two = bad_bind.set("admin.bind", "also-bad");
     assert_rejected(&check(&env, &two), &["listener", "admin"]);
 }
+
+/// How long the TLS audit may take: its checks take ~30 s alone on two cores, more while other
+/// tests run beside it.
+const AUDIT_LIMIT: Duration = Duration::from_secs(240);
+/// What testssl.sh is called on PATH: Debian's package installs `testssl`, upstream `testssl.sh`.
+const TESTSSL: [&str; 2] = ["testssl", "testssl.sh"];
+
+/// testssl.sh on the TLS port, offline: protocols (`-p`), cipher categories (`-s`), forward
+/// secrecy (`-f`) and every cipher per protocol (`-E`), as flat JSON. Server cipher order (`-P`)
+/// is left out on purpose: with nothing but AEAD suites with forward secrecy on offer, letting
+/// the client choose is what Mozilla's TLS guidelines recommend (a phone without AES hardware
+/// picks ChaCha20), while testssl.sh 3.0 still rates it HIGH.
+#[test]
+fn testssl_finds_nothing_worse_than_ok_in_protocols_and_ciphers() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let testssl = TESTSSL
+        .iter()
+        .find(|tool| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or_else(|| {
+            panic!("the TLS audit needs testssl.sh; install it with: apt-get install -y testssl.sh")
+        });
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let json = env.path().join("testssl.json");
+    let mut cmd = Command::new(testssl);
+    cmd.args(["--quiet", "--color", "0", "--warnings", "off", "--nodns", "none"])
+        .args(["--connect-timeout", "10", "--openssl-timeout", "10"])
+        .args(["-p", "-s", "-f", "-E", "--jsonfile"])
+        .arg(&json)
+        .arg(format!("127.0.0.1:{}", gw.port()));
+    let out = run_bounded(env.path(), "testssl", cmd, AUDIT_LIMIT);
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|e| panic!("testssl wrote no JSON ({e}):\n{}", out.combined()));
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&text).expect("testssl JSON");
+    let field = |f: &serde_json::Value, key: &str| f[key].as_str().unwrap_or_default().to_owned();
+    let worse: Vec<String> = findings
+        .iter()
+        .filter(|f| !matches!(f["severity"].as_str(), Some("OK" | "INFO")))
+        .map(|f| {
+            format!(
+                "{} {}: {}",
+                field(f, "severity"),
+                field(f, "id"),
+                field(f, "finding")
+            )
+        })
+        .collect();
+    assert!(
+        worse.is_empty(),
+        "testssl found:\n{}\n{}",
+        worse.join("\n"),
+        out.stdout
+    );
+    // Each check really ran: a scan that failed early would have nothing to complain about.
+    let finding = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .map(|f| field(f, "finding"))
+    };
+    for (id, want) in [
+        ("SSLv2", "not offered"),
+        ("SSLv3", "not offered"),
+        ("TLS1", "not offered"),
+        ("TLS1_1", "not offered"),
+        ("TLS1_2", "offered"),
+        ("TLS1_3", "offered with final"),
+        ("cipherlist_NULL", "not offered"),
+        ("cipherlist_aNULL", "not offered"),
+        ("cipherlist_EXPORT", "not offered"),
+        ("cipherlist_LOW", "not offered"),
+        ("cipherlist_3DES_IDEA", "not offered"),
+        ("cipherlist_AVERAGE", "not offered"),
+        ("PFS", "offered"),
+    ] {
+        assert_eq!(finding(id).as_deref(), Some(want), "{id}:\n{}", out.stdout);
+    }
+    let ciphers = findings
+        .iter()
+        .filter(|f| field(f, "id").starts_with("cipher-tls1_"));
+    assert!(
+        ciphers.count() >= 2,
+        "no cipher listed per protocol:\n{}",
+        out.stdout
+    );
+}

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use common::http::http_backend;
@@ -98,5 +99,28 @@ fn dev_mode_prints_an_ssh_and_a_curl_command_that_work_as_printed() {
         out.combined(),
         session.describe(),
         dev.describe()
+    );
+
+    // The admin API wants the token dev mode generated, kept private in the certs directory;
+    // the printed curl command carries it and lists the tunnel.
+    let token_file = certs.join("admin-token");
+    let token = std::fs::read_to_string(&token_file).expect("dev mode keeps its admin token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin token file mode");
+    let admin_line = line_starting(&printed, "curl -H \"Authorization: Bearer ")
+        .unwrap_or_else(|| panic!("no admin curl command in the help text:\n{printed}"));
+    assert!(admin_line.contains(token.trim()), "{admin_line}");
+    let out = run_bounded(dir, "dev-admin-curl", shell(admin_line), SETUP);
+    assert!(
+        out.status.success() && out.stdout.contains(&format!("myapp-{}.localhost", key.keyid)),
+        "`{admin_line}` did not list the tunnel:\n{}",
+        out.combined()
+    );
+    let anonymous = admin_line.replacen(token.trim(), "wrong", 1);
+    let out = run_bounded(dir, "dev-admin-anonymous", shell(&anonymous), SETUP);
+    assert!(
+        !out.stdout.contains("tunnels"),
+        "answered a wrong token:\n{}",
+        out.stdout
     );
 }

@@ -135,6 +135,22 @@ fn header(json: &Value, name: &str) -> Option<String> {
     Some(values.join(", "))
 }
 
+/// What a visitor might claim about where it comes from, as curl arguments.
+const FORGED: [&str; 12] = [
+    "-H",
+    "X-Forwarded-For: 203.0.113.9",
+    "-H",
+    "Forwarded: for=203.0.113.9;proto=http",
+    "-H",
+    "X-Real-IP: 203.0.113.9",
+    "-H",
+    "X-Forwarded-Proto: http",
+    "-H",
+    "X-Forwarded-Host: evil.example",
+    "-H",
+    "X-Forwarded-Port: 80",
+];
+
 #[test]
 fn backend_receives_forwarding_headers_and_no_hop_by_hop_ones() {
     let s = site(&[]);
@@ -148,20 +164,28 @@ fn backend_receives_forwarding_headers_and_no_hop_by_hop_ones() {
         "Keep-Alive: 5",
     ];
     for (flag, extra) in [("--http1.1", &hop[..]), ("--http2", &[][..])] {
-        let mut args = vec![flag, "-H", "X-Forwarded-For: 203.0.113.9"];
+        let mut args = vec![flag];
+        args.extend(FORGED);
         args.extend(extra);
         let got = s.visitor.get(&s.host, "/headers", &args);
         let json: Value = serde_json::from_slice(&got.expect_status(200, flag).body).expect("JSON");
+        // Only what the gateway knows: the visitor's own forwarding headers never arrive.
         let want = [
-            ("x-forwarded-for", "203.0.113.9, 127.0.0.1".to_owned()),
+            ("x-forwarded-for", "127.0.0.1".to_owned()),
+            ("x-real-ip", "127.0.0.1".to_owned()),
             ("x-forwarded-proto", "https".to_owned()),
             ("x-forwarded-host", s.host.clone()),
+            ("x-forwarded-port", port.to_string()),
             ("forwarded", format!("for=127.0.0.1;host={};proto=https", s.host)),
             ("host", format!("{}:{port}", s.host)),
         ];
         for (name, value) in want {
             assert_eq!(header(&json, name), Some(value), "{flag}: {name} in {json}");
         }
+        assert!(
+            !json.to_string().contains("203.0.113.9"),
+            "{flag}: forged address passed: {json}"
+        );
         for name in [
             "x-secret",
             "keep-alive",
@@ -176,6 +200,38 @@ fn backend_receives_forwarding_headers_and_no_hop_by_hop_ones() {
                 "{flag}: hop-by-hop {name} passed: {json}"
             );
         }
+    }
+}
+
+#[test]
+fn a_trusted_forwarders_headers_are_kept_and_the_sender_appended() {
+    let env = TestEnv::new();
+    let gw = env
+        .gateway()
+        .set("http.trusted_forwarders", vec!["127.0.0.0/8"])
+        .start();
+    let key = env.key("a", KeyKind::Ed25519);
+    let _tunnel = gw
+        .ssh(&key, Transport::Tls)
+        .open_tunnel("app", 80, http_backend("alpha"));
+    let (visitor, host) = (Visitor::new(&env, &gw), key.host("app"));
+    let mut args = vec!["--http2"];
+    args.extend(FORGED);
+    let got = visitor.get(&host, "/headers", &args);
+    let json: Value = serde_json::from_slice(&got.expect_status(200, "trusted").body).expect("JSON");
+    let want = [
+        ("x-forwarded-for", "203.0.113.9, 127.0.0.1".to_owned()),
+        (
+            "forwarded",
+            format!("for=203.0.113.9;proto=http, for=127.0.0.1;host={host};proto=https"),
+        ),
+        ("x-real-ip", "203.0.113.9".to_owned()),
+        ("x-forwarded-proto", "http".to_owned()),
+        ("x-forwarded-host", "evil.example".to_owned()),
+        ("x-forwarded-port", "80".to_owned()),
+    ];
+    for (name, value) in want {
+        assert_eq!(header(&json, name), Some(value), "{name} in {json}");
     }
 }
 

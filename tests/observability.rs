@@ -371,6 +371,92 @@ fn bearer_token_guards_everything_but_the_probes() {
     );
 }
 
+/// `curl -X METHOD` on the admin listener with the bearer `token` and, when given, `Host: host`;
+/// returns the status and the body.
+fn admin_curl(
+    env: &TestEnv,
+    gw: &Gateway,
+    (method, path): (&str, &str),
+    host: Option<&str>,
+    token: &str,
+) -> (u16, String) {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "--max-time", "10", "-X", method, "-w", "\n%{http_code}"])
+        .args(["-H", &format!("Authorization: Bearer {token}")]);
+    if let Some(host) = host {
+        curl.args(["-H", &format!("Host: {host}")]);
+    }
+    curl.arg(format!("http://127.0.0.1:{}{path}", gw.admin_port()));
+    let out = common::process::run_bounded(env.path(), "curl-admin", curl, SETUP);
+    let (body, status) = out.stdout.rsplit_once('\n').unwrap_or_default();
+    let status = status
+        .parse()
+        .unwrap_or_else(|_| panic!("curl {method} {path}:\n{}", out.combined()));
+    (status, body.to_owned())
+}
+
+#[test]
+fn admin_api_answers_only_requests_that_name_it_but_probes_answer_any_host() {
+    const TOKEN: &str = "t0ken-for-the-rebinding-test";
+    const REBIND: &str = "rebind.attacker.example:9090";
+    let env = TestEnv::new();
+    let token_file = env.path().join("admin-token");
+    fs::write(&token_file, TOKEN).unwrap();
+    let gw = env
+        .gateway()
+        .admin_token_file(&token_file)
+        .set("admin.hosts", vec!["admin.internal"])
+        .start();
+    let web = open_web(&env, &gw);
+    let delete = format!("/tunnels/{}", web.host);
+
+    for request in [
+        ("GET", "/tunnels"),
+        ("GET", "/metrics"),
+        ("DELETE", delete.as_str()),
+    ] {
+        let (status, body) = admin_curl(&env, &gw, request, Some(REBIND), TOKEN);
+        assert_eq!(status, 421, "{request:?} with Host {REBIND}: {body}");
+        assert!(
+            body.contains("DNS-rebinding"),
+            "{request:?}: the refusal says why: {body}"
+        );
+    }
+    for probe in ["/healthz", "/readyz"] {
+        let (status, body) = admin_curl(&env, &gw, ("GET", probe), Some(REBIND), "");
+        assert_eq!(status, 200, "{probe} with Host {REBIND} and no token: {body}");
+    }
+    for host in [
+        None,
+        Some("localhost:9090"),
+        Some("[::1]"),
+        Some("Admin.Internal:9090"),
+    ] {
+        let (status, body) = admin_curl(&env, &gw, ("GET", "/tunnels"), host, TOKEN);
+        assert_eq!(status, 200, "GET /tunnels with Host {host:?}: {body}");
+        assert!(
+            body.contains(&web.host),
+            "the tunnel survived the refused DELETE: {body}"
+        );
+    }
+}
+
+#[test]
+fn serve_refuses_an_admin_listener_off_loopback_without_a_token() {
+    let env = TestEnv::new();
+    let config = env.gateway().set("admin.bind", "0.0.0.0:0").write_config();
+    let mut serve = common::edgemux();
+    serve.arg("serve").arg("-c").arg(&config);
+    let out = common::process::run_bounded(env.path(), "serve-open-admin", serve, SETUP);
+    assert!(!out.status.success(), "serve started:\n{}", out.combined());
+    assert!(
+        out.stderr.contains("admin.token_file") && out.stderr.contains("0.0.0.0:0"),
+        "the error names the key to set:\n{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("ready"), "{}", out.stdout);
+}
+
 /// A field of a tracing JSON line: under `fields` (the default layout) or at the top level.
 fn field<'a>(line: &'a Value, name: &str) -> &'a Value {
     match &line["fields"][name] {

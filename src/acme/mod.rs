@@ -1,7 +1,8 @@
 //! Automatic certificates with ACME (Let's Encrypt): TLS-ALPN-01 answered on the main listener,
 //! or HTTP-01 on plain HTTP; stored certificates served at once; renewal at two thirds of the
 //! lifetime (or inside the server's ARI window) with backoff; on-demand certificates for tunnel
-//! hosts within a budget. A failed renewal never removes a certificate in service.
+//! hosts within their share of the budget (the rest stays for the configured domains). A failed
+//! renewal never removes a certificate in service.
 
 pub(crate) mod schedule;
 mod store;
@@ -193,7 +194,7 @@ impl AcmeManager {
                 tracing::info!(domain, "tunnel is gone: its certificate is no longer renewed");
                 return;
             }
-            if let Err(refusal) = self.take_budget(domain) {
+            if let Err(refusal) = self.take_budget(domain, on_demand) {
                 tracing::warn!(domain, ?refusal, "ACME order budget exhausted; waiting");
                 crate::metrics::acme_order("budget");
                 forced = wait_or_forced(Duration::from_secs(3600), &mut renew_rx).await;
@@ -230,8 +231,8 @@ impl AcmeManager {
         self.budget.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_budget(&self, domain: &str) -> Result<(), schedule::Refusal> {
-        self.budget_lock().try_order(domain, SystemTime::now())
+    fn take_budget(&self, domain: &str, on_demand: bool) -> Result<(), schedule::Refusal> {
+        self.budget_lock().try_order(domain, on_demand, SystemTime::now())
     }
 
     fn tunnel_exists(&self, host: &str) -> bool {

@@ -22,6 +22,7 @@ pub struct RawAcme {
     pub on_demand: Option<bool>,
     pub orders_per_hour: Option<usize>,
     pub orders_per_week: Option<usize>,
+    pub on_demand_orders_per_week: Option<usize>,
     pub failed_validations_per_host_per_hour: Option<usize>,
 }
 
@@ -99,7 +100,6 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
             "list at least one domain, or set on_demand = true",
         );
     }
-    let d = OrderLimits::default();
     AcmeConfig {
         directory,
         contact: raw.contact.clone(),
@@ -107,13 +107,38 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
         challenge,
         root_ca: raw.root_ca.clone(),
         on_demand,
-        limits: OrderLimits {
-            orders_per_hour: raw.orders_per_hour.unwrap_or(d.orders_per_hour),
-            orders_per_week: raw.orders_per_week.unwrap_or(d.orders_per_week),
-            failures_per_host_per_hour: raw
-                .failed_validations_per_host_per_hour
-                .unwrap_or(d.failures_per_host_per_hour),
-        },
+        limits: validate_limits(c, raw),
+    }
+}
+
+fn validate_limits(c: &mut Collector, raw: &RawAcme) -> OrderLimits {
+    let d = OrderLimits::default();
+    let orders_per_week = raw.orders_per_week.unwrap_or(d.orders_per_week);
+    // The configured domains keep the rest of the week's orders: random tunnel names must never
+    // use up what the gateway's own certificates need to renew.
+    let reserved = !raw.domains.is_empty();
+    let on_demand_default = if reserved {
+        orders_per_week * 2 / 3
+    } else {
+        orders_per_week
+    };
+    let on_demand_orders_per_week = raw.on_demand_orders_per_week.unwrap_or(on_demand_default);
+    if reserved && on_demand_orders_per_week >= orders_per_week {
+        c.push(
+            "acme.on_demand_orders_per_week",
+            format!(
+                "must be below acme.orders_per_week ({orders_per_week}): the rest is kept for \
+                 the certificates of acme.domains"
+            ),
+        );
+    }
+    OrderLimits {
+        orders_per_hour: raw.orders_per_hour.unwrap_or(d.orders_per_hour),
+        orders_per_week,
+        on_demand_orders_per_week: on_demand_orders_per_week.min(orders_per_week),
+        failures_per_host_per_hour: raw
+            .failed_validations_per_host_per_hour
+            .unwrap_or(d.failures_per_host_per_hour),
     }
 }
 
@@ -123,6 +148,9 @@ pub(super) fn validate(c: &mut Collector, raw: &RawAcme) -> AcmeConfig {
 pub struct OrderLimits {
     pub orders_per_hour: usize,
     pub orders_per_week: usize,
+    /// The part of `orders_per_week` that on-demand orders (tunnel hosts) may use; the rest is
+    /// kept for the configured domains.
+    pub on_demand_orders_per_week: usize,
     pub failures_per_host_per_hour: usize,
 }
 
@@ -131,6 +159,9 @@ impl Default for OrderLimits {
         Self {
             orders_per_hour: 50,
             orders_per_week: 45,
+            // Two thirds: 15 orders a week stay for the configured domains, which need one per
+            // domain every 60 days and a few retries.
+            on_demand_orders_per_week: 30,
             failures_per_host_per_hour: 4,
         }
     }

@@ -11,9 +11,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod acme;
+mod http;
 mod limits;
 mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
+pub use http::{HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};
 
@@ -35,6 +37,8 @@ pub struct RawConfig {
     pub ssh: RawSsh,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub http: RawHttp,
     pub admin: Option<RawAdmin>,
     pub acme: Option<RawAcme>,
 }
@@ -73,6 +77,8 @@ pub struct RawCertificate {
 pub struct RawAdmin {
     pub bind: String,
     pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// Whether a listener expects a PROXY protocol header in front of the connection.
@@ -94,9 +100,14 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     /// Whether `ip` may send a PROXY header (IPv4-mapped IPv6 peers match IPv4 CIDRs).
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+        contains(&self.trusted_proxies, ip)
     }
+}
+
+/// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address matches IPv4 CIDRs.
+fn contains(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|net| net.contains(&ip))
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +120,9 @@ pub struct CertificatePaths {
 pub struct AdminConfig {
     pub bind: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// Names (lowercase) and addresses a request's Host may carry besides loopback ones and the
+    /// address the request arrived on.
+    pub hosts: Vec<String>,
 }
 
 /// The validated configuration the gateway runs on.
@@ -122,6 +136,7 @@ pub struct Config {
     pub local_ca: Option<CertificatePaths>,
     pub ssh: SshConfig,
     pub limits: Limits,
+    pub http: HttpConfig,
     pub admin: Option<AdminConfig>,
     pub acme: Option<AcmeConfig>,
 }
@@ -252,16 +267,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .unwrap_or(443);
     let ssh = ssh::validate(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
     let limits = limits::validate(&mut c, &raw.limits);
-    let admin = raw.admin.as_ref().and_then(|a| match a.bind.parse() {
-        Ok(bind) => Some(AdminConfig {
-            bind,
-            token_file: a.token_file.clone(),
-        }),
-        Err(_) => {
-            c.push("admin.bind", format!("{:?} is not an address:port", a.bind));
-            None
-        }
-    });
+    let http = http::validate(&mut c, &raw.http);
+    let admin = raw.admin.as_ref().and_then(|a| validate_admin(&mut c, a));
     let cert_files = raw
         .tls
         .certificate
@@ -303,8 +310,47 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }),
         ssh,
         limits,
+        http,
         admin,
         acme,
+    })
+}
+
+fn validate_admin(c: &mut Collector, raw: &RawAdmin) -> Option<AdminConfig> {
+    let mut hosts = Vec::new();
+    for (i, given) in raw.hosts.iter().enumerate() {
+        let host = given.trim_end_matches('.').to_ascii_lowercase();
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>();
+        match ip {
+            Ok(ip) => hosts.push(ip.to_canonical().to_string()),
+            Err(_) if crate::names::is_domain(&host) => hosts.push(host),
+            Err(_) => c.push(
+                format!("admin.hosts[{i}]"),
+                format!("{given:?} is not a host name or an IP address (without a port)"),
+            ),
+        }
+    }
+    let Ok(bind) = raw.bind.parse::<SocketAddr>() else {
+        c.push("admin.bind", format!("{:?} is not an address:port", raw.bind));
+        return None;
+    };
+    if raw.token_file.is_none() && !bind.ip().to_canonical().is_loopback() {
+        c.push(
+            "admin.token_file",
+            format!(
+                "required when admin.bind ({bind}) is not a loopback address: without a token, \
+                 anyone who reaches it can read metrics and remove tunnels (make one with \
+                 `openssl rand -hex 32`, in a file readable by edgemux only)"
+            ),
+        );
+    }
+    Some(AdminConfig {
+        bind,
+        token_file: raw.token_file.clone(),
+        hosts,
     })
 }
 
@@ -443,6 +489,71 @@ sniff_timeout = "1 fortnight"
         let text = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\nproxy_protocol = \"required\"";
         let err = parse(text).unwrap_err();
         assert_eq!(err[0].path, "listener[0].trusted_proxies");
+    }
+
+    const ADMIN_HEAD: &str = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[admin]\n";
+
+    #[test]
+    fn admin_hosts_are_names_or_addresses() {
+        let text = format!(
+            "{ADMIN_HEAD}bind = \"127.0.0.1:9090\"\nhosts = [\"Admin.Internal.\", \"[::1]\", \"10.0.0.5\", \"a:80\"]"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].path, "admin.hosts[3]");
+        let text = format!("{ADMIN_HEAD}bind = \"127.0.0.1:9090\"\nhosts = [\"Admin.Internal.\", \"[::1]\"]");
+        let admin = parse(&text).unwrap().admin.unwrap();
+        assert_eq!(admin.hosts, ["admin.internal", "::1"]);
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token() {
+        let err = parse(&format!("{ADMIN_HEAD}bind = \"0.0.0.0:9090\"")).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].path, "admin.token_file");
+        assert!(err[0].message.contains("0.0.0.0:9090"), "{err:?}");
+        for bind in ["127.0.0.1:9090", "[::1]:9090", "[::ffff:127.0.0.1]:9090"] {
+            assert!(parse(&format!("{ADMIN_HEAD}bind = \"{bind}\"")).is_ok(), "{bind}");
+        }
+        let with_token = format!("{ADMIN_HEAD}bind = \"0.0.0.0:9090\"\ntoken_file = \"/t\"");
+        assert!(parse(&with_token).is_ok());
+    }
+
+    #[test]
+    fn trusted_forwarders_are_cidrs_and_trust_nobody_by_default() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n";
+        let c = parse(head).unwrap();
+        assert!(!c.http.trusts("127.0.0.1".parse().unwrap()));
+        let c = parse(&format!(
+            "{head}[http]\ntrusted_forwarders = [\"10.0.0.0/8\", \"::1\"]"
+        ))
+        .unwrap();
+        assert!(c.http.trusts("10.2.3.4".parse().unwrap()));
+        assert!(c.http.trusts("::ffff:10.2.3.4".parse().unwrap()));
+        assert!(c.http.trusts("::1".parse().unwrap()));
+        assert!(!c.http.trusts("11.0.0.1".parse().unwrap()));
+        let err = parse(&format!(
+            "{head}[http]\ntrusted_forwarders = [\"10.0.0.0/8\", \"ten\"]"
+        ))
+        .unwrap_err();
+        assert_eq!(err[0].path, "http.trusted_forwarders[1]");
+    }
+
+    #[test]
+    fn on_demand_orders_leave_a_share_for_the_configured_domains() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[acme]\non_demand = true\n";
+        let limits = |extra: &str| parse(&format!("{head}{extra}")).map(|c| c.acme.unwrap().limits);
+        let l = limits("domains = [\"a.b\"]").unwrap();
+        assert_eq!((l.orders_per_week, l.on_demand_orders_per_week), (45, 30));
+        let l = limits("").unwrap();
+        assert_eq!(
+            l.on_demand_orders_per_week, 45,
+            "no configured domain: no reserve"
+        );
+        let l = limits("domains = [\"a.b\"]\norders_per_week = 9").unwrap();
+        assert_eq!(l.on_demand_orders_per_week, 6);
+        let err = limits("domains = [\"a.b\"]\non_demand_orders_per_week = 45").unwrap_err();
+        assert_eq!(err[0].path, "acme.on_demand_orders_per_week");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Header rewriting between the visitor and the tunnel: hop-by-hop headers removed, and the real
-//! client made known through `X-Forwarded-*` and `Forwarded` (RFC 7239).
+//! client made known through `X-Forwarded-*`, `X-Real-IP` and `Forwarded` (RFC 7239), written
+//! from what the gateway knows and never taken from the visitor (unless it is a trusted forwarder).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -53,27 +54,80 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Adds the proxy headers: `X-Forwarded-For` appended, `X-Forwarded-Proto`/`-Host` set, and an
-/// RFC 7239 `Forwarded` element appended.
-pub(super) fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto: &str) {
-    let ip = client.ip().to_canonical();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.to_string(),
+/// What the gateway itself knows about a request, the only source of the forwarding headers a
+/// visitor cannot be believed on.
+pub(super) struct Origin<'a> {
+    /// Who sent the request: the TCP peer, or the client a trusted PROXY header named.
+    pub(super) client: IpAddr,
+    /// The host the request was routed by (lowercase, without port).
+    pub(super) host: &'a str,
+    /// The port the gateway is reached on from outside (`public_port`).
+    pub(super) port: u16,
+}
+
+/// The headers that tell a backend who the client is and how it came; a visitor can write any of
+/// them, so each is set here from the [`Origin`].
+const FORWARDING: &[&str] = &[
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+];
+
+/// Sets the forwarding headers from `origin`, always with proto `https` (the gateway proxies only
+/// requests it decrypted). From an untrusted sender every incoming one is dropped first: they are
+/// the visitor's own claims. From a `trusted` forwarder (a proxy in front of the gateway), its
+/// `X-Forwarded-For` and `Forwarded` chains are kept with the sender appended, and its
+/// `X-Real-IP` and `X-Forwarded-Proto`/`-Host`/`-Port` stand: it saw the original request.
+pub(super) fn set_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>, trusted: bool) {
+    let ip = origin.client.to_canonical();
+    let (chain, elements) = if trusted {
+        (joined(headers, "x-forwarded-for"), joined(headers, "forwarded"))
+    } else {
+        for name in FORWARDING {
+            headers.remove(*name);
+        }
+        (None, None)
     };
-    set(headers, "x-forwarded-for", &xff);
-    set(headers, "x-forwarded-proto", proto);
-    set(headers, "x-forwarded-host", host);
     let element = format!(
-        "for={};host={};proto={proto}",
+        "for={};host={};proto=https",
         forwarded_node(ip),
-        quote_if_needed(host)
+        quote_if_needed(origin.host)
     );
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
-    set(headers, "forwarded", &forwarded);
+    set(headers, "x-forwarded-for", &appended(chain, &ip.to_string()));
+    set(headers, "forwarded", &appended(elements, &element));
+    for (name, value) in [
+        ("x-real-ip", ip.to_string()),
+        ("x-forwarded-proto", "https".to_owned()),
+        ("x-forwarded-host", origin.host.to_owned()),
+        ("x-forwarded-port", origin.port.to_string()),
+    ] {
+        if !headers.contains_key(name) {
+            set(headers, name, &value);
+        }
+    }
+}
+
+/// Every value of `name` as one comma-separated list (a header may come on several lines);
+/// `None` when there is none, or none that is text.
+fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+fn appended(list: Option<String>, item: &str) -> String {
+    match list {
+        Some(list) => format!("{list}, {item}"),
+        None => item.to_owned(),
+    }
 }
 
 fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -128,25 +182,98 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
     }
 
+    fn origin(client: &str, host: &'static str) -> Origin<'static> {
+        Origin {
+            client: client.parse().unwrap(),
+            host,
+            port: 443,
+        }
+    }
+
+    /// Everything a visitor may claim about itself.
+    fn forged() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("forwarded", "for=203.0.113.9;proto=http"),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "80"),
+        ] {
+            h.append(name, HeaderValue::from_static(value));
+        }
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h
+    }
+
+    fn values(h: &HeaderMap, name: &str) -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
     #[test]
-    fn forwarded_headers_append() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        add_forwarded(
-            &mut h,
-            "[::ffff:127.0.0.5]:5000".parse().unwrap(),
-            "a.gw.test",
-            "https",
+    fn a_visitors_forwarding_headers_are_replaced() {
+        let mut h = forged();
+        set_forwarding(&mut h, &origin("::ffff:127.0.0.5", "a.gw.test"), false);
+        let want = [
+            ("x-forwarded-for", "127.0.0.5"),
+            ("forwarded", "for=127.0.0.5;host=a.gw.test;proto=https"),
+            ("x-real-ip", "127.0.0.5"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "a.gw.test"),
+            ("x-forwarded-port", "443"),
+        ];
+        for (name, value) in want {
+            assert_eq!(values(&h, name), [value], "{name}");
+        }
+        assert_eq!(h["accept"], "*/*", "other headers stay");
+        assert_eq!(h.len(), want.len() + 1);
+    }
+
+    #[test]
+    fn a_trusted_forwarders_chain_is_kept_and_the_sender_appended() {
+        let mut h = forged();
+        set_forwarding(&mut h, &origin("10.0.0.7", "a.gw.test"), true);
+        assert_eq!(
+            values(&h, "x-forwarded-for"),
+            ["203.0.113.9, 198.51.100.1, 10.0.0.7"]
         );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.5");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "a.gw.test");
-        assert_eq!(h["forwarded"], "for=127.0.0.5;host=a.gw.test;proto=https");
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=203.0.113.9;proto=http, for=10.0.0.7;host=a.gw.test;proto=https"]
+        );
+        for (name, value) in [
+            ("x-real-ip", "203.0.113.9"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "80"),
+        ] {
+            assert_eq!(values(&h, name), [value], "{name} from the forwarder stands");
+        }
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "[2001:db8::1]:443".parse().unwrap(), "a:8443", "https");
+        set_forwarding(&mut h, &origin("10.0.0.7", "a.gw.test"), true);
+        assert_eq!(values(&h, "x-forwarded-for"), ["10.0.0.7"]);
+        assert_eq!(
+            values(&h, "x-real-ip"),
+            ["10.0.0.7"],
+            "what it left out is filled in"
+        );
+        assert_eq!(values(&h, "x-forwarded-port"), ["443"]);
+    }
+
+    #[test]
+    fn ipv6_and_odd_hosts_are_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        set_forwarding(&mut h, &origin("2001:db8::1", "a:8443"), false);
         assert_eq!(
             h["forwarded"],
             "for=\"[2001:db8::1]\";host=\"a:8443\";proto=https"
         );
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(h["x-real-ip"], "2001:db8::1");
     }
 }

@@ -20,7 +20,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LiveLimits};
+use crate::config::{Config, HttpConfig, LiveLimits};
 use crate::io::BoxStream;
 use crate::route::Wire;
 use crate::tls::challenge::Challenges;
@@ -36,6 +36,8 @@ pub(crate) struct HttpContext {
     domain: String,
     public_port: u16,
     limits: LiveLimits,
+    /// Who may send forwarding headers of their own.
+    settings: HttpConfig,
     /// Where tunnels are found and opened.
     directory: Arc<dyn Directory>,
     /// Kept-alive upstream connections, by pool member.
@@ -62,6 +64,7 @@ impl HttpContext {
             domain: config.domain.clone(),
             public_port: config.public_port,
             limits,
+            settings: config.http.clone(),
             directory,
             idle: Arc::default(),
             challenges,
@@ -229,7 +232,7 @@ async fn route(
 }
 
 /// `:authority` for h2 (and absolute-form HTTP/1.1), else the `Host` header.
-fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
+pub(crate) fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
     req.uri()
         .authority()
         .map(|a| a.as_str().as_bytes())
@@ -248,7 +251,13 @@ async fn proxy(
     let shown_host = authority(&req)
         .and_then(|a| HeaderValue::from_bytes(a).ok())
         .unwrap_or_else(|| HeaderValue::from_static(""));
-    prepare_upstream_request(&mut req, shown_host, client, (host, upgrade));
+    let origin = forward::Origin {
+        client: client.ip(),
+        host,
+        port: ctx.public_port,
+    };
+    let trusted = ctx.settings.trusts(client.ip());
+    prepare_upstream_request(&mut req, shown_host, (&origin, trusted), upgrade);
 
     let limits = ctx.limits.load_full();
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
@@ -279,8 +288,8 @@ async fn proxy(
 fn prepare_upstream_request(
     req: &mut Request<Incoming>,
     shown_host: HeaderValue,
-    client: SocketAddr,
-    (host, upgrade): (&str, bool),
+    (origin, trusted): (&forward::Origin<'_>, bool),
+    upgrade: bool,
 ) {
     let path = req
         .uri()
@@ -292,7 +301,7 @@ fn prepare_upstream_request(
     let headers = req.headers_mut();
     forward::strip_hop_by_hop(headers, upgrade);
     headers.insert(header::HOST, shown_host);
-    forward::add_forwarded(headers, client, host, "https");
+    forward::set_forwarding(headers, origin, trusted);
 }
 
 /// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
