@@ -76,6 +76,19 @@ const FORWARDING: &[&str] = &[
     "x-forwarded-port",
 ];
 
+/// Other headers that frameworks and CDNs read as the client's address. The gateway does not
+/// write them; from an untrusted sender they are dropped, so a visitor cannot claim an address
+/// through them either.
+const CLIENT_CLAIMS: &[&str] = &[
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+];
+
 /// Sets the forwarding headers from `origin`, always with proto `https` (the gateway proxies only
 /// requests it decrypted). From an untrusted sender every incoming one is dropped first: they are
 /// the visitor's own claims. From a `trusted` forwarder (a proxy in front of the gateway), its
@@ -86,7 +99,7 @@ pub(super) fn set_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>, trust
     let (chain, elements) = if trusted {
         (joined(headers, "x-forwarded-for"), joined(headers, "forwarded"))
     } else {
-        for name in FORWARDING {
+        for name in FORWARDING.iter().chain(CLIENT_CLAIMS) {
             headers.remove(*name);
         }
         (None, None)
@@ -201,6 +214,8 @@ mod tests {
             ("x-forwarded-proto", "http"),
             ("x-forwarded-host", "evil.example"),
             ("x-forwarded-port", "80"),
+            ("true-client-ip", "203.0.113.9"),
+            ("cf-connecting-ip", "203.0.113.9"),
         ] {
             h.append(name, HeaderValue::from_static(value));
         }
@@ -251,6 +266,8 @@ mod tests {
             ("x-forwarded-proto", "http"),
             ("x-forwarded-host", "evil.example"),
             ("x-forwarded-port", "80"),
+            ("true-client-ip", "203.0.113.9"),
+            ("cf-connecting-ip", "203.0.113.9"),
         ] {
             assert_eq!(values(&h, name), [value], "{name} from the forwarder stands");
         }
