@@ -22,6 +22,7 @@ pub const FORWARDED_CHANNELS: &str = "edgemux_forwarded_channels_total";
 pub const HTTP_REQUESTS: &str = "edgemux_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "edgemux_http_request_duration_seconds";
 pub const BYTES: &str = "edgemux_bytes_total";
+pub const RESPONSES_CUT: &str = "edgemux_http_responses_cut_total";
 pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
@@ -90,6 +91,10 @@ fn describe() {
         BYTES,
         Unit::Bytes,
         "Bytes carried, by route and direction (in = from clients)"
+    );
+    describe_counter!(
+        RESPONSES_CUT,
+        "Responses cut because the visitor took nothing for limits.write_idle_timeout, by protocol"
     );
     describe_gauge!(
         CERT_EXPIRY,
@@ -208,6 +213,10 @@ pub fn http_request(method: &http::Method, status: u16, protocol: &'static str, 
 pub fn bytes(route: &'static str, inbound: u64, outbound: u64) {
     counter!(BYTES, "route" => route, "direction" => "in").increment(inbound);
     counter!(BYTES, "route" => route, "direction" => "out").increment(outbound);
+}
+
+pub fn response_cut(protocol: &'static str) {
+    counter!(RESPONSES_CUT, "protocol" => protocol).increment(1);
 }
 
 pub fn cert_expiry(name: &str, unix_secs: i64) {

@@ -26,6 +26,8 @@ pub(super) const SSH_AUTH_ATTEMPTS: usize = 6;
 pub(super) const TUNNELS_PER_KEY: usize = 64;
 pub(super) const CHANNELS_PER_TUNNEL: usize = 1024;
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// nginx's `send_timeout` default: the time between two successive writes to a client.
+pub(super) const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +46,7 @@ pub struct RawLimits {
     pub tunnels_per_key: Option<usize>,
     pub channels_per_tunnel: Option<usize>,
     pub drain_timeout: Option<String>,
+    pub write_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +75,8 @@ pub struct Limits {
     pub channels_per_tunnel: usize,
     /// How long in-flight work may finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// Time a response may wait for its visitor to take the next bytes before it is cut.
+    pub write_idle_timeout: Duration,
 }
 
 pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
@@ -128,6 +133,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
         tunnels_per_key,
         channels_per_tunnel,
         drain_timeout: dur("drain_timeout", &raw.drain_timeout, DRAIN_TIMEOUT),
+        write_idle_timeout: dur("write_idle_timeout", &raw.write_idle_timeout, WRITE_IDLE_TIMEOUT),
     }
 }
 
