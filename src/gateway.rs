@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
 use crate::acme::AcmeManager;
+use crate::budget::Budget;
 use crate::config::{Config, Limits, LiveLimits};
 use crate::http::HttpContext;
 use crate::ssh::channels::LocalDirectory;
@@ -115,10 +116,12 @@ impl Gateway {
             }
         };
         let limits: LiveLimits = Arc::new(ArcSwap::from_pointee(config.limits.clone()));
+        let budget = Budget::new(limits.clone());
         let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::new(
             tunnels.clone(),
             limits.clone(),
             config.ssh.channel_buffer,
+            budget.clone(),
         ));
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
@@ -134,7 +137,7 @@ impl Gateway {
             &config,
             (host_key, policy),
             tunnels.clone(),
-            directory.clone(),
+            (directory.clone(), budget),
             limits.clone(),
         );
         if let Some(acme) = acme.clone() {

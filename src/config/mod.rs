@@ -179,12 +179,11 @@ pub mod defaults {
     /// 15 s × 3 unanswered probes: a vanished client's tunnels are gone within a minute.
     pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_MAX: usize = 3;
-    /// Per-channel flow window: 8 MiB keeps a 100 ms × 640 Mbit/s path full; only a reader that
-    /// falls behind makes the gateway hold that much.
+    /// The largest flow window a channel grows to: 8 MiB keeps a 100 ms × 640 Mbit/s path full;
+    /// a window starts small and grows only while its reader keeps up (`ssh::pump`).
     pub const CHANNEL_BUFFER: usize = 8 * 1024 * 1024;
-    /// The SSH flow-control window the endpoint advertises: at least 8 MiB so one channel fills
-    /// a long fat link (100 ms × 640 Mbit/s). Here, not in `ssh`, because it bounds
-    /// `ssh.channel_buffer` when the config is validated.
+    /// Twice this bounds `ssh.channel_buffer`: 16 MiB fills a 200 ms × 640 Mbit/s path, and more
+    /// would only let one reader pin more.
     pub const SSH_WINDOW: u32 = 8 * 1024 * 1024;
 }
 
@@ -420,8 +419,6 @@ fn validate_ssh(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>) -> Ss
         c.push("ssh.keepalive_max", "must be at least 1");
     }
     let channel_buffer = raw.channel_buffer.unwrap_or(defaults::CHANNEL_BUFFER);
-    // At most twice the initial SSH window: the first flow-control report then never needs to
-    // grant window before the channel is confirmed.
     let max_buffer = 2 * defaults::SSH_WINDOW as usize;
     if !(64 * 1024..=max_buffer).contains(&channel_buffer) {
         c.push(

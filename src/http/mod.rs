@@ -44,7 +44,7 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// hyper's default.
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// What hyper buffers per h2 stream beyond what the visitor's window takes: two frames (hyper's
-/// default is 400 KiB). The rest waits in the tunnel channel's window.
+/// default is 400 KiB). The rest waits in the channel's window, which the budget pays for.
 const H2_SEND_BUFFER: usize = 2 * watch::FRAME;
 /// Time an idle h2 connection gets to send its GOAWAY and close before it is dropped.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
@@ -297,13 +297,13 @@ async fn proxy(
 
     let limits = ctx.limits.load_full();
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
-    let open_timeout = limits.tunnel_open_timeout;
-    let (mut sender, member) = upstream::connect(reach, members, client, open_timeout, upgrade).await?;
+    let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
+    let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
     member
         .stats
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
+    let mut resp = match tokio::time::timeout(limits.upstream_timeout, conn.sender.send_request(req)).await {
         Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
         Ok(Ok(r)) => r,
@@ -314,7 +314,7 @@ async fn proxy(
         return Ok(resp.map(|b| b.boxed()));
     }
     if !upgrade {
-        upstream::release(ctx.idle.clone(), member, sender);
+        upstream::release(ctx.idle.clone(), member, conn);
     }
     forward::strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp.map(|b| b.boxed()))

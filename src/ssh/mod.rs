@@ -17,7 +17,7 @@ use russh::{ChannelId, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::defaults::SSH_WINDOW;
+use crate::budget::{Budget, FLOOR_WINDOW};
 use crate::config::{Config, Limits, LiveLimits, SshConfig};
 use crate::io::ClientAddr;
 use crate::tunnels::{Directory, Member, Registration, Tunnels};
@@ -69,6 +69,8 @@ pub(crate) struct SshContext {
     /// Vanity host → the only key id that may serve it.
     reserved: HashMap<String, String>,
     channel_buffer: usize,
+    /// What `ssh -L` visitors' own channels lease their windows from.
+    budget: Arc<Budget>,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub(crate) on_http_tunnel: Option<HostHook>,
     limits: LiveLimits,
@@ -88,7 +90,7 @@ impl SshContext {
         config: &Config,
         (host_key, policy): (PrivateKey, KeyPolicy),
         tunnels: Arc<Tunnels>,
-        directory: Arc<dyn Directory>,
+        (directory, budget): (Arc<dyn Directory>, Arc<Budget>),
         limits: LiveLimits,
     ) -> Self {
         let cfg = &config.ssh;
@@ -109,6 +111,7 @@ impl SshContext {
             grants,
             reserved: cfg.reserved.clone(),
             channel_buffer: cfg.channel_buffer,
+            budget,
             on_http_tunnel: None,
             limits,
             conn_ids: AtomicU64::new(0),
@@ -134,7 +137,8 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
         // OpenSSH probes with "none" first; answering it at once is not an oracle.
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
-        window_size: SSH_WINDOW,
+        // Where every channel's window starts (ssh::pump grows it as its reader keeps up).
+        window_size: FLOOR_WINDOW as u32,
         maximum_packet_size: MAX_PACKET,
         max_auth_attempts: limits.ssh_auth_attempts,
         // Dead clients are found by keepalives, not by the 10-minute inactivity default.

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub(crate) use directory::{first_member, Directory, Opening};
-pub(crate) use member::{ChannelSlot, Member, MemberId};
+pub(crate) use directory::{first_member, Directory, Opened, Opening};
+pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use report::tunnels_json;
 
 /// HTTP tunnels (ports 80 and 443) are public by Host; everything else is a private TCP tunnel.
