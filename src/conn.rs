@@ -33,8 +33,8 @@ enum ConnError {
     Deadline,
     #[error("TLS handshake took longer than limits.tls_handshake_timeout")]
     TlsTimeout,
-    #[error("{0} (for IPv6, its /64) already has limits.max_connections_per_client connections")]
-    PerClientLimit(std::net::IpAddr),
+    #[error("{0} already has limits.max_connections_per_client connections")]
+    PerClientLimit(crate::io::ClientKey),
 }
 
 impl ConnError {
@@ -234,7 +234,7 @@ async fn route_connection<'g>(
     let slot = gw
         .clients()
         .acquire(ip, limits.max_connections_per_client)
-        .ok_or(ConnError::PerClientLimit(ip))?;
+        .ok_or(ConnError::PerClientLimit(crate::io::ClientKey::of(ip)))?;
     // The sniff timer starts after the header: an NLB sends it with the client's first bytes.
     let (sniffed, buf) = sniff::read_protocol(&mut stream, limits.sniff_timeout).await;
     let sniffed = sniffed?;

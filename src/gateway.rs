@@ -1,6 +1,6 @@
 //! The gateway's shared state, built once from a validated config and shared by every connection.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -10,8 +10,10 @@ use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
 use crate::acme::AcmeManager;
+use crate::budget::Budget;
 use crate::config::{Config, Limits, LiveLimits};
 use crate::http::HttpContext;
+use crate::io::ClientKey;
 use crate::ssh::channels::LocalDirectory;
 use crate::ssh::hostkey::{self, HostKeyError};
 use crate::ssh::keys::{AuthorizedKeys, KeysError};
@@ -116,10 +118,12 @@ impl Gateway {
             }
         };
         let limits: LiveLimits = Arc::new(ArcSwap::from_pointee(config.limits.clone()));
+        let budget = Budget::new(limits.clone());
         let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::new(
             tunnels.clone(),
             limits.clone(),
             config.ssh.channel_buffer,
+            budget.clone(),
         ));
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
@@ -140,7 +144,7 @@ impl Gateway {
             &config,
             (host_key, policy),
             (tunnels.clone(), Arc::new(owners)),
-            directory.clone(),
+            (directory.clone(), budget),
             limits.clone(),
         );
         if let Some(acme) = acme.clone() {
@@ -297,28 +301,19 @@ fn warn_restart_needed(old: &Config, new: &Config) {
 /// address; an IPv6 client is its /64: one host may use any of its subnet's 2^64 addresses
 /// (temporary addresses, RFC 8981), so counted by address it would have no limit.
 #[derive(Debug, Default)]
-pub struct ClientCounter(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+pub struct ClientCounter(std::sync::Mutex<std::collections::HashMap<ClientKey, usize>>);
 
 /// One connection's place in the per-client count; dropping it frees the place.
 #[derive(Debug)]
 pub struct ClientSlot<'a> {
     counter: &'a ClientCounter,
-    client: IpAddr,
-}
-
-/// What a connection from `ip` is counted under: IPv4 (IPv4-mapped IPv6 too) by address, IPv6
-/// by its /64.
-fn client_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        v4 => v4,
-    }
+    client: ClientKey,
 }
 
 impl ClientCounter {
     /// Takes a place for `ip`'s client, or `None` when it already has `limit` connections.
     pub fn acquire(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot<'_>> {
-        let client = client_of(ip);
+        let client = ClientKey::of(ip);
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(client).or_insert(0);
         if *n >= limit {

@@ -10,6 +10,7 @@
 // Layers, bottom up; a module imports only from layers below it (ARCHITECTURE.md, checked by
 // tests/layering.rs).
 // Vocabulary, no I/O:
+pub(crate) mod budget;
 pub mod config;
 pub(crate) mod io;
 pub mod metrics;

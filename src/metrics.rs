@@ -22,6 +22,8 @@ pub const FORWARDED_CHANNELS: &str = "edgemux_forwarded_channels_total";
 pub const HTTP_REQUESTS: &str = "edgemux_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "edgemux_http_request_duration_seconds";
 pub const BYTES: &str = "edgemux_bytes_total";
+pub const TUNNEL_BUFFER_RESERVED: &str = "edgemux_tunnel_buffer_reserved_bytes";
+pub const RESPONSES_CUT: &str = "edgemux_http_responses_cut_total";
 pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
@@ -75,7 +77,8 @@ fn describe() {
     describe_counter!(TUNNEL_REMOVALS, "Tunnel pool members removed, by kind");
     describe_counter!(
         FORWARDED_CHANNELS,
-        "forwarded-tcpip channels opened to tunnel clients, by result"
+        "forwarded-tcpip channels opened to tunnel clients, by result (opened; refused: limit, \
+         visitor_share, budget; failed)"
     );
     describe_counter!(
         HTTP_REQUESTS,
@@ -90,6 +93,15 @@ fn describe() {
         BYTES,
         Unit::Bytes,
         "Bytes carried, by route and direction (in = from clients)"
+    );
+    describe_gauge!(
+        TUNNEL_BUFFER_RESERVED,
+        Unit::Bytes,
+        "Bytes of limits.tunnel_buffer_budget held by open channels (their windows and buffers)"
+    );
+    describe_counter!(
+        RESPONSES_CUT,
+        "Responses cut because the visitor took nothing for limits.write_idle_timeout, by protocol"
     );
     describe_gauge!(
         CERT_EXPIRY,
@@ -208,6 +220,14 @@ pub fn http_request(method: &http::Method, status: u16, protocol: &'static str, 
 pub fn bytes(route: &'static str, inbound: u64, outbound: u64) {
     counter!(BYTES, "route" => route, "direction" => "in").increment(inbound);
     counter!(BYTES, "route" => route, "direction" => "out").increment(outbound);
+}
+
+pub fn tunnel_buffer_reserved(bytes: usize) {
+    gauge!(TUNNEL_BUFFER_RESERVED).set(bytes as f64);
+}
+
+pub fn response_cut(protocol: &'static str) {
+    counter!(RESPONSES_CUT, "protocol" => protocol).increment(1);
 }
 
 pub fn cert_expiry(name: &str, unix_secs: i64) {

@@ -28,7 +28,8 @@ pub(crate) enum Wire {
     Http1,
     /// ALPN said `h2`.
     H2,
-    /// No ALPN: the HTTP server tells by the first bytes (already sniffed, so they are at hand).
+    /// No ALPN (plain HTTP, or TLS without ALPN): served as HTTP/1.1; h2 is only for clients
+    /// that ask for it with ALPN.
     Detect,
 }
 

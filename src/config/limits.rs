@@ -26,6 +26,15 @@ pub(super) const SSH_AUTH_ATTEMPTS: usize = 6;
 pub(super) const TUNNELS_PER_KEY: usize = 64;
 pub(super) const CHANNELS_PER_TUNNEL: usize = 1024;
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A quarter of a 1 GiB VM: what visitors who do not read may make the gateway hold, in all.
+pub(super) const TUNNEL_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
+/// An eighth of the budget: at least eight clients are needed to fill it; four 8 MiB windows
+/// (`ssh.channel_buffer`) fit in it.
+pub(super) const CLIENT_BUFFER_SHARE: usize = 32 * 1024 * 1024;
+/// nginx's `send_timeout` default: the time between two successive writes to a client.
+pub(super) const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The smallest budget or share accepted: a few channels' floors (window and buffers).
+const MIN_BUFFER_SHARE: usize = 1024 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +53,9 @@ pub struct RawLimits {
     pub tunnels_per_key: Option<usize>,
     pub channels_per_tunnel: Option<usize>,
     pub drain_timeout: Option<String>,
+    pub tunnel_buffer_budget: Option<usize>,
+    pub client_buffer_share: Option<usize>,
+    pub write_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +84,13 @@ pub struct Limits {
     pub channels_per_tunnel: usize,
     /// How long in-flight work may finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// Bytes of tunnel data all channels together may hold for their readers (windows granted
+    /// to tunnel clients, and the HTTP buffers behind them).
+    pub tunnel_buffer_budget: usize,
+    /// The part of the budget one client (an IPv4 address, an IPv6 /64) may hold.
+    pub client_buffer_share: usize,
+    /// Time a response may wait for its visitor to take the next bytes before it is cut.
+    pub write_idle_timeout: Duration,
 }
 
 pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
@@ -98,6 +117,24 @@ pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
         CHANNELS_PER_TUNNEL,
         1,
     );
+    let tunnel_buffer_budget = count(
+        "tunnel_buffer_budget",
+        raw.tunnel_buffer_budget,
+        TUNNEL_BUFFER_BUDGET,
+        MIN_BUFFER_SHARE,
+    );
+    let client_buffer_share = count(
+        "client_buffer_share",
+        raw.client_buffer_share,
+        CLIENT_BUFFER_SHARE.min(tunnel_buffer_budget),
+        MIN_BUFFER_SHARE,
+    );
+    if client_buffer_share > tunnel_buffer_budget {
+        c.push(
+            "limits.client_buffer_share",
+            "must not exceed limits.tunnel_buffer_budget",
+        );
+    }
     let mut dur = |key: &str, value: &Option<String>, default: Duration| {
         c.duration(&format!("limits.{key}"), value.as_deref(), default)
     };
@@ -128,6 +165,9 @@ pub(super) fn validate(c: &mut Collector, raw: &RawLimits) -> Limits {
         tunnels_per_key,
         channels_per_tunnel,
         drain_timeout: dur("drain_timeout", &raw.drain_timeout, DRAIN_TIMEOUT),
+        tunnel_buffer_budget,
+        client_buffer_share,
+        write_idle_timeout: dur("write_idle_timeout", &raw.write_idle_timeout, WRITE_IDLE_TIMEOUT),
     }
 }
 

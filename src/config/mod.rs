@@ -148,12 +148,11 @@ pub mod defaults {
     /// 15 s × 3 unanswered probes: a vanished client's tunnels are gone within a minute.
     pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_MAX: usize = 3;
-    /// Per-channel flow window: 8 MiB keeps a 100 ms × 640 Mbit/s path full; only a reader that
-    /// falls behind makes the gateway hold that much.
+    /// The largest flow window a channel grows to: 8 MiB keeps a 100 ms × 640 Mbit/s path full;
+    /// a window starts small and grows only while its reader keeps up (`ssh::pump`).
     pub const CHANNEL_BUFFER: usize = 8 * 1024 * 1024;
-    /// The SSH flow-control window the endpoint advertises: at least 8 MiB so one channel fills
-    /// a long fat link (100 ms × 640 Mbit/s). Here, not in `ssh`, because it bounds
-    /// `ssh.channel_buffer` when the config is validated.
+    /// Twice this bounds `ssh.channel_buffer`: 16 MiB fills a 200 ms × 640 Mbit/s path, and more
+    /// would only let one reader pin more.
     pub const SSH_WINDOW: u32 = 8 * 1024 * 1024;
 }
 

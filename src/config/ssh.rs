@@ -73,8 +73,6 @@ pub(super) fn validate(c: &mut Collector, raw: &RawSsh, certs_dir: Option<&Path>
         c.push("ssh.keepalive_max", "must be at least 1");
     }
     let channel_buffer = raw.channel_buffer.unwrap_or(super::defaults::CHANNEL_BUFFER);
-    // At most twice the initial SSH window: the first flow-control report then never needs to
-    // grant window before the channel is confirmed.
     let max_buffer = 2 * super::defaults::SSH_WINDOW as usize;
     if !(64 * 1024..=max_buffer).contains(&channel_buffer) {
         c.push(

@@ -1,11 +1,17 @@
 //! The HTTP side: a hyper server (HTTP/1.1 and h2 by ALPN, with upgrades) that routes by Host into
 //! the tunnels, speaks HTTP/1.1 upstream over `forwarded-tcpip` channels, redirects plain HTTP to
 //! https and answers the apex host itself.
+//!
+//! h2 is served only to clients that ask for it with ALPN. Prior-knowledge h2 (h2c on the plain
+//! port, or over TLS without ALPN) meets the HTTP/1.1 server, which refuses its preface (400, or
+//! a close). The plain port only redirects to https and answers ACME HTTP-01 (which validators
+//! ask over HTTP/1.1), no browser speaks h2c, and one h2 path is one set of limits to keep.
 
 mod access;
 mod forward;
 pub mod host;
 mod upstream;
+mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HttpConfig, LiveLimits};
@@ -26,11 +32,22 @@ use crate::route::Wire;
 use crate::tls::challenge::Challenges;
 use crate::tunnels::{Directory, Member, Route, TunnelKey};
 use upstream::IdlePool;
+use watch::{ResponseWatch, StreamExec, Watched};
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The path ACME HTTP-01 challenges are served under; never redirected.
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+/// h2 keep-alive pings: a peer that stops answering is gone within 40 s (with the timeout),
+/// before `limits.write_idle_timeout`'s default.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// hyper's default.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// What hyper buffers per h2 stream beyond what the visitor's window takes: two frames (hyper's
+/// default is 400 KiB). The rest waits in the channel's window, which the budget pays for.
+const H2_SEND_BUFFER: usize = 2 * watch::FRAME;
+/// Time an idle h2 connection gets to send its GOAWAY and close before it is dropped.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) struct HttpContext {
     domain: String,
@@ -104,11 +121,19 @@ impl ProxyError {
     }
 }
 
+/// How a connection's own timer ends it.
+enum Stop {
+    /// A response waited too long for its visitor: drop the connection.
+    Cut,
+    /// No stream for a while: say goodbye (h2 GOAWAY), briefly, then drop it.
+    Idle,
+}
+
 /// Runs a hyper connection to its end; on shutdown, asks it to finish in-flight requests and
-/// close (h2 GOAWAY, HTTP/1.1 `Connection: close`). Errors are boxed: the three connection kinds
-/// report different error types.
+/// close (h2 GOAWAY, HTTP/1.1 `Connection: close`); when `stop` resolves, ends it as that says.
+/// Errors are boxed: the connection kinds report different error types.
 macro_rules! drive {
-    ($conn:expr, $shutdown:expr) => {{
+    ($conn:expr, $shutdown:expr, $stop:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         let r = tokio::select! {
@@ -117,6 +142,13 @@ macro_rules! drive {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            stop = $stop => match stop {
+                Stop::Cut => Ok(()),
+                Stop::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(GOAWAY_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+            }
         };
         r.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
     }};
@@ -124,7 +156,8 @@ macro_rules! drive {
 
 /// Serves HTTP on a routed stream until the client leaves or `shutdown` asks for a graceful end.
 /// With the version known from ALPN, hyper does not wait for bytes to detect it: a client silent
-/// after the handshake then meets `header_timeout` like any other slow client.
+/// after the handshake then meets `header_timeout` like any other slow client (on h2: no stream
+/// for `header_timeout`). A response its visitor takes nothing of for `write_idle_timeout` is cut.
 pub(crate) async fn serve(
     ctx: Arc<HttpContext>,
     stream: BoxStream,
@@ -133,35 +166,47 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let limits = ctx.limits.load_full();
+    let write_idle = limits.write_idle_timeout;
+    // HTTP/1.1 has one response in flight at a time: one watch for the connection.
+    let conn_watch = Arc::new(ResponseWatch::default());
+    let fallback = conn_watch.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req, client, tls).await) }
+        let (ctx, fallback) = (ctx.clone(), fallback.clone());
+        async move {
+            let watch = ResponseWatch::current_or(&fallback);
+            let response = handle(&ctx, req, client, tls).await;
+            Ok::<_, Infallible>(response.map(|body| Watched::new(body, watch)))
+        }
     });
     let io = TokioIo::new(stream);
     let max_headers = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
     let result = match wire {
-        Wire::Http1 => {
+        Wire::Http1 | Wire::Detect => {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes);
-            drive!(b.serve_connection(io, service).with_upgrades(), shutdown)
+            let stalled = async {
+                conn_watch.stalled(write_idle).await;
+                watch::cut("http/1.1", write_idle);
+                Stop::Cut
+            };
+            drive!(b.serve_connection(io, service).with_upgrades(), shutdown, stalled)
         }
         Wire::H2 => {
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new()).max_header_list_size(max_headers);
-            drive!(b.serve_connection(io, service), shutdown)
-        }
-        Wire::Detect => {
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes);
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(max_headers);
-            drive!(b.serve_connection_with_upgrades(io, service), shutdown)
+            let streams = StreamExec::new(write_idle);
+            let mut b = hyper::server::conn::http2::Builder::new(streams.clone());
+            b.timer(TokioTimer::new())
+                .max_header_list_size(max_headers)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .max_send_buf_size(H2_SEND_BUFFER);
+            let idle = async {
+                streams.idle(limits.header_timeout).await;
+                tracing::debug!("h2 connection without a stream for limits.header_timeout; closing");
+                Stop::Idle
+            };
+            drive!(b.serve_connection(io, service), shutdown, idle)
         }
     };
     if let Err(e) = result {
@@ -261,13 +306,13 @@ async fn proxy(
 
     let limits = ctx.limits.load_full();
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
-    let open_timeout = limits.tunnel_open_timeout;
-    let (mut sender, member) = upstream::connect(reach, members, client, open_timeout, upgrade).await?;
+    let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
+    let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
     member
         .stats
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut resp = match tokio::time::timeout(limits.upstream_timeout, sender.send_request(req)).await {
+    let mut resp = match tokio::time::timeout(limits.upstream_timeout, conn.sender.send_request(req)).await {
         Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
         Ok(Ok(r)) => r,
@@ -278,7 +323,7 @@ async fn proxy(
         return Ok(resp.map(|b| b.boxed()));
     }
     if !upgrade {
-        upstream::release(ctx.idle.clone(), member, sender);
+        upstream::release(ctx.idle.clone(), member, conn);
     }
     forward::strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp.map(|b| b.boxed()))

@@ -1,5 +1,7 @@
 //! Upstream connections: HTTP/1.1 over channels into a tunnel's pool members (opened through the
 //! [`Directory`]), kept alive per member and reused once their previous response has been read.
+//! A channel is charged to the visitor whose request it carries; kept alive between requests it
+//! is charged to no one, and the next visitor takes it only within its own shares.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,12 +13,22 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use crate::tunnels::{first_member, Directory, Member, MemberId};
+use crate::io::ClientKey;
+use crate::tunnels::{first_member, ChannelSlot, Directory, Member, MemberId, Opened, Refused};
 
 pub(crate) type Sender = SendRequest<Incoming>;
 
 /// Idle keep-alive connections a member keeps; more are closed when released.
 const MAX_IDLE_PER_MEMBER: usize = 16;
+/// The upstream read buffer, so also the largest body chunk read from a channel at once and the
+/// largest response head a tunnel may send: twice nginx's `proxy_buffer_size`.
+const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
+
+/// A connection to a pool member, and its channel's place (to charge it to each visitor).
+pub(crate) struct Upstream {
+    pub(crate) sender: Sender,
+    slot: Weak<ChannelSlot>,
+}
 
 /// Kept-alive upstream connections by pool member. A member that leaves takes its entry with it
 /// (pruned as other members come and go); after [`IdlePool::close`] nothing is kept, so the
@@ -28,7 +40,7 @@ pub(crate) struct IdlePool {
 }
 
 /// One member's idle connections, with a weak handle that tells when the member has gone.
-type Idle = (Weak<Member>, Vec<Sender>);
+type Idle = (Weak<Member>, Vec<Upstream>);
 
 impl std::fmt::Debug for IdlePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,18 +53,30 @@ impl IdlePool {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self, member: MemberId) -> Option<Sender> {
+    /// A kept-alive connection to `member`, charged to `visitor` if its shares (of the member's
+    /// `limit` channels, of the budget) allow. One whose window the visitor's budget share
+    /// cannot cover is closed: a new channel starts smaller.
+    fn take(&self, member: MemberId, visitor: ClientKey, limit: usize) -> Option<Upstream> {
         let mut members = self.lock();
         let (_, idle) = members.get_mut(&member)?;
-        while let Some(s) = idle.pop() {
-            if s.is_ready() && !s.is_closed() {
-                return Some(s);
+        while let Some(u) = idle.pop() {
+            let Some(slot) = u.slot.upgrade() else { continue };
+            if !u.sender.is_ready() || u.sender.is_closed() {
+                continue;
+            }
+            match slot.hand_to(visitor, limit) {
+                Ok(()) => return Some(u),
+                Err(Refused::Budget) => {}
+                Err(_) => {
+                    idle.push(u);
+                    return None;
+                }
             }
         }
         None
     }
 
-    fn put(&self, member: &Arc<Member>, s: Sender) {
+    fn put(&self, member: &Arc<Member>, u: Upstream) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -65,7 +89,7 @@ impl IdlePool {
             .entry(member.id)
             .or_insert_with(|| (Arc::downgrade(member), Vec::new()));
         if idle.len() < MAX_IDLE_PER_MEMBER {
-            idle.push(s);
+            idle.push(u);
         }
     }
 
@@ -83,34 +107,42 @@ pub(crate) enum UpstreamError {
     Unavailable,
 }
 
-/// A ready connection to the first member that can serve: a kept-alive one, or a new channel.
-/// Members that refuse, or take longer than `open_timeout` to open a channel, are skipped;
-/// nothing was sent to them.
+/// A ready connection to the first member that can serve: a kept-alive one, or a new channel,
+/// charged to the visitor at `origin` within its shares of the member's `limit` channels and of
+/// the budget. Members that refuse, or take longer than `open_timeout` to open a channel, are
+/// skipped; nothing was sent to them.
 pub(crate) async fn connect(
     (directory, pool): (&dyn Directory, &IdlePool),
     members: &[Arc<Member>],
     origin: SocketAddr,
-    open_timeout: Duration,
+    (open_timeout, limit): (Duration, usize),
     upgrade: bool,
-) -> Result<(Sender, Arc<Member>), UpstreamError> {
+) -> Result<(Upstream, Arc<Member>), UpstreamError> {
+    let visitor = ClientKey::of(origin.ip());
     let ip = origin.ip().to_canonical().to_string();
     let origin = (ip.as_str(), u32::from(origin.port()));
     first_member(members, open_timeout, |m| async move {
         if !upgrade {
-            if let Some(s) = pool.take(m.id) {
-                return Some(s);
+            if let Some(u) = pool.take(m.id, visitor, limit) {
+                return Some(u);
             }
         }
-        open(directory, &m, origin, upgrade).await
+        open(directory, &m, (origin, visitor), upgrade).await
     })
     .await
     .ok_or(UpstreamError::Unavailable)
 }
 
-async fn open(directory: &dyn Directory, m: &Member, origin: (&str, u32), upgrade: bool) -> Option<Sender> {
-    let io = TokioIo::new(directory.open(m, origin).await?);
+async fn open(
+    directory: &dyn Directory,
+    m: &Member,
+    (origin, visitor): ((&str, u32), ClientKey),
+    upgrade: bool,
+) -> Option<Upstream> {
+    let Opened { stream, slot } = directory.open(m, origin, visitor).await?;
     let (sender, conn) = http1::Builder::new()
-        .handshake(io)
+        .max_buf_size(UPSTREAM_READ_BUFFER)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| tracing::info!(error = %e, "upstream handshake failed"))
         .ok()?;
@@ -124,15 +156,19 @@ async fn open(directory: &dyn Directory, m: &Member, origin: (&str, u32), upgrad
             tracing::debug!(error = %e, "upstream connection ended");
         }
     });
-    Some(sender)
+    Some(Upstream { sender, slot })
 }
 
-/// Returns a connection to its member's idle list once its response has been read in full.
-/// Waiting happens in its own task, so a slow download never blocks another request.
-pub(crate) fn release(pool: Arc<IdlePool>, member: Arc<Member>, mut sender: Sender) {
+/// Returns a connection to its member's idle list once its response has been read in full,
+/// charged to no one. Waiting happens in its own task, so a slow download never blocks another
+/// request.
+pub(crate) fn release(pool: Arc<IdlePool>, member: Arc<Member>, mut u: Upstream) {
     tokio::spawn(async move {
-        if sender.ready().await.is_ok() {
-            pool.put(&member, sender);
+        if u.sender.ready().await.is_ok() {
+            if let Some(slot) = u.slot.upgrade() {
+                slot.park();
+                pool.put(&member, u);
+            }
         }
     });
 }

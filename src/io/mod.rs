@@ -1,7 +1,8 @@
 //! Stream vocabulary shared by every stage, with no protocol logic: who is on the other end
-//! ([`ClientAddr`]), a routed stream of any kind ([`BoxStream`]), bytes read ahead replayed
-//! ([`Prefixed`]) and bytes counted ([`Counted`]).
+//! ([`ClientAddr`], and [`ClientKey`] when shares are counted), a routed stream of any kind
+//! ([`BoxStream`]), bytes read ahead replayed ([`Prefixed`]) and bytes counted ([`Counted`]).
 
+mod client_key;
 mod counted;
 mod prefixed;
 
@@ -9,6 +10,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub(crate) use client_key::ClientKey;
 pub(crate) use counted::Counted;
 pub(crate) use prefixed::Prefixed;
 

@@ -21,7 +21,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use super::keys::fingerprint;
 use super::refusals::{Refusals, Verdict};
 use super::{ConnShared, SessionStage, SshContext};
-use crate::io::ClientAddr;
+use crate::io::{ClientAddr, ClientKey};
 use crate::names::{self, KeyFingerprint, TunnelName};
 use crate::tunnels::{Member, Route, TunnelKey};
 
@@ -563,10 +563,10 @@ impl russh::server::Handler for Handler {
             self.ctx.limits.load_full().tunnel_open_timeout,
             self.ctx.channel_buffer,
         );
-        let visitor = (channel, session.handle());
-        let directory = self.ctx.directory.clone();
+        let visitor = (channel, session.handle(), ClientKey::of(self.client.ip()));
+        let reach = (self.ctx.directory.clone(), self.ctx.budget.clone());
         tokio::spawn(super::channels::bridge(
-            directory, members, visitor, reply, origin, bounds,
+            reach, members, visitor, reply, origin, bounds,
         ));
         Ok(())
     }

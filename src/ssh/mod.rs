@@ -19,7 +19,7 @@ use russh::{cipher, compression, kex, mac, ChannelId, MethodKind, MethodSet, Pre
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::defaults::SSH_WINDOW;
+use crate::budget::{Budget, FLOOR_WINDOW};
 use crate::config::{Config, Limits, LiveLimits, SshConfig};
 use crate::io::ClientAddr;
 use crate::names::KeyFingerprint;
@@ -74,6 +74,8 @@ pub(crate) struct SshContext {
     /// Vanity host → the only key that may serve it.
     reserved: HashMap<String, KeyFingerprint>,
     channel_buffer: usize,
+    /// What `ssh -L` visitors' own channels lease their windows from.
+    budget: Arc<Budget>,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub(crate) on_http_tunnel: Option<HostHook>,
     limits: LiveLimits,
@@ -93,7 +95,7 @@ impl SshContext {
         config: &Config,
         (host_key, policy): (PrivateKey, KeyPolicy),
         (tunnels, owners): (Arc<Tunnels>, Arc<KeyOwners>),
-        directory: Arc<dyn Directory>,
+        (directory, budget): (Arc<dyn Directory>, Arc<Budget>),
         limits: LiveLimits,
     ) -> Self {
         let cfg = &config.ssh;
@@ -112,6 +114,7 @@ impl SshContext {
             grants,
             reserved: cfg.reserved.clone(),
             channel_buffer: cfg.channel_buffer,
+            budget,
             on_http_tunnel: None,
             limits,
             conn_ids: AtomicU64::new(0),
@@ -146,7 +149,8 @@ fn server_config(cfg: &SshConfig, host_key: PrivateKey, limits: &Limits) -> russ
         // OpenSSH probes with "none" first; answering it at once is not an oracle.
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
-        window_size: SSH_WINDOW,
+        // Where every channel's window starts (ssh::pump grows it as its reader keeps up).
+        window_size: FLOOR_WINDOW as u32,
         maximum_packet_size: MAX_PACKET,
         max_auth_attempts: limits.ssh_auth_attempts,
         // Dead clients are found by keepalives, not by the 10-minute inactivity default.

@@ -4,14 +4,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{Member, TunnelKey};
-use crate::io::BoxStream;
+use super::{ChannelSlot, Member, TunnelKey};
+use crate::io::{BoxStream, ClientKey};
 
 /// A future that opens one channel, boxed so the trait can be used as `dyn Directory`.
-pub(crate) type Opening<'a> = Pin<Box<dyn Future<Output = Option<BoxStream>> + Send + 'a>>;
+pub(crate) type Opening<'a> = Pin<Box<dyn Future<Output = Option<Opened>> + Send + 'a>>;
+
+/// An open channel: its stream, and its place among the member's channels, through which a
+/// kept-alive connection is charged to each visitor that uses it (gone once the channel is).
+pub(crate) struct Opened {
+    pub(crate) stream: BoxStream,
+    pub(crate) slot: Weak<ChannelSlot>,
+}
 
 /// Where tunnels are, and how to reach them.
 pub(crate) trait Directory: Send + Sync {
@@ -19,9 +26,10 @@ pub(crate) trait Directory: Send + Sync {
     fn members(&self, key: &TunnelKey) -> Vec<Arc<Member>>;
 
     /// Opens a channel to `member` on behalf of `origin` (the address and port the tunnel client
-    /// is told the connection comes from), within the member's channel limit. `None`: refused or
-    /// full.
-    fn open<'a>(&'a self, member: &'a Member, origin: (&'a str, u32)) -> Opening<'a>;
+    /// is told the connection comes from), charged to `visitor`: within the member's channel
+    /// limit, the visitor's share of it, and the visitor's share of the buffer budget. `None`:
+    /// refused or full.
+    fn open<'a>(&'a self, member: &'a Member, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a>;
 }
 
 /// Tries `members` in order and returns the first success of `attempt` with its member. A member

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::names::KeyFingerprint;
 
-pub(crate) use directory::{first_member, Directory, Opening};
-pub(crate) use member::{ChannelSlot, Member, MemberId};
+pub(crate) use directory::{first_member, Directory, Opened, Opening};
+pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use owners::KeyOwners;
 pub(crate) use report::tunnels_json;
 
