@@ -2,11 +2,13 @@
 //! tunnels, and a session channel that shows the tunnel URLs.
 
 pub(crate) mod channels;
+mod forwards;
 mod handler;
 pub(crate) mod hostkey;
 pub mod keys;
 mod pump;
 mod refusals;
+mod session;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
