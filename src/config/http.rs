@@ -24,7 +24,7 @@ pub struct HttpConfig {
 impl HttpConfig {
     /// Whether a request from `ip` may bring forwarding headers of its own.
     pub fn trusts(&self, ip: IpAddr) -> bool {
-        super::contains(&self.trusted_forwarders, ip)
+        super::listener::contains(&self.trusted_forwarders, ip)
     }
 }
 

@@ -3,20 +3,22 @@
 //! Parsing never stops at the first problem: [`validate`] collects every problem with its key path so
 //! `edgemux check` can print them all at once.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 
 mod acme;
+mod admin;
 mod http;
 mod limits;
+mod listener;
 mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
+pub use admin::{AdminConfig, RawAdmin};
 pub use http::{HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
+pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};
 pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
@@ -43,18 +45,6 @@ pub struct RawConfig {
     pub acme: Option<RawAcme>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawListener {
-    pub bind: String,
-    #[serde(default)]
-    pub proxy_protocol: Option<String>,
-    #[serde(default)]
-    pub trusted_proxies: Vec<String>,
-    /// Accept SSH without TLS on this port (default true).
-    pub plain_ssh: Option<bool>,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
@@ -72,57 +62,10 @@ pub struct RawCertificate {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    pub bind: String,
-    pub token_file: Option<PathBuf>,
-    #[serde(default)]
-    pub hosts: Vec<String>,
-}
-
-/// Whether a listener expects a PROXY protocol header in front of the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyMode {
-    Off,
-    Optional,
-    Required,
-}
-
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    pub bind: SocketAddr,
-    pub proxy_protocol: ProxyMode,
-    pub trusted_proxies: Vec<IpNet>,
-    pub plain_ssh: bool,
-}
-
-impl ListenerConfig {
-    /// Whether `ip` may send a PROXY header (IPv4-mapped IPv6 peers match IPv4 CIDRs).
-    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
-        contains(&self.trusted_proxies, ip)
-    }
-}
-
-/// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address matches IPv4 CIDRs.
-fn contains(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    nets.iter().any(|net| net.contains(&ip))
-}
-
 #[derive(Debug, Clone)]
 pub struct CertificatePaths {
     pub cert: PathBuf,
     pub key: PathBuf,
-}
-
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    pub bind: SocketAddr,
-    pub token_file: Option<PathBuf>,
-    /// Names (lowercase) and addresses a request's Host may carry besides loopback ones and the
-    /// address the request arrived on.
-    pub hosts: Vec<String>,
 }
 
 /// The validated configuration the gateway runs on.
@@ -258,7 +201,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .listener
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| validate_listener(&mut c, i, l))
+        .filter_map(|(i, l)| listener::validate(&mut c, i, l))
         .collect();
     let public_port = raw
         .public_port
@@ -267,7 +210,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let ssh = ssh::validate(&mut c, &raw.ssh, raw.tls.certs_dir.as_deref());
     let limits = limits::validate(&mut c, &raw.limits);
     let http = http::validate(&mut c, &raw.http);
-    let admin = raw.admin.as_ref().and_then(|a| validate_admin(&mut c, a));
+    let admin = raw.admin.as_ref().and_then(|a| admin::validate(&mut c, a));
     let cert_files = raw
         .tls
         .certificate
@@ -315,94 +258,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     })
 }
 
-fn validate_admin(c: &mut Collector, raw: &RawAdmin) -> Option<AdminConfig> {
-    let mut hosts = Vec::new();
-    for (i, given) in raw.hosts.iter().enumerate() {
-        let host = given.trim_end_matches('.').to_ascii_lowercase();
-        let ip = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>();
-        match ip {
-            Ok(ip) => hosts.push(ip.to_canonical().to_string()),
-            Err(_) if crate::names::is_domain(&host) => hosts.push(host),
-            Err(_) => c.push(
-                format!("admin.hosts[{i}]"),
-                format!("{given:?} is not a host name or an IP address (without a port)"),
-            ),
-        }
-    }
-    let Ok(bind) = raw.bind.parse::<SocketAddr>() else {
-        c.push("admin.bind", format!("{:?} is not an address:port", raw.bind));
-        return None;
-    };
-    if raw.token_file.is_none() && !bind.ip().to_canonical().is_loopback() {
-        c.push(
-            "admin.token_file",
-            format!(
-                "required when admin.bind ({bind}) is not a loopback address: without a token, \
-                 anyone who reaches it can read metrics and remove tunnels (make one with \
-                 `openssl rand -hex 32`, in a file readable by edgemux only)"
-            ),
-        );
-    }
-    Some(AdminConfig {
-        bind,
-        token_file: raw.token_file.clone(),
-        hosts,
-    })
-}
-
 pub(super) fn certs_dir_or_default(dir: Option<&Path>) -> PathBuf {
     dir.map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(defaults::CERTS_DIR))
-}
-
-fn validate_listener(c: &mut Collector, i: usize, l: &RawListener) -> Option<ListenerConfig> {
-    let at = |key: &str| format!("listener[{i}].{key}");
-    let bind = l
-        .bind
-        .parse::<SocketAddr>()
-        .map_err(|_| c.push(at("bind"), format!("{:?} is not an address:port", l.bind)))
-        .ok();
-    let proxy_protocol = match l.proxy_protocol.as_deref() {
-        None | Some("off") => ProxyMode::Off,
-        Some("optional") => ProxyMode::Optional,
-        Some("required") => ProxyMode::Required,
-        Some(other) => {
-            c.push(
-                at("proxy_protocol"),
-                format!("{other:?} is not one of \"off\", \"optional\", \"required\""),
-            );
-            ProxyMode::Off
-        }
-    };
-    let mut trusted_proxies = Vec::new();
-    for (j, cidr) in l.trusted_proxies.iter().enumerate() {
-        match parse_cidr(cidr) {
-            Ok(net) => trusted_proxies.push(net),
-            Err(msg) => c.push(format!("listener[{i}].trusted_proxies[{j}]"), msg),
-        }
-    }
-    if proxy_protocol != ProxyMode::Off && trusted_proxies.is_empty() {
-        c.push(
-            at("trusted_proxies"),
-            "proxy_protocol is enabled but no trusted_proxies are listed: every header would be refused",
-        );
-    }
-    Some(ListenerConfig {
-        bind: bind?,
-        proxy_protocol,
-        trusted_proxies,
-        plain_ssh: l.plain_ssh.unwrap_or(true),
-    })
-}
-
-/// Accepts `10.0.0.0/16` as well as a bare address (a /32 or /128).
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/16) or an IP address"))
 }
 
 /// Parses `"250ms"`, `"2s"`, `"5m"`, `"1h"`.
