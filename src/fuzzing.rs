@@ -34,8 +34,9 @@ pub fn host(data: &[u8]) {
     }
 }
 
-/// Tunnel names and hosts: a valid name fits a DNS label with the key id, round-trips, and the
-/// host built from it resolves back to itself.
+/// Tunnel names, hosts and key fingerprints: a valid name fits a DNS label with the key id,
+/// round-trips, and the host built from it resolves back to itself; a parsed fingerprint prints
+/// back to what parses to it.
 pub fn name(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -45,6 +46,10 @@ pub fn name(data: &[u8]) {
         assert!(crate::names::short_host(&n, "abcdefgh").len() <= 63);
         assert_eq!(crate::names::parse_name(n.as_str()).as_ref(), Ok(&n));
         assert_eq!(crate::names::canonical_host(&host, "gw.test"), Some(host.clone()));
+    }
+    if let Some(fp) = crate::names::KeyFingerprint::parse(text) {
+        assert_eq!(crate::names::KeyFingerprint::parse(&fp.to_string()), Some(fp));
+        assert!(crate::names::is_key_id(&fp.key_id()));
     }
     if let Some(h) = crate::names::canonical_host(text, "gw.test") {
         assert!(h.ends_with(".gw.test"));
