@@ -40,6 +40,8 @@ pub enum BuildError {
     NoCertificates,
     #[error("cannot make the stand-in certificate: {0}")]
     StandIn(String),
+    #[error("[cluster] is validated by `edgemux check` but not served by this build yet: remove it to run a single node")]
+    ClusterNotServed,
     #[error("cannot read the gateway state {path}: {reason}")]
     State { path: String, reason: String },
     #[error("admin.token_file {path}: {reason}")]
@@ -91,6 +93,9 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Loads certificates and keys; any failure here stops start-up with a clear message.
     pub fn build(config: Config, metrics: Option<PrometheusHandle>) -> Result<Arc<Self>, BuildError> {
+        if config.cluster.is_some() {
+            return Err(BuildError::ClusterNotServed);
+        }
         let mut table = load_table(&config.certificates)?;
         if table.is_empty() {
             if config.acme.is_none() {
@@ -271,7 +276,7 @@ fn live_tunnel_hosts(domain: &str, tunnels: &Arc<Tunnels>) -> MayMint {
 fn warn_restart_needed(old: &Config, new: &Config) {
     let changed = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let l = (&old.limits, &new.limits);
-    let checks: [(&str, bool); 11] = [
+    let checks: [(&str, bool); 12] = [
         ("domain", old.domain != new.domain),
         ("public_port", old.public_port != new.public_port),
         ("listener", changed(&old.listeners, &new.listeners)),
@@ -280,6 +285,7 @@ fn warn_restart_needed(old: &Config, new: &Config) {
         ("http", changed(&old.http, &new.http)),
         ("admin", changed(&old.admin, &new.admin)),
         ("acme", changed(&old.acme, &new.acme)),
+        ("cluster", changed(&old.cluster, &new.cluster)),
         ("ssh", changed(&old.ssh, &new.ssh)),
         (
             "limits.max_connections",

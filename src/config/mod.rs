@@ -10,12 +10,14 @@ use serde::Deserialize;
 
 mod acme;
 mod admin;
+mod cluster;
 mod http;
 mod limits;
 mod listener;
 mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use admin::{AdminConfig, RawAdmin};
+pub use cluster::{cluster_defaults, ClusterConfig, RawCluster, Spread, StoreTls};
 pub use http::{HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};
@@ -43,6 +45,8 @@ pub struct RawConfig {
     pub http: RawHttp,
     pub admin: Option<RawAdmin>,
     pub acme: Option<RawAcme>,
+    /// Absent: a single node (no store, no peer listener).
+    pub cluster: Option<RawCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +86,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub admin: Option<AdminConfig>,
     pub acme: Option<AcmeConfig>,
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Defaults, with their units, in one place.
@@ -228,6 +233,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
     let acme = raw.acme.as_ref().map(|a| acme::validate(&mut c, a));
+    let cluster = raw.cluster.as_ref().and_then(|r| cluster::validate(&mut c, r));
     if !c.0.is_empty() {
         return Err(c.0);
     }
@@ -255,6 +261,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         http,
         admin,
         acme,
+        cluster,
     })
 }
 
