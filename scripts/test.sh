@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the integration tests drive (see tests/common).
-PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh)
+# Real peers the integration tests drive (see tests/common), the etcd server the cluster store
+# tests start (tests/cluster_store.rs), and protoc, which the etcd client's build runs.
+PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh
+  etcd-server protobuf-compiler)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
