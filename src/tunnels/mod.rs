@@ -13,7 +13,8 @@ mod report;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use crate::names::KeyFingerprint;
 
@@ -84,6 +85,28 @@ struct Pool<M> {
     owner: KeyFingerprint,
     members: Vec<(u64, Arc<M>)>,
     next: AtomicUsize,
+    /// When its first member registered.
+    since: SystemTime,
+}
+
+/// One pool, summed up: what the cluster directory publishes for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PoolSummary {
+    pub(crate) key: TunnelKey,
+    pub(crate) owner: KeyFingerprint,
+    pub(crate) members: usize,
+    pub(crate) since: SystemTime,
+}
+
+/// Told of every pool whose members changed, after the change (see [`Registry::set_observer`]).
+pub(crate) type Observer = Box<dyn Fn(&TunnelKey) + Send + Sync>;
+
+struct ObserverSlot(Observer);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 /// A pool is served by one key only: `owner` holds it. (The message, shown to the refused
@@ -100,6 +123,7 @@ pub(crate) struct PoolOwned {
 pub(crate) struct Registry<M> {
     pools: Mutex<HashMap<TunnelKey, Pool<M>>>,
     ids: AtomicU64,
+    observer: OnceLock<ObserverSlot>,
 }
 
 impl<M: Send + Sync + 'static> Registry<M> {
@@ -107,7 +131,22 @@ impl<M: Send + Sync + 'static> Registry<M> {
         Arc::new(Self {
             pools: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
+            observer: OnceLock::new(),
         })
+    }
+
+    /// Sets the one observer, called after every register and deregister with the pool's key,
+    /// outside the registry's lock (it may read the registry). `false`: one was set already.
+    // The gateway sets it when it starts the cluster directory's publisher.
+    #[allow(dead_code)]
+    pub(crate) fn set_observer(&self, observer: Observer) -> bool {
+        self.observer.set(ObserverSlot(observer)).is_ok()
+    }
+
+    fn changed(&self, key: &TunnelKey) {
+        if let Some(ObserverSlot(observe)) = self.observer.get() {
+            observe(key);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TunnelKey, Pool<M>>> {
@@ -130,6 +169,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
                 owner,
                 members: Vec::new(),
                 next: AtomicUsize::new(0),
+                since: SystemTime::now(),
             });
             if pool.owner != owner {
                 return Err(PoolOwned {
@@ -143,6 +183,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
         };
         crate::metrics::tunnel_member(key.route.kind().as_str(), true, size == 1);
         tracing::info!(host = %key.host, route = ?key.route, pool_size = size, "tunnel registered");
+        self.changed(&key);
         Ok(Registration {
             registry: self.clone(),
             key,
@@ -164,6 +205,7 @@ impl<M: Send + Sync + 'static> Registry<M> {
         drop(pools);
         crate::metrics::tunnel_member(key.route.kind().as_str(), false, left == 0);
         tracing::info!(host = %key.host, route = ?key.route, pool_size = left, "tunnel member removed");
+        self.changed(key);
     }
 
     /// The members of a pool, starting at the round-robin cursor: try them in order, so a failing
@@ -193,6 +235,20 @@ impl<M: Send + Sync + 'static> Registry<M> {
     /// Whether a pool exists for `key` (no round-robin side effect, unlike [`Self::members`]).
     pub(crate) fn contains(&self, key: &TunnelKey) -> bool {
         self.lock().contains_key(key)
+    }
+
+    /// Every pool whose host `wanted` selects, summed up (one pass, no member copies).
+    pub(crate) fn summaries(&self, wanted: impl Fn(&str) -> bool) -> Vec<PoolSummary> {
+        self.lock()
+            .iter()
+            .filter(|(k, _)| wanted(&k.host))
+            .map(|(k, p)| PoolSummary {
+                key: k.clone(),
+                owner: p.owner,
+                members: p.members.len(),
+                since: p.since,
+            })
+            .collect()
     }
 
     /// Every tunnel with its members, sorted by host then route.
@@ -283,6 +339,41 @@ mod tests {
         assert_eq!(*reg.members(&tcp)[0], 2);
         assert_eq!(Route::for_port(443), Route::Http);
         assert_eq!(reg.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn the_observer_hears_every_change_and_may_read_the_registry() {
+        let reg = Registry::<u8>::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (log, weak) = (heard.clone(), Arc::downgrade(&reg));
+        let observer: Observer = Box::new(move |k: &TunnelKey| {
+            let members = weak.upgrade().map_or(0, |r| r.summaries(|h| h == k.host).len());
+            log.lock().unwrap().push((k.host.clone(), members));
+        });
+        assert!(reg.set_observer(observer));
+        assert!(!reg.set_observer(Box::new(|_| {})), "one observer");
+        let a = reg.register(key("h"), A, |_| 1).unwrap();
+        let b = reg.register(key("h"), A, |_| 2).unwrap();
+        assert!(reg.register(key("h"), A.colliding(), |_| 3).is_err());
+        drop(a);
+        drop(b);
+        let heard = heard.lock().unwrap().clone();
+        assert_eq!(
+            heard,
+            [("h".into(), 1), ("h".into(), 1), ("h".into(), 1), ("h".into(), 0)],
+            "called outside the lock, after the change; a refusal changes nothing"
+        );
+    }
+
+    #[test]
+    fn summaries_give_owner_and_member_count() {
+        let reg = Registry::<u8>::new();
+        let _a = reg.register(key("h"), A, |_| 1).unwrap();
+        let _b = reg.register(key("h"), A, |_| 2).unwrap();
+        let _c = reg.register(key("other"), A, |_| 3).unwrap();
+        let s = reg.summaries(|h| h == "h");
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].key.clone(), s[0].owner, s[0].members), (key("h"), A, 2));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! - `entry`: keys and values, and the checks a value read back must pass (pure);
 //! - `cache`: the reducer that applies the store's events to the in-memory copy (pure);
-//! - `lease`: the lease state machine, events to actions (pure).
+//! - `lease`: the lease state machine, events to actions (pure);
+//! - `local`: this replica's routes, read from the tunnel registry.
 
 // The etcd shell that drives these comes next.
 #![allow(dead_code, unreachable_pub)]
@@ -11,3 +12,4 @@
 mod cache;
 mod entry;
 mod lease;
+mod local;
