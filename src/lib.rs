@@ -31,6 +31,17 @@ pub(crate) mod admin;
 pub(crate) mod conn;
 #[doc(hidden)]
 pub mod fuzzing;
+/// The cluster directory's store, for `tests/cluster_store.rs`, which drives it against a real
+/// etcd; the gateway reaches it as `cluster::store`.
+#[doc(hidden)]
+pub mod cluster_store {
+    pub use crate::cluster::store::{
+        encode_route, EntryError, Keys, LocalRoutes, ReplicaEntry, ReplicaId, ReplicaState, RouteEntry,
+        Snapshot,
+    };
+    #[cfg(feature = "etcd")]
+    pub use crate::cluster::store::{Lookup, Marker, Store, StoreError};
+}
 pub mod gateway;
 pub(crate) mod listener;
 

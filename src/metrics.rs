@@ -27,6 +27,11 @@ pub const RESPONSES_CUT: &str = "edgemux_http_responses_cut_total";
 pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
+pub const CLUSTER_STORE_UP: &str = "edgemux_cluster_store_up";
+pub const CLUSTER_LEASE_GRANTS: &str = "edgemux_cluster_lease_grants_total";
+pub const CLUSTER_DIRECTORY_ENTRIES: &str = "edgemux_cluster_directory_entries";
+pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
+pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
 
 /// Latency buckets from 1 ms to 30 s: handshakes and requests through a tunnel.
 const BUCKETS: &[f64] = &[
@@ -110,6 +115,28 @@ fn describe() {
     );
     describe_counter!(ACME_ORDERS, "ACME certificate orders, by result");
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
+    describe_gauge!(
+        CLUSTER_STORE_UP,
+        "1 while the cluster store answers this replica's lease keepalives"
+    );
+    describe_counter!(
+        CLUSTER_LEASE_GRANTS,
+        "Leases granted to this replica, by reason (start, expired, store_reset); each but the \
+         first republishes every local route"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_ENTRIES,
+        "Entries (replica records and routes) in this replica's copy of the cluster directory"
+    );
+    describe_counter!(
+        CLUSTER_RESYNCS,
+        "Full reads of the cluster directory, by reason (start, compacted, gap, reconnect)"
+    );
+    describe_counter!(
+        CLUSTER_DROPPED_ENTRIES,
+        "Directory entries not taken, by reason (too_large, bad_key, malformed, key_id_mismatch, \
+         not_reserved, over_capacity)"
+    );
 }
 
 /// Keeps histograms and summaries fresh without an exporter thread.
@@ -236,6 +263,26 @@ pub fn cert_expiry(name: &str, unix_secs: i64) {
 
 pub fn acme_order(result: &'static str) {
     counter!(ACME_ORDERS, "result" => result).increment(1);
+}
+
+pub fn cluster_store_up(up: bool) {
+    gauge!(CLUSTER_STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_lease_grant(reason: &'static str) {
+    counter!(CLUSTER_LEASE_GRANTS, "reason" => reason).increment(1);
+}
+
+pub fn cluster_directory_entries(entries: usize) {
+    gauge!(CLUSTER_DIRECTORY_ENTRIES).set(entries as f64);
+}
+
+pub fn cluster_resync(reason: &'static str) {
+    counter!(CLUSTER_RESYNCS, "reason" => reason).increment(1);
+}
+
+pub fn cluster_dropped_entry(reason: &'static str) {
+    counter!(CLUSTER_DROPPED_ENTRIES, "reason" => reason).increment(1);
 }
 
 #[cfg(test)]

@@ -4,12 +4,23 @@
 //! - `entry`: keys and values, and the checks a value read back must pass (pure);
 //! - `cache`: the reducer that applies the store's events to the in-memory copy (pure);
 //! - `lease`: the lease state machine, events to actions (pure);
-//! - `local`: this replica's routes, read from the tunnel registry.
+//! - `local`: this replica's routes, read from the tunnel registry;
+//! - `etcd`: the shell that does the I/O: lease keepalive, publisher, watcher (feature `etcd`).
+//!
+//! Routing reads the copy and never waits on the store; the registry only marks hosts dirty.
 
-// The etcd shell that drives these comes next.
-#![allow(dead_code, unreachable_pub)]
+// Without a store backend, the pure pieces have no caller outside their tests.
+#![cfg_attr(not(feature = "etcd"), allow(dead_code))]
 
 mod cache;
 mod entry;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod lease;
 mod local;
+
+pub use cache::Snapshot;
+pub use entry::{encode_route, EntryError, Keys, ReplicaEntry, ReplicaId, ReplicaState, RouteEntry};
+#[cfg(feature = "etcd")]
+pub use etcd::{Lookup, Marker, Store, StoreError};
+pub use local::LocalRoutes;
