@@ -1,0 +1,549 @@
+//! The cluster directory against a real etcd (Debian's `etcd-server`, 3.4): two stores in one
+//! process act as two replicas, each with its own lease, publisher and watcher. Every test starts
+//! its own etcd on free loopback ports in a temp dir (killed on drop) and prints what it
+//! measured; nothing sleeps a fixed time, every wait polls against a deadline.
+#![cfg(feature = "etcd")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[allow(dead_code)]
+#[path = "common/process.rs"]
+mod process;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgemux::cluster_store::{encode_route, Keys, LocalRoutes, ReplicaId, ReplicaState, RouteEntry, Store};
+use edgemux::config::{ClusterConfig, Spread};
+use edgemux::names::KeyFingerprint;
+use process::{poll_until, Proc};
+
+const INSTALL_HINT: &str = "apt-get install -y etcd-server";
+/// Deadline for etcd to serve, and for a store to find its peer: generous on a busy machine.
+const SETUP: Duration = Duration::from_secs(20);
+/// A change published by one replica reaches the other "well under a second".
+const PROPAGATION: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(5);
+const CLUSTER: &str = "test";
+
+const OWNER: KeyFingerprint = KeyFingerprint::from_sha256([5u8; 32]);
+const OTHER: KeyFingerprint = KeyFingerprint::from_sha256([6u8; 32]);
+
+fn etcd_binary() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("the cluster store tests need etcd; install it with: {INSTALL_HINT}"))
+}
+
+/// One etcd member on loopback, its data in a temp dir.
+struct Etcd {
+    endpoint: String,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+fn free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().expect("probe port").port();
+    (port(&a), port(&b))
+}
+
+/// Whether etcd at `port` says it is healthy.
+fn healthy(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let bin = etcd_binary();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let (client, peer) = free_ports();
+            let (c, p) = (
+                format!("http://127.0.0.1:{client}"),
+                format!("http://127.0.0.1:{peer}"),
+            );
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--name=default")
+                .arg(format!("--data-dir={}", dir.path().join("data").display()))
+                .arg(format!("--listen-client-urls={c}"))
+                .arg(format!("--advertise-client-urls={c}"))
+                .arg(format!("--listen-peer-urls={p}"))
+                .arg(format!("--initial-advertise-peer-urls={p}"))
+                .arg(format!("--initial-cluster=default={p}"));
+            let mut proc = Proc::spawn(dir.path(), "etcd", cmd);
+            let up = poll_until(SETUP, || match proc.try_wait() {
+                Some(_) => Some(false),
+                None => healthy(client).then_some(true),
+            });
+            match up {
+                Some(true) => {
+                    return Etcd {
+                        endpoint: c,
+                        proc,
+                        _dir: dir,
+                    }
+                }
+                Some(false) if proc.stderr().contains("address already in use") => continue,
+                _ => panic!("etcd did not serve within {SETUP:?}\n{}", proc.describe()),
+            }
+        }
+        panic!("etcd lost the race for free ports three times")
+    }
+
+    async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.as_str()], None)
+            .await
+            .unwrap()
+    }
+}
+
+/// A replica's local routes, as a test sets them.
+#[derive(Default)]
+struct Local(Mutex<HashMap<String, RouteEntry>>);
+
+impl LocalRoutes for Local {
+    fn routes(&self, hosts: &HashSet<String>) -> HashMap<String, RouteEntry> {
+        let all = self.0.lock().unwrap();
+        hosts
+            .iter()
+            .filter_map(|h| all.get(h).map(|e| (h.clone(), e.clone())))
+            .collect()
+    }
+
+    fn all(&self) -> HashMap<String, RouteEntry> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+struct Replica {
+    store: Store,
+    local: Arc<Local>,
+}
+
+fn config(endpoint: &str, name: &str, lease_ttl: Duration) -> ClusterConfig {
+    let peer: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+    ClusterConfig {
+        name: CLUSTER.into(),
+        replica_name: name.into(),
+        endpoints: vec![endpoint.into()],
+        store_tls: None,
+        store_auth_file: None,
+        secret_file: "unused".into(),
+        lease_ttl,
+        keepalive_interval: lease_ttl / 3,
+        store_timeout: Duration::from_secs(1),
+        spread: Spread::Even,
+        peer_bind: peer,
+        peer_advertise: peer,
+        peer_connect_timeout: Duration::from_secs(1),
+    }
+}
+
+impl Replica {
+    fn start(cfg: &ClusterConfig) -> Replica {
+        let local = Arc::new(Local::default());
+        let reserved = |host: &str, key: &KeyFingerprint| host == "vanity.example.com" && *key == OWNER;
+        let store = Store::start(cfg, local.clone(), reserved).unwrap();
+        Replica { store, local }
+    }
+
+    fn serve(&self, host: &str, http: u32) {
+        let entry = RouteEntry {
+            key: OWNER,
+            http,
+            tcp: BTreeMap::from([(5432, 1)]),
+            since: 1,
+        };
+        self.local.0.lock().unwrap().insert(host.into(), entry);
+        self.store.marker().mark(host);
+    }
+
+    fn unserve(&self, host: &str) {
+        self.local.0.lock().unwrap().remove(host);
+        self.store.marker().mark(host);
+    }
+
+    /// The HTTP member counts this replica sees `host` served with elsewhere, by replica.
+    fn sees(&self, host: &str) -> Vec<(ReplicaId, u32)> {
+        self.store
+            .lookup()
+            .routes(host)
+            .into_iter()
+            .map(|(rid, e)| (rid, e.http))
+            .collect()
+    }
+
+    fn knows(&self, other: &Replica) -> bool {
+        self.store.lookup().replica(other.store.rid()).is_some()
+    }
+}
+
+fn host(name: &str) -> String {
+    format!("{name}-{}.gw.test", OWNER.key_id())
+}
+
+/// Polls `cond` until it holds; the time it took, or a panic naming `what` at `deadline`.
+async fn until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "{what}: not within {deadline:?}");
+        tokio::time::sleep(POLL).await;
+    }
+    start.elapsed()
+}
+
+/// Two replicas that know each other.
+async fn pair(etcd: &Etcd, lease_ttl: Duration) -> (Replica, Replica) {
+    let a = Replica::start(&config(&etcd.endpoint, "a", lease_ttl));
+    let b = Replica::start(&config(&etcd.endpoint, "b", lease_ttl));
+    let t = until("the replicas find each other", SETUP, || {
+        a.knows(&b) && b.knows(&a)
+    })
+    .await;
+    println!("two replicas found each other in {t:?}");
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_published_by_one_replica_reaches_the_other_and_leaves_with_it() {
+    let etcd = Etcd::start();
+    let (a, b) = pair(&etcd, Duration::from_secs(3)).await;
+    let h = host("app");
+    a.serve(&h, 2);
+    let t = until("B sees A's route", PROPAGATION, || {
+        b.sees(&h) == [(a.store.rid().clone(), 2)]
+    })
+    .await;
+    println!("published route seen by the other replica in {t:?}");
+    assert!(a.sees(&h).is_empty(), "a replica does not route to itself");
+    assert_eq!(
+        a.store.lookup().snapshot().routes.len(),
+        1,
+        "its own entry is in its cache"
+    );
+    let entry = &b.store.lookup().routes(&h)[0].1;
+    assert_eq!((entry.key, entry.tcp.get(&5432)), (OWNER, Some(&1)));
+    let replica = b.store.lookup().replica(a.store.rid()).unwrap();
+    assert_eq!(
+        (replica.state, replica.peer_addr.port()),
+        (ReplicaState::Serving, 7443)
+    );
+
+    a.serve(&h, 3);
+    let t = until("B sees the new member count", PROPAGATION, || {
+        b.sees(&h) == [(a.store.rid().clone(), 3)]
+    })
+    .await;
+    println!("changed route seen in {t:?}");
+    a.unserve(&h);
+    let t = until("A's route leaves B", PROPAGATION, || b.sees(&h).is_empty()).await;
+    println!("deregistered route gone from the other replica in {t:?}");
+
+    // A write outside the directory's range moves the store's revision; the watcher's progress
+    // requests (one per keepalive interval) bring the cache's revision along.
+    let mut client = etcd.client().await;
+    let put = client.put("/elsewhere", "x", None).await.unwrap();
+    let revision = put.header().unwrap().revision();
+    let t = until("progress reaches B's cache", Duration::from_secs(5), || {
+        b.store.lookup().snapshot().revision >= revision
+    })
+    .await;
+    println!("watch progress notice advanced the cache in {t:?}");
+    assert_eq!(b.store.resyncs("start"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_drains_then_removes_every_route_at_once() {
+    let etcd = Etcd::start();
+    let (a, b) = pair(&etcd, Duration::from_secs(10)).await;
+    let hosts: Vec<String> = (0..3).map(|i| host(&format!("app{i}"))).collect();
+    for h in &hosts {
+        a.serve(h, 1);
+    }
+    until("B sees A's routes", PROPAGATION, || {
+        hosts.iter().all(|h| b.sees(h).len() == 1)
+    })
+    .await;
+    assert!(a.store.set_draining().await);
+    let t = until("B sees A draining", PROPAGATION, || {
+        b.store.lookup().replica(a.store.rid()).map(|r| r.state) == Some(ReplicaState::Draining)
+    })
+    .await;
+    println!("draining state seen in {t:?}");
+    let rid = a.store.rid().clone();
+    let stopping = Instant::now();
+    a.store.stop().await;
+    let stop = stopping.elapsed();
+    until("A's routes leave B", PROPAGATION, || {
+        hosts.iter().all(|h| b.sees(h).is_empty()) && b.store.lookup().replica(&rid).is_none()
+    })
+    .await;
+    println!(
+        "stop (draining record, revoke) took {stop:?}; the replica's routes and record were gone \
+         from the other {:?} after the stop began",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_leaves_when_its_lease_expires() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(3);
+    let (a, b) = pair(&etcd, ttl).await;
+    let h = host("app");
+    a.serve(&h, 1);
+    until("B sees A's route", PROPAGATION, || b.sees(&h).len() == 1).await;
+    drop(a);
+    let t = until(
+        "the dead replica's route expires",
+        ttl + Duration::from_secs(2),
+        || b.sees(&h).is_empty(),
+    )
+    .await;
+    println!("dead replica's route gone in {t:?} (lease TTL {ttl:?})");
+    assert!(t > Duration::from_secs(1), "gone by expiry, not by a revoke");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_whose_host_is_not_their_keys_are_dropped_and_counted() {
+    let etcd = Etcd::start();
+    let b = Replica::start(&config(&etcd.endpoint, "b", Duration::from_secs(3)));
+    until("B reads the directory", SETUP, || b.store.resyncs("start") == 1).await;
+    let keys = Keys::new(CLUSTER);
+    let rogue = ReplicaId::parse("rogue.0badc0de").unwrap();
+    let mut client = etcd.client().await;
+    let record = r#"{"peer_addr":"127.0.0.1:1","version":"0","state":"serving","started":0}"#;
+    client.put(keys.replica(&rogue), record, None).await.unwrap();
+    let value = |key| {
+        encode_route(&RouteEntry {
+            key,
+            http: 1,
+            tcp: BTreeMap::new(),
+            since: 0,
+        })
+        .unwrap()
+    };
+    let stolen = host("bank");
+    let start = Instant::now();
+    client
+        .put(keys.route(&stolen, &rogue), value(OTHER), None)
+        .await
+        .unwrap();
+    client
+        .put(keys.route("vanity.example.com", &rogue), value(OTHER), None)
+        .await
+        .unwrap();
+    client
+        .put(keys.route("vanity.example.com", &rogue), value(OWNER), None)
+        .await
+        .unwrap();
+    client
+        .put(keys.route("plain.example.com", &rogue), value(OWNER), None)
+        .await
+        .unwrap();
+    let lookup = b.store.lookup();
+    until("the drops are counted", PROPAGATION, || {
+        lookup.dropped("key_id_mismatch") == 1 && lookup.dropped("not_reserved") == 2
+    })
+    .await;
+    until("the reserved vanity host is taken", PROPAGATION, || {
+        b.sees("vanity.example.com").len() == 1
+    })
+    .await;
+    println!("foreign entries dropped and counted in {:?}", start.elapsed());
+    assert!(
+        b.sees(&stolen).is_empty(),
+        "a host of another key id is never routed to"
+    );
+    assert!(b.sees("plain.example.com").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_granted_again_and_everything_republished() {
+    let etcd = Etcd::start();
+    let (a, b) = pair(&etcd, Duration::from_secs(3)).await;
+    let hosts: Vec<String> = (0..3).map(|i| host(&format!("app{i}"))).collect();
+    for h in &hosts {
+        a.serve(h, 1);
+    }
+    until("B sees A's routes", PROPAGATION, || {
+        hosts.iter().all(|h| b.sees(h).len() == 1)
+    })
+    .await;
+    let lost = a.store.lease_id().unwrap();
+    let mut client = etcd.client().await;
+    client.lease_revoke(lost).await.unwrap();
+    let start = Instant::now();
+    until("A's routes leave with the lease", PROPAGATION, || {
+        hosts.iter().all(|h| b.sees(h).is_empty())
+    })
+    .await;
+    let t = until("A republishes under a new lease", Duration::from_secs(3), || {
+        b.knows(&a) && hosts.iter().all(|h| b.sees(h).len() == 1)
+    })
+    .await;
+    println!(
+        "lease revoked behind the replica's back: routes gone, then a new lease and everything \
+         republished {t:?} later ({:?} in all)",
+        start.elapsed()
+    );
+    assert_ne!(a.store.lease_id(), Some(lost));
+    assert!(a.store.store_up());
+}
+
+/// A TCP relay between a store and etcd that a test can cut: every connection through it is
+/// closed at once, and new ones are refused, until it heals.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, list) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                list.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Relay { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_past_the_watch_forces_a_resync_that_gets_it_right() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(6);
+    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let relay = Relay::start(target).await;
+    let a = Replica::start(&config(&etcd.endpoint, "a", ttl));
+    let b = Replica::start(&config(&format!("http://{}", relay.addr), "b", ttl));
+    until("the replicas find each other", SETUP, || {
+        a.knows(&b) && b.knows(&a)
+    })
+    .await;
+    let (old, new) = (host("old"), host("new"));
+    a.serve(&old, 1);
+    until("B sees the old route", PROPAGATION, || b.sees(&old).len() == 1).await;
+
+    // B loses the store; meanwhile A changes its routes and the store compacts them away.
+    relay.cut();
+    a.unserve(&old);
+    a.serve(&new, 1);
+    let own = |h: &String| {
+        a.store
+            .lookup()
+            .snapshot()
+            .routes
+            .iter()
+            .any(|(host, _, _)| host == h)
+    };
+    until("A's writes land", PROPAGATION, || own(&new) && !own(&old)).await;
+    let mut client = etcd.client().await;
+    // One more revision, so the compaction goes past every revision B has not seen.
+    let put = client.put("/elsewhere", "x", None).await.unwrap();
+    let now = put.header().unwrap().revision();
+    client
+        .compact(now, Some(etcd_client::CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    assert!(b.sees(&old).len() == 1 && b.sees(&new).is_empty(), "B is cut off");
+
+    let healed = Instant::now();
+    relay.heal();
+    let t = until("B resyncs", Duration::from_secs(5), || {
+        b.store.resyncs("compacted") == 1
+    })
+    .await;
+    assert!(
+        b.sees(&old).is_empty() && b.sees(&new).len() == 1,
+        "B's cache is right after the resync"
+    );
+    println!("watch resumed past a compaction, resynced in {t:?} after the store came back");
+    assert!(healed.elapsed() < ttl, "B's lease outlived the cut");
+    let t = until("B's keepalives get through again", ttl, || b.store.store_up()).await;
+    println!("B keeps its lease: store up {t:?} after the resync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_hangs_stalls_no_caller_and_is_caught_up_after() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(6);
+    let (a, b) = pair(&etcd, ttl).await;
+    let (before, during) = (host("before"), host("during"));
+    a.serve(&before, 1);
+    until("B sees the first route", PROPAGATION, || {
+        b.sees(&before).len() == 1
+    })
+    .await;
+
+    let pid = etcd.proc.pid().to_string();
+    let lease = a.store.lease_id();
+    process::send_signal("STOP", &pid);
+    let frozen = Instant::now();
+    let marking = Instant::now();
+    a.serve(&during, 1);
+    let mark = marking.elapsed();
+    let t = until("A notices the store is gone", ttl / 2, || !a.store.store_up()).await;
+    let looking = Instant::now();
+    assert_eq!(b.sees(&before).len(), 1, "the cache still answers");
+    let lookup = looking.elapsed();
+    println!("store hung: marking took {mark:?}, a lookup {lookup:?}; store down noticed in {t:?}");
+    assert!(mark < Duration::from_millis(10) && lookup < Duration::from_millis(10));
+
+    process::send_signal("CONT", &pid);
+    assert!(frozen.elapsed() < ttl, "thawed within the lease");
+    let t = until(
+        "the route made during the hang arrives",
+        Duration::from_secs(5),
+        || b.sees(&during).len() == 1,
+    )
+    .await;
+    println!("route marked during the hang published {t:?} after the store came back");
+    until("A's keepalives get through", Duration::from_secs(5), || {
+        a.store.store_up()
+    })
+    .await;
+    assert_eq!(a.store.lease_id(), lease, "the lease outlived the hang");
+    assert_eq!(b.store.resyncs("start"), 1, "the watch went on; no full read");
+}
