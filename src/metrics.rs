@@ -117,7 +117,8 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
     describe_gauge!(
         CLUSTER_STORE_UP,
-        "1 while the cluster store answers this replica's lease keepalives"
+        "1 while the cluster store serves this replica: it answers the lease keepalives and the \
+         directory watch follows it"
     );
     describe_counter!(
         CLUSTER_LEASE_GRANTS,

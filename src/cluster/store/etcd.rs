@@ -79,7 +79,8 @@ struct Shared {
     /// The lease entries are written under while it is believed alive; the publisher
     /// republishes everything when it changes to a new one.
     lease: tokio::sync::watch::Sender<Option<i64>>,
-    store_up: std::sync::atomic::AtomicBool,
+    /// The lease is kept alive, and the watcher follows the store: see [`Shared::set_health`].
+    health: Mutex<Health>,
     /// The watcher got through: a lease retry need not wait out its backoff.
     store_back: Notify,
     resyncs: Mutex<BTreeMap<&'static str, u64>>,
@@ -100,6 +101,37 @@ impl Shared {
 
     fn lease(&self) -> Option<i64> {
         *self.lease.borrow()
+    }
+
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates one side of the store's health; the gauge follows the whole.
+    fn set_health(&self, change: impl FnOnce(&mut Health)) {
+        let mut health = self.health();
+        let was = health.up();
+        change(&mut health);
+        let up = health.up();
+        if up != was {
+            crate::metrics::cluster_store_up(up);
+            tracing::info!(up, lease = health.lease, watch = health.watch, "cluster store");
+        }
+    }
+}
+
+/// Whether the store serves this replica: it answers the lease's keepalives, and the watcher
+/// follows it. Both count: etcd 3.4 keeps a lease alive for a client whose reads and writes it
+/// refuses (bad credentials), and a hung store is found by the keepalives, not by a quiet watch.
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    lease: bool,
+    watch: bool,
+}
+
+impl Health {
+    fn up(self) -> bool {
+        self.lease && self.watch
     }
 }
 
@@ -189,7 +221,7 @@ impl Store {
                 started: unix_now(),
             }),
             lease: tokio::sync::watch::Sender::new(None),
-            store_up: false.into(),
+            health: Mutex::new(Health::default()),
             store_back: Notify::new(),
             resyncs: Mutex::new(BTreeMap::new()),
         });
@@ -240,9 +272,9 @@ impl Store {
         Lookup(self.shared.clone())
     }
 
-    /// Whether the store answers this replica's keepalives.
+    /// Whether the store serves this replica: keepalives answered, the directory followed.
     pub fn store_up(&self) -> bool {
-        self.shared.store_up.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.health().up()
     }
 
     /// The lease this replica's entries hang on, while it is believed alive.
@@ -447,11 +479,7 @@ async fn run_lease(shared: Arc<Shared>, client: Client, mut stop: mpsc::Receiver
             *current = next.lease();
             changed
         });
-        let up = next.store_up();
-        if shared.store_up.swap(up, std::sync::atomic::Ordering::Relaxed) != up {
-            crate::metrics::cluster_store_up(up);
-            tracing::info!(up, "cluster store");
-        }
+        shared.set_health(|h| h.lease = next.store_up());
         (state, action) = (next, next_action);
     }
 }

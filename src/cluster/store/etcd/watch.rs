@@ -75,7 +75,10 @@ pub(super) async fn run(shared: Arc<Shared>, client: Client) {
         };
         // The store answers: a lease retry need not wait out its backoff.
         shared.store_back.notify_one();
-        next = match follow(&shared, &client, revision + 1, &mut backoff).await {
+        shared.set_health(|h| h.watch = true);
+        let ended = follow(&shared, &client, revision + 1, &mut backoff).await;
+        shared.set_health(|h| h.watch = false);
+        next = match ended {
             Ended::Compacted => Next::Resync("compacted"),
             Ended::Canceled => Next::Resync("reconnect"),
             Ended::Broken => {
