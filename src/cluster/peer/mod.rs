@@ -1,2 +1,4 @@
 //! The peer link between replicas: mutually authenticated TLS on a private listener, one
 //! connection per forwarded stream, a signed PROXY v2 header first.
+
+pub mod secret;
