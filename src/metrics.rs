@@ -27,6 +27,9 @@ pub const RESPONSES_CUT: &str = "edgemux_http_responses_cut_total";
 pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
+pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
+pub const PEER_STREAMS: &str = "edgemux_peer_streams_total";
+pub const PEER_OPEN_DURATION: &str = "edgemux_peer_open_seconds";
 
 /// Latency buckets from 1 ms to 30 s: handshakes and requests through a tunnel.
 const BUCKETS: &[f64] = &[
@@ -110,6 +113,21 @@ fn describe() {
     );
     describe_counter!(ACME_ORDERS, "ACME certificate orders, by result");
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
+    describe_counter!(
+        PEER_AUTH_FAILURES,
+        "Peer link streams refused as unauthenticated, by reason (tls: the client certificate; \
+         hmac; clock: a timestamp outside the window; replay: a nonce seen before)"
+    );
+    describe_counter!(
+        PEER_STREAMS,
+        "Peer link streams, by side (in = served for another replica, out = opened on one) and \
+         outcome (ok, or why not)"
+    );
+    describe_histogram!(
+        PEER_OPEN_DURATION,
+        Unit::Seconds,
+        "Time to open a peer link stream, until the OK status, by side"
+    );
 }
 
 /// Keeps histograms and summaries fresh without an exporter thread.
@@ -236,6 +254,20 @@ pub fn cert_expiry(name: &str, unix_secs: i64) {
 
 pub fn acme_order(result: &'static str) {
     counter!(ACME_ORDERS, "result" => result).increment(1);
+}
+
+/// A peer link stream refused as unauthenticated; `reason` is tls, hmac, clock or replay.
+pub fn peer_auth_failure(reason: &'static str) {
+    counter!(PEER_AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+/// A peer link stream ended (`side` in) or was opened or not (`side` out), with its outcome.
+pub fn peer_stream(side: &'static str, outcome: &'static str) {
+    counter!(PEER_STREAMS, "side" => side, "outcome" => outcome).increment(1);
+}
+
+pub fn peer_open(side: &'static str, secs: f64) {
+    histogram!(PEER_OPEN_DURATION, "side" => side).record(secs);
 }
 
 #[cfg(test)]

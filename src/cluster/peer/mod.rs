@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 pub(crate) mod codec;
+pub(crate) mod link;
 pub(crate) mod replay;
 pub mod secret;
 pub(crate) mod status;
