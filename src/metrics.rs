@@ -115,8 +115,9 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
     describe_counter!(
         PEER_AUTH_FAILURES,
-        "Peer link streams refused as unauthenticated, by reason (tls: the client certificate; \
-         hmac; clock: a timestamp outside the window; replay: a nonce seen before)"
+        "Peer link streams refused as unauthenticated, by reason (tls: the handshake failed, e.g. \
+         no client certificate or one from another CA; hmac; clock: a timestamp outside the \
+         window; replay: a nonce seen before)"
     );
     describe_counter!(
         PEER_STREAMS,

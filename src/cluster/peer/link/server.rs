@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -109,56 +109,18 @@ impl PeerServer {
             Ok(Err(_)) => return "io",
             Err(_) => return "timeout",
         };
-        let parse = |buf: &[u8]| codec::parse_request(buf, &self.hmac);
-        let read = read_frame(&mut tls, MAX_PEER_HEADER, codec::request_wanted, parse);
-        let req = match timeout(HEADER_TIMEOUT, read).await {
-            Ok(Ok(req)) => req,
-            Ok(Err(FrameError::Invalid(CodecError::Hmac))) => {
-                crate::metrics::peer_auth_failure("hmac");
-                return refuse(tls, Status::Auth, "header refused: hmac").await;
-            }
-            Ok(Err(FrameError::Invalid(e))) => {
-                tracing::info!(reason = e.reason(), error = %e, "peer header refused");
-                return refuse(tls, Status::BadRequest, &format!("header refused: {e}")).await;
-            }
-            Ok(Err(FrameError::Io(_))) => return "io",
-            Err(_) => return "timeout",
+        let req = match self.request(&mut tls).await {
+            Ok(req) => req,
+            Err(Refused::Silently(outcome)) => return outcome,
+            Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
         };
-        let span = tracing::Span::current();
-        span.record("sender", req.sender());
-        span.record("host", req.host());
-        let fresh = self.nonces.lock().unwrap_or_else(|p| p.into_inner()).check(
-            req.timestamp_ms(),
-            req.nonce(),
-            now_ms(),
-        );
-        match fresh {
-            Ok(()) => {}
-            Err(Stale::Full) => return refuse(tls, Status::Busy, "too many recent streams").await,
-            Err(stale) => {
-                tracing::info!(reason = stale.reason(), "peer header refused");
-                crate::metrics::peer_auth_failure(stale.reason());
-                return refuse(tls, Status::Auth, &format!("header refused: {}", stale.reason())).await;
-            }
-        }
-        if !req.op().is_dial() {
-            let reason = format!("op {} is not served by this version", req.op().label());
-            return refuse(tls, Status::BadRequest, &reason).await;
-        }
-        let mut upstream = match timeout(self.open_timeout, self.handler.dial(&req)).await {
-            Ok(Ok(upstream)) => upstream,
-            // A handler that refuses with OK means it failed to say why.
-            Ok(Err((Status::Ok, reason))) | Ok(Err((Status::OpenFailed, reason))) => {
-                return refuse(tls, Status::OpenFailed, &reason).await;
-            }
-            Ok(Err((status, reason))) => return refuse(tls, status, &reason).await,
-            Err(_) => return refuse(tls, Status::OpenFailed, "the tunnel did not open in time").await,
+        let mut upstream = match self.dial(&req).await {
+            Ok(upstream) => upstream,
+            Err(Refused::Silently(outcome)) => return outcome,
+            Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
         };
         let ok = status::encode_reply(Status::Ok, "");
-        if timeout(REPLY_TIMEOUT, write_all(&mut tls, &ok))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
+        if !matches!(timeout(REPLY_TIMEOUT, write_all(&mut tls, &ok)).await, Ok(Ok(()))) {
             return "io";
         }
         crate::metrics::peer_open("in", started.elapsed().as_secs_f64());
@@ -167,6 +129,71 @@ impl PeerServer {
             Err(e) => tracing::debug!(error = %e, "peer stream cut"),
         }
         "ok"
+    }
+
+    /// Reads the header and checks it: the HMAC, then time and nonce, then the op.
+    async fn request<S: AsyncRead + Unpin>(&self, tls: &mut S) -> Result<PeerRequest, Refused> {
+        let parse = |buf: &[u8]| codec::parse_request(buf, &self.hmac);
+        let read = read_frame(tls, MAX_PEER_HEADER, codec::request_wanted, parse);
+        let req = match timeout(HEADER_TIMEOUT, read).await {
+            Ok(Ok(req)) => req,
+            Ok(Err(FrameError::Invalid(CodecError::Hmac))) => return Err(Refused::auth("hmac")),
+            Ok(Err(FrameError::Invalid(e))) => {
+                tracing::info!(reason = e.reason(), error = %e, "peer header refused");
+                return Err(Refused::Answer(
+                    Status::BadRequest,
+                    format!("header refused: {e}"),
+                ));
+            }
+            Ok(Err(FrameError::Io(_))) => return Err(Refused::Silently("io")),
+            Err(_) => return Err(Refused::Silently("timeout")),
+        };
+        let span = tracing::Span::current();
+        span.record("sender", req.sender());
+        span.record("host", req.host());
+        let mut nonces = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = nonces.check(req.timestamp_ms(), req.nonce(), now_ms());
+        drop(nonces);
+        match fresh {
+            Ok(()) => {}
+            Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
+            Err(stale) => return Err(Refused::auth(stale.reason())),
+        }
+        if !req.op().is_dial() {
+            let reason = format!("op {} is not served by this version", req.op().label());
+            return Err(Refused::Answer(Status::BadRequest, reason));
+        }
+        Ok(req)
+    }
+
+    /// The handler's stream for `req`, within the open timeout.
+    async fn dial(&self, req: &PeerRequest) -> Result<BoxStream, Refused> {
+        match timeout(self.open_timeout, self.handler.dial(req)).await {
+            Ok(Ok(upstream)) => Ok(upstream),
+            // A handler that refuses with OK failed to say why.
+            Ok(Err((Status::Ok, reason))) => Err(Refused::Answer(Status::OpenFailed, reason)),
+            Ok(Err((status, reason))) => Err(Refused::Answer(status, reason)),
+            Err(_) => Err(Refused::Answer(
+                Status::OpenFailed,
+                "the tunnel did not open in time".into(),
+            )),
+        }
+    }
+}
+
+/// Why a stream goes no further: silently (the connection is gone or timed out; the outcome), or
+/// with a status and a reason for the dialer.
+enum Refused {
+    Silently(&'static str),
+    Answer(Status, String),
+}
+
+impl Refused {
+    /// An authentication failure: counted by `reason` (hmac, clock, replay) and answered AUTH.
+    fn auth(reason: &'static str) -> Self {
+        tracing::info!(reason, "peer header refused");
+        crate::metrics::peer_auth_failure(reason);
+        Self::Answer(Status::Auth, format!("header refused: {reason}"))
     }
 }
 
