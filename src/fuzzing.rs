@@ -119,3 +119,36 @@ pub fn client_hello(data: &[u8]) {
         None => assert_eq!(crate::route::by_alpn(None), None),
     }
 }
+
+/// The key the `peer_header` corpus is signed with.
+const PEER_FUZZ_KEY: [u8; 32] = [0x42; 32];
+
+/// Peer link headers and status replies: `consumed` stays within the input and the bound, a
+/// complete parse re-encodes to the same bytes with the same key, and its prefixes are
+/// incomplete. Each input is parsed as it is (the HMAC check) and once more re-signed, so the
+/// fields behind the HMAC are fuzzed too.
+pub fn peer_header(data: &[u8]) {
+    use crate::cluster::peer::codec::{
+        encode_request, hmac_key, parse_request, resign, Parse, MAX_PEER_HEADER,
+    };
+    use crate::cluster::peer::status::{encode_reply, parse_reply, MAX_REPLY};
+    let key = hmac_key(&PEER_FUZZ_KEY);
+    let mut signed = data.to_vec();
+    resign(&mut signed, &key);
+    for input in [data, &signed[..]] {
+        if let Parse::Complete { value, consumed } = parse_request(input, &key) {
+            assert!(consumed <= input.len() && consumed <= MAX_PEER_HEADER);
+            assert_eq!(encode_request(&value, &key), input[..consumed]);
+            for n in 0..consumed {
+                assert_eq!(parse_request(&input[..n], &key), Parse::Incomplete, "prefix {n}");
+            }
+        }
+    }
+    if let Parse::Complete { value, consumed } = parse_reply(data) {
+        assert!(consumed <= data.len() && consumed <= MAX_REPLY);
+        assert_eq!(encode_reply(value.status, &value.reason), data[..consumed]);
+        for n in 0..consumed {
+            assert_eq!(parse_reply(&data[..n]), Parse::Incomplete, "prefix {n}");
+        }
+    }
+}

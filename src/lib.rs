@@ -18,7 +18,7 @@ pub mod names;
 pub mod secret_file;
 // Stages:
 pub(crate) mod acme;
-pub(crate) mod cluster;
+pub mod cluster;
 pub mod http;
 pub mod proxy_protocol;
 pub(crate) mod route;

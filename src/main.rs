@@ -60,6 +60,8 @@ enum Command {
         #[arg(long)]
         fingerprint: bool,
     },
+    /// Print a new cluster secret for [cluster] secret_file.
+    ClusterSecret,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +75,9 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
         Command::Keyid { key, fingerprint } => keyid(&key, fingerprint),
+        Command::ClusterSecret => edgemux::cluster::peer::secret::generate()
+            .map(|secret| println!("{secret}"))
+            .context("cannot make a cluster secret"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,9 @@ pub const CLUSTER_LEASE_GRANTS: &str = "edgemux_cluster_lease_grants_total";
 pub const CLUSTER_DIRECTORY_ENTRIES: &str = "edgemux_cluster_directory_entries";
 pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
+pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
+pub const PEER_STREAMS: &str = "edgemux_peer_streams_total";
+pub const PEER_OPEN_DURATION: &str = "edgemux_peer_open_seconds";
 
 /// Latency buckets from 1 ms to 30 s: handshakes and requests through a tunnel.
 const BUCKETS: &[f64] = &[
@@ -137,6 +140,22 @@ fn describe() {
         CLUSTER_DROPPED_ENTRIES,
         "Directory entries not taken, by reason (too_large, bad_key, malformed, key_id_mismatch, \
          not_reserved, over_capacity)"
+    );
+    describe_counter!(
+        PEER_AUTH_FAILURES,
+        "Peer link streams refused as unauthenticated, by reason (tls: the handshake failed, e.g. \
+         no client certificate or one from another CA; hmac; clock: a timestamp outside the \
+         window; replay: a nonce seen before)"
+    );
+    describe_counter!(
+        PEER_STREAMS,
+        "Peer link streams, by side (in = served for another replica, out = opened on one) and \
+         outcome (ok, or why not)"
+    );
+    describe_histogram!(
+        PEER_OPEN_DURATION,
+        Unit::Seconds,
+        "Time to open a peer link stream, until the OK status, by side"
     );
 }
 
@@ -284,6 +303,20 @@ pub fn cluster_resync(reason: &'static str) {
 
 pub fn cluster_dropped_entry(reason: &'static str) {
     counter!(CLUSTER_DROPPED_ENTRIES, "reason" => reason).increment(1);
+}
+
+/// A peer link stream refused as unauthenticated; `reason` is tls, hmac, clock or replay.
+pub fn peer_auth_failure(reason: &'static str) {
+    counter!(PEER_AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+/// A peer link stream ended (`side` in) or was opened or not (`side` out), with its outcome.
+pub fn peer_stream(side: &'static str, outcome: &'static str) {
+    counter!(PEER_STREAMS, "side" => side, "outcome" => outcome).increment(1);
+}
+
+pub fn peer_open(side: &'static str, secs: f64) {
+    histogram!(PEER_OPEN_DURATION, "side" => side).record(secs);
 }
 
 #[cfg(test)]

@@ -91,6 +91,11 @@ impl KeyFingerprint {
         Self(digest)
     }
 
+    /// The digest itself, as it travels in binary protocols (the cluster's peer header).
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Parses `SHA256:<43 base64 characters>`; `None` for anything else.
     pub fn parse(text: &str) -> Option<Self> {
         let b64 = text.trim().strip_prefix("SHA256:")?;

@@ -47,3 +47,8 @@ fn proxy_header_corpus() {
 fn client_hello_corpus() {
     replay("client_hello", edgemux::fuzzing::client_hello);
 }
+
+#[test]
+fn peer_header_corpus() {
+    replay("peer_header", edgemux::fuzzing::peer_header);
+}

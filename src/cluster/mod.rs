@@ -3,5 +3,5 @@
 //! a channel on the owner's side for a visitor who landed elsewhere (`peer`). Nothing here runs
 //! without a `[cluster]` section.
 
-pub(crate) mod peer;
+pub mod peer;
 pub(crate) mod store;

@@ -1,0 +1,296 @@
+//! The peer link's two ends: [`PeerServer`] takes streams on the private peer listener and hands
+//! each authenticated request to a [`PeerHandler`]; [`PeerClient`] opens a stream on the owner.
+//!
+//! One TLS connection carries one stream. The dialer sends the signed header and waits for the
+//! status; only after OK does it hand the stream to its caller, so on any refusal nothing of the
+//! visitor's was sent and the caller may try another member. The owner checks, in order: the
+//! client certificate (in the handshake), the header's HMAC, its time and nonce, the op; then
+//! the handler opens the stream, the owner answers OK and splices bytes both ways, each
+//! direction closed on its own (a FIN, sent as TLS close_notify, is a channel EOF).
+//!
+//! There is no pool of pre-opened connections yet: a stream costs a TCP and TLS 1.3 handshake.
+
+pub(crate) mod client;
+mod frame;
+pub(crate) mod server;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use metrics_exporter_prometheus::PrometheusHandle;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::client::{PeerClient, PeerError};
+    use super::frame::{now_ms, read_frame};
+    use super::server::{Dialing, PeerHandler, PeerServer};
+    use crate::cluster::peer::codec::{self, Op, PeerRequest};
+    use crate::cluster::peer::secret::{ClusterSecret, Label};
+    use crate::cluster::peer::status::{self, Reply, Status, MAX_REPLY};
+    use crate::cluster::peer::tls::tests::{impostor, secret};
+    use crate::cluster::peer::tls::{self, PeerTls};
+    use crate::io::BoxStream;
+
+    /// The owner replica's id in these tests; the dialer is `r2.b`.
+    const OWNER: &str = "r1.a";
+    const MISSING: &str = "missing.gw.test";
+
+    /// A handler that greets and then echoes, except for [`MISSING`], which it does not hold.
+    #[derive(Default)]
+    struct Echo {
+        calls: AtomicUsize,
+    }
+
+    impl PeerHandler for Echo {
+        fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if req.host() == MISSING {
+                    return Err((Status::NoRoute, "no tunnel for this host here".to_owned()));
+                }
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let greeting = format!("hello {} from {}\n", req.host(), req.source());
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = tokio::io::split(far);
+                    wr.write_all(greeting.as_bytes()).await.unwrap();
+                    tokio::io::copy(&mut rd, &mut wr).await.unwrap();
+                    wr.shutdown().await.unwrap();
+                });
+                Ok(Box::new(near) as BoxStream)
+            })
+        }
+    }
+
+    /// A running owner: its address and its handler.
+    async fn owner() -> (SocketAddr, Arc<Echo>) {
+        let secret = secret(1);
+        let tls = PeerTls::derived(&secret, OWNER).unwrap();
+        let handler = Arc::new(Echo::default());
+        let server = Arc::new(PeerServer::new(
+            &tls,
+            &secret,
+            handler.clone(),
+            Duration::from_secs(5),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = (CancellationToken::new(), TaskTracker::new());
+        tokio::spawn(server.run(listener, Arc::new(Semaphore::new(64)), tasks));
+        (addr, handler)
+    }
+
+    /// A dialer whose TLS comes from `tls` and whose HMAC key from `secret`.
+    fn dialer(tls: &PeerTls, secret: &ClusterSecret) -> PeerClient {
+        PeerClient::new(tls, secret, Duration::from_secs(1), Duration::from_secs(5))
+    }
+
+    fn replica(rid: &str) -> PeerClient {
+        dialer(&PeerTls::derived(&secret(1), rid).unwrap(), &secret(1))
+    }
+
+    fn request(host: &str) -> PeerRequest {
+        let visitor = "198.51.100.7:51234".parse().unwrap();
+        PeerRequest::dial(Op::DialHttp, host, 80, visitor, "10.0.0.1:443".parse().unwrap()).unwrap()
+    }
+
+    /// The process's metrics, installed once for every test here.
+    fn recorded() -> &'static PrometheusHandle {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        HANDLE.get_or_init(|| crate::metrics::install().unwrap())
+    }
+
+    /// The value of a counter series, e.g. `edgemux_peer_auth_failures_total{reason="hmac"}`.
+    fn counter(series: &str) -> u64 {
+        let text = recorded().render();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok());
+        value.unwrap_or(0.0) as u64
+    }
+
+    async fn refused(client: &PeerClient, addr: SocketAddr, rid: &str, req: PeerRequest) -> PeerError {
+        match client.open(addr, rid, req).await {
+            Ok(_) => panic!("a stream was opened"),
+            Err(e) => e,
+        }
+    }
+
+    fn auth_failures(reason: &str) -> u64 {
+        counter(&format!(
+            "edgemux_peer_auth_failures_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
+    #[tokio::test]
+    async fn bytes_round_trip_both_ways_and_each_direction_closes_on_its_own() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let client = replica("r2.b");
+        let started = Instant::now();
+        let stream = client.open(addr, OWNER, request("app.gw.test")).await.unwrap();
+        let first_open = started.elapsed();
+        let greeting = b"hello app.gw.test from 198.51.100.7:51234\n".to_vec();
+        let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&sent).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), greeting.len() + data.len());
+        assert!(
+            got.starts_with(&greeting),
+            "the owner's first bytes arrive right after OK"
+        );
+        assert_eq!(&got[greeting.len()..], &data[..]);
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+
+        // Open latency on loopback, handshake included (no pool).
+        let rounds = 20u32;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            drop(client.open(addr, OWNER, request("app.gw.test")).await.unwrap());
+        }
+        eprintln!(
+            "peer stream open on loopback: first {first_open:?}, then {:?} on average",
+            started.elapsed() / rounds
+        );
+        assert!(counter("edgemux_peer_streams_total{side=\"out\",outcome=\"ok\"}") >= 21);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_a_foreign_ca_is_refused_in_the_handshake() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let before = auth_failures("tls");
+        // It trusts our CA and knows the HMAC key; its own certificate is from another CA.
+        let client = dialer(&impostor(&secret(1), &secret(2), "r2.b"), &secret(1));
+        let err = refused(&client, addr, OWNER, request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::Tls(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(auth_failures("tls"), before + 1);
+        // A replica of another cluster does not even trust us.
+        let stranger = dialer(&PeerTls::derived(&secret(2), "r2.b").unwrap(), &secret(2));
+        let err = refused(&stranger, addr, OWNER, request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::Tls(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_hmac_is_refused_with_auth_and_counted() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let before = auth_failures("hmac");
+        let client = dialer(&PeerTls::derived(&secret(1), "r2.b").unwrap(), &secret(3));
+        let err = refused(&client, addr, OWNER, request("app.gw.test")).await;
+        assert!(
+            matches!(&err, PeerError::Auth(reason) if reason.contains("hmac")),
+            "{err}"
+        );
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(auth_failures("hmac"), before + 1);
+    }
+
+    /// Sends `header` on a new connection as replica r2 and reads the reply.
+    async fn send_raw(addr: SocketAddr, header: &[u8]) -> Reply {
+        let tls = PeerTls::derived(&secret(1), "r2.b").unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+        let mut stream = connector
+            .connect(tls::server_name(OWNER).unwrap(), tcp)
+            .await
+            .unwrap();
+        stream.write_all(header).await.unwrap();
+        let reply = read_frame(&mut stream, MAX_REPLY, status::reply_wanted, status::parse_reply).await;
+        reply.ok().unwrap()
+    }
+
+    fn signed(timestamp_ms: u64, nonce: [u8; 16]) -> Vec<u8> {
+        let req = request("app.gw.test")
+            .stamped("r2.b", timestamp_ms, nonce)
+            .unwrap();
+        codec::encode_request(&req, &codec::hmac_key(&secret(1).derive(Label::PeerHmac)))
+    }
+
+    #[tokio::test]
+    async fn a_replayed_or_stale_header_is_refused_with_auth_and_counted() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let (replays, clocks) = (auth_failures("replay"), auth_failures("clock"));
+        let header = signed(now_ms(), [0xab; 16]);
+        assert_eq!(send_raw(addr, &header).await.status, Status::Ok);
+        let again = send_raw(addr, &header).await;
+        assert_eq!(
+            (again.status, again.reason.as_str()),
+            (Status::Auth, "header refused: replay")
+        );
+        assert_eq!(auth_failures("replay"), replays + 1);
+        let old = send_raw(addr, &signed(now_ms() - 61_000, [0xcd; 16])).await;
+        assert_eq!(
+            (old.status, old.reason.as_str()),
+            (Status::Auth, "header refused: clock")
+        );
+        assert_eq!(auth_failures("clock"), clocks + 1);
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            1,
+            "only the first reached the handler"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reaches_the_dialer_before_any_byte_is_sent() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let before = counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}");
+        let client = replica("r2.b");
+        let err = refused(&client, addr, OWNER, request(MISSING)).await;
+        assert!(
+            matches!(&err, PeerError::NoRoute(reason) if reason == "no tunnel for this host here"),
+            "{err}"
+        );
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}"),
+            before + 1
+        );
+        // Ops reserved for later are refused before the handler.
+        let visitor = "198.51.100.7:1".parse().unwrap();
+        let ping = PeerRequest::dial(Op::Ping, "app.gw.test", 0, visitor, visitor).unwrap();
+        let err = refused(&client, addr, OWNER, ping).await;
+        assert!(
+            matches!(&err, PeerError::BadRequest(reason) if reason.contains("ping")),
+            "{err}"
+        );
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_dialer_reaches_the_replica_it_meant_or_says_why_not() {
+        recorded();
+        let (addr, _) = owner().await;
+        let client = replica("r2.b");
+        let err = refused(&client, addr, "r9.z", request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::WrongPeer(_)), "{err}");
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = refused(&client, closed, OWNER, request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::Connect(_)), "{err}");
+        assert_eq!(err.reason(), "connect_error");
+        let err = refused(&client, addr, "R9", request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::Request(_)), "{err}");
+    }
+}

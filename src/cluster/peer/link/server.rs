@@ -1,0 +1,209 @@
+//! The owner's end of the peer link: authenticates each stream, then hands it to the handler.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::hmac;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::frame::{now_ms, read_frame, rustls_error, write_all, FrameError};
+use crate::cluster::peer::codec::{self, CodecError, PeerRequest, MAX_PEER_HEADER};
+use crate::cluster::peer::replay::{NonceCache, Stale};
+use crate::cluster::peer::secret::{ClusterSecret, Label};
+use crate::cluster::peer::status::{self, Status};
+use crate::cluster::peer::tls::PeerTls;
+use crate::io::BoxStream;
+
+/// A TLS handshake on the peer listener finishes within this: peers share a private network.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The header arrives within this once TLS is up (SCALEOUT §4.2: "within 2 s").
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A refusal or the OK is written within this, or the connection is dropped.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A handler's answer in the making: the stream to splice, or the status (not OK) and a reason.
+pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Status, String)>> + Send + 'a>>;
+
+/// What the owner replica does with an authenticated dial: open a stream to the tunnel `req`
+/// names (a `forwarded-tcpip` channel whose originator is `req.source()`).
+///
+/// **Hop limit 1.** A handler serves from the local registry only and never dials another
+/// replica: a host it does not hold is `NO_ROUTE`. Then loops and amplification cannot happen,
+/// and the dialer, which owns the retry, drops that route and tries the next member. The server
+/// bounds the call by its open timeout (`OPEN_FAILED` past it).
+pub(crate) trait PeerHandler: Send + Sync {
+    fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a>;
+}
+
+/// The owner's end: authenticates every stream before a handler sees it.
+pub(crate) struct PeerServer {
+    tls: TlsAcceptor,
+    hmac: hmac::Key,
+    nonces: Mutex<NonceCache>,
+    handler: Arc<dyn PeerHandler>,
+    open_timeout: Duration,
+}
+
+impl PeerServer {
+    /// `open_timeout` bounds the handler's dial: the channel open crosses the tunnel client's WAN
+    /// (`limits.tunnel_open_timeout`).
+    pub(crate) fn new(
+        tls: &PeerTls,
+        secret: &ClusterSecret,
+        handler: Arc<dyn PeerHandler>,
+        open_timeout: Duration,
+    ) -> Self {
+        Self {
+            tls: TlsAcceptor::from(tls.server_config()),
+            hmac: codec::hmac_key(&secret.derive(Label::PeerHmac)),
+            nonces: Mutex::new(NonceCache::default()),
+            handler,
+            open_timeout,
+        }
+    }
+
+    /// Serves the peer listener until `shutdown`, through the shared accept loop: one of `slots`
+    /// per connection, streams followed by `tracker` so a drain waits for them.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        slots: Arc<Semaphore>,
+        tasks: (CancellationToken, TaskTracker),
+    ) {
+        let serve = move |tcp, peer| self.clone().serve(tcp, peer);
+        crate::listener::run(listener, slots, tasks, serve).await;
+    }
+
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let span = tracing::debug_span!("peer_in", %peer, sender = tracing::field::Empty, host = tracing::field::Empty);
+        async {
+            let outcome = self.stream(tcp).await;
+            crate::metrics::peer_stream("in", outcome);
+            tracing::debug!(outcome, "peer stream ended");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// One stream, from handshake to splice; its outcome as a metric label.
+    async fn stream(&self, tcp: TcpStream) -> &'static str {
+        let started = Instant::now();
+        let _ = tcp.set_nodelay(true);
+        let mut tls = match timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) if rustls_error(&e).is_some() => {
+                tracing::info!(error = %e, "peer refused in the TLS handshake");
+                crate::metrics::peer_auth_failure("tls");
+                return "auth";
+            }
+            Ok(Err(_)) => return "io",
+            Err(_) => return "timeout",
+        };
+        let req = match self.request(&mut tls).await {
+            Ok(req) => req,
+            Err(Refused::Silently(outcome)) => return outcome,
+            Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
+        };
+        let mut upstream = match self.dial(&req).await {
+            Ok(upstream) => upstream,
+            Err(Refused::Silently(outcome)) => return outcome,
+            Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
+        };
+        let ok = status::encode_reply(Status::Ok, "");
+        if !matches!(timeout(REPLY_TIMEOUT, write_all(&mut tls, &ok)).await, Ok(Ok(()))) {
+            return "io";
+        }
+        crate::metrics::peer_open("in", started.elapsed().as_secs_f64());
+        match tokio::io::copy_bidirectional(&mut tls, &mut upstream).await {
+            Ok((to_owner, to_dialer)) => tracing::debug!(to_owner, to_dialer, "peer stream spliced"),
+            Err(e) => tracing::debug!(error = %e, "peer stream cut"),
+        }
+        "ok"
+    }
+
+    /// Reads the header and checks it: the HMAC, then time and nonce, then the op.
+    async fn request<S: AsyncRead + Unpin>(&self, tls: &mut S) -> Result<PeerRequest, Refused> {
+        let parse = |buf: &[u8]| codec::parse_request(buf, &self.hmac);
+        let read = read_frame(tls, MAX_PEER_HEADER, codec::request_wanted, parse);
+        let req = match timeout(HEADER_TIMEOUT, read).await {
+            Ok(Ok(req)) => req,
+            Ok(Err(FrameError::Invalid(CodecError::Hmac))) => return Err(Refused::auth("hmac")),
+            Ok(Err(FrameError::Invalid(e))) => {
+                tracing::info!(reason = e.reason(), error = %e, "peer header refused");
+                return Err(Refused::Answer(
+                    Status::BadRequest,
+                    format!("header refused: {e}"),
+                ));
+            }
+            Ok(Err(FrameError::Io(_))) => return Err(Refused::Silently("io")),
+            Err(_) => return Err(Refused::Silently("timeout")),
+        };
+        let span = tracing::Span::current();
+        span.record("sender", req.sender());
+        span.record("host", req.host());
+        let mut nonces = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = nonces.check(req.timestamp_ms(), req.nonce(), now_ms());
+        drop(nonces);
+        match fresh {
+            Ok(()) => {}
+            Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
+            Err(stale) => return Err(Refused::auth(stale.reason())),
+        }
+        if !req.op().is_dial() {
+            let reason = format!("op {} is not served by this version", req.op().label());
+            return Err(Refused::Answer(Status::BadRequest, reason));
+        }
+        Ok(req)
+    }
+
+    /// The handler's stream for `req`, within the open timeout.
+    async fn dial(&self, req: &PeerRequest) -> Result<BoxStream, Refused> {
+        match timeout(self.open_timeout, self.handler.dial(req)).await {
+            Ok(Ok(upstream)) => Ok(upstream),
+            // A handler that refuses with OK failed to say why.
+            Ok(Err((Status::Ok, reason))) => Err(Refused::Answer(Status::OpenFailed, reason)),
+            Ok(Err((status, reason))) => Err(Refused::Answer(status, reason)),
+            Err(_) => Err(Refused::Answer(
+                Status::OpenFailed,
+                "the tunnel did not open in time".into(),
+            )),
+        }
+    }
+}
+
+/// Why a stream goes no further: silently (the connection is gone or timed out; the outcome), or
+/// with a status and a reason for the dialer.
+enum Refused {
+    Silently(&'static str),
+    Answer(Status, String),
+}
+
+impl Refused {
+    /// An authentication failure: counted by `reason` (hmac, clock, replay) and answered AUTH.
+    fn auth(reason: &'static str) -> Self {
+        tracing::info!(reason, "peer header refused");
+        crate::metrics::peer_auth_failure(reason);
+        Self::Answer(Status::Auth, format!("header refused: {reason}"))
+    }
+}
+
+/// Writes a refusal, closes the connection, and returns the status as the outcome.
+async fn refuse<S: AsyncWrite + Unpin>(mut tls: S, status: Status, reason: &str) -> &'static str {
+    let reply = status::encode_reply(status, reason);
+    let _ = timeout(REPLY_TIMEOUT, async {
+        write_all(&mut tls, &reply).await?;
+        tls.shutdown().await
+    })
+    .await;
+    status.label()
+}
