@@ -5,3 +5,4 @@
 
 pub(crate) mod peer;
 pub(crate) mod store;
+pub(crate) mod select;
