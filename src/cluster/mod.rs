@@ -4,5 +4,5 @@
 //! without a `[cluster]` section.
 
 pub(crate) mod peer;
-pub(crate) mod store;
 pub(crate) mod select;
+pub(crate) mod store;

@@ -1,6 +1,8 @@
 //! Which replica serves the next request for a pool whose members sit on several replicas. Pure:
 //! the caller hands in the candidates with their member counts and a turn number (a per-pool
 //! counter), and gets them back in the order to try.
+// Called by the cluster directory, which `gateway` does not construct yet.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use crate::config::Spread;
 
@@ -27,9 +29,8 @@ pub(crate) struct Candidate {
 /// fallbacks, tried only when the first refuses before any byte went upstream); draining
 /// replicas and empty candidates come last.
 pub(crate) fn order(candidates: &[Candidate], turn: u64, spread: Spread) -> Vec<Target> {
-    let (mut live, mut last): (Vec<&Candidate>, Vec<&Candidate>) = candidates
-        .iter()
-        .partition(|c| !c.draining && c.members > 0);
+    let (mut live, mut last): (Vec<&Candidate>, Vec<&Candidate>) =
+        candidates.iter().partition(|c| !c.draining && c.members > 0);
     if live.is_empty() {
         std::mem::swap(&mut live, &mut last);
     }
@@ -91,7 +92,11 @@ mod tests {
         assert_eq!(local, 100);
         assert_eq!(leads.len() - local, 200);
         for t in 0..3 {
-            assert_eq!(order(&c, t, Spread::Even).len(), 2, "the other one is the fallback");
+            assert_eq!(
+                order(&c, t, Spread::Even).len(),
+                2,
+                "the other one is the fallback"
+            );
         }
     }
 
@@ -112,7 +117,10 @@ mod tests {
             assert_eq!(order(&c, t, Spread::Even), [remote("r3"), remote("r1")]);
         }
         let all_draining = [cand(remote("r1"), 1, true), cand(remote("r2"), 1, true)];
-        assert_eq!(order(&all_draining, 0, Spread::Even), [remote("r1"), remote("r2")]);
+        assert_eq!(
+            order(&all_draining, 0, Spread::Even),
+            [remote("r1"), remote("r2")]
+        );
         assert!(order(&[], 0, Spread::Even).is_empty());
     }
 }

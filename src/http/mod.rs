@@ -309,7 +309,9 @@ async fn proxy(
     let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
     let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
     if let Some(m) = member.local() {
-        m.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let mut resp = match tokio::time::timeout(limits.upstream_timeout, conn.sender.send_request(req)).await {
         Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),

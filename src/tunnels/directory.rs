@@ -14,6 +14,8 @@ use crate::names::KeyFingerprint;
 /// Where members of a pool can be reached: an SSH connection of this gateway, or another replica
 /// that holds members (only a cluster directory hands those out).
 #[derive(Debug, Clone)]
+// `Remote` is built by the cluster directory, which `gateway` does not construct yet.
+#[allow(dead_code)]
 pub(crate) enum Reach {
     Local(Arc<Member>),
     Remote(Arc<RemoteMembers>),
@@ -21,6 +23,7 @@ pub(crate) enum Reach {
 
 /// Members of a pool held by another replica, as the cluster directory knows them.
 #[derive(Debug)]
+#[allow(dead_code)]
 pub(crate) struct RemoteMembers {
     /// Unique among all ids this process hands out, local members' included.
     pub(crate) id: MemberId,
@@ -128,7 +131,9 @@ where
         match tokio::time::timeout(timeout, attempt(m.clone())).await {
             Ok(Some(found)) => return Some((found, m.clone())),
             Ok(None) => {}
-            Err(_) => tracing::info!(member = %m, "tunnel member did not open a channel in time; trying the next"),
+            Err(_) => {
+                tracing::info!(member = %m, "tunnel member did not open a channel in time; trying the next")
+            }
         }
     }
     None

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::names::KeyFingerprint;
 
-pub(crate) use directory::{first_member, Directory, Opened, Opening, Reach, RemoteMembers, WeakReach};
+pub(crate) use directory::{first_member, Directory, Opened, Opening, Reach, WeakReach};
 pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use owners::KeyOwners;
 pub(crate) use report::tunnels_json;
