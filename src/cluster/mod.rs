@@ -4,4 +4,5 @@
 //! without a `[cluster]` section.
 
 pub mod peer;
+pub(crate) mod select;
 pub(crate) mod store;

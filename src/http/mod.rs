@@ -30,7 +30,7 @@ use crate::config::{Config, HttpConfig, LiveLimits};
 use crate::io::BoxStream;
 use crate::route::Wire;
 use crate::tls::challenge::Challenges;
-use crate::tunnels::{Directory, Member, Route, TunnelKey};
+use crate::tunnels::{Directory, Reach, Route, TunnelKey};
 use upstream::IdlePool;
 use watch::{ResponseWatch, StreamExec, Watched};
 
@@ -288,7 +288,7 @@ async fn proxy(
     ctx: &HttpContext,
     mut req: Request<Incoming>,
     client: SocketAddr,
-    members: &[Arc<Member>],
+    members: &[Reach],
     host: &str,
 ) -> Result<Response<Body>, ProxyError> {
     let upgrade = req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers());
@@ -308,10 +308,11 @@ async fn proxy(
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
     let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
     let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
-    member
-        .stats
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(m) = member.local() {
+        m.stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut resp = match tokio::time::timeout(limits.upstream_timeout, conn.sender.send_request(req)).await {
         Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),

@@ -14,7 +14,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use crate::io::ClientKey;
-use crate::tunnels::{first_member, ChannelSlot, Directory, Member, MemberId, Opened, Refused};
+use crate::tunnels::{first_member, ChannelSlot, Directory, MemberId, Opened, Reach, Refused, WeakReach};
 
 pub(crate) type Sender = SendRequest<Incoming>;
 
@@ -40,7 +40,7 @@ pub(crate) struct IdlePool {
 }
 
 /// One member's idle connections, with a weak handle that tells when the member has gone.
-type Idle = (Weak<Member>, Vec<Upstream>);
+type Idle = (WeakReach, Vec<Upstream>);
 
 impl std::fmt::Debug for IdlePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,18 +76,18 @@ impl IdlePool {
         None
     }
 
-    fn put(&self, member: &Arc<Member>, u: Upstream) {
+    fn put(&self, member: &Reach, u: Upstream) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
         let mut members = self.lock();
-        if !members.contains_key(&member.id) {
+        if !members.contains_key(&member.id()) {
             // A new entry: forget the members that have gone meanwhile (bounded by live members).
-            members.retain(|_, (m, _)| m.strong_count() > 0);
+            members.retain(|_, (m, _)| m.is_alive());
         }
         let (_, idle) = members
-            .entry(member.id)
-            .or_insert_with(|| (Arc::downgrade(member), Vec::new()));
+            .entry(member.id())
+            .or_insert_with(|| (member.downgrade(), Vec::new()));
         if idle.len() < MAX_IDLE_PER_MEMBER {
             idle.push(u);
         }
@@ -113,17 +113,17 @@ pub(crate) enum UpstreamError {
 /// skipped; nothing was sent to them.
 pub(crate) async fn connect(
     (directory, pool): (&dyn Directory, &IdlePool),
-    members: &[Arc<Member>],
+    members: &[Reach],
     origin: SocketAddr,
     (open_timeout, limit): (Duration, usize),
     upgrade: bool,
-) -> Result<(Upstream, Arc<Member>), UpstreamError> {
+) -> Result<(Upstream, Reach), UpstreamError> {
     let visitor = ClientKey::of(origin.ip());
     let ip = origin.ip().to_canonical().to_string();
     let origin = (ip.as_str(), u32::from(origin.port()));
     first_member(members, open_timeout, |m| async move {
         if !upgrade {
-            if let Some(u) = pool.take(m.id, visitor, limit) {
+            if let Some(u) = pool.take(m.id(), visitor, limit) {
                 return Some(u);
             }
         }
@@ -135,7 +135,7 @@ pub(crate) async fn connect(
 
 async fn open(
     directory: &dyn Directory,
-    m: &Member,
+    m: &Reach,
     (origin, visitor): ((&str, u32), ClientKey),
     upgrade: bool,
 ) -> Option<Upstream> {
@@ -162,7 +162,7 @@ async fn open(
 /// Returns a connection to its member's idle list once its response has been read in full,
 /// charged to no one. Waiting happens in its own task, so a slow download never blocks another
 /// request.
-pub(crate) fn release(pool: Arc<IdlePool>, member: Arc<Member>, mut u: Upstream) {
+pub(crate) fn release(pool: Arc<IdlePool>, member: Reach, mut u: Upstream) {
     tokio::spawn(async move {
         if u.sender.ready().await.is_ok() {
             if let Some(slot) = u.slot.upgrade() {

@@ -15,7 +15,7 @@ use crate::budget::Budget;
 use crate::config::LiveLimits;
 use crate::io::ClientKey;
 use crate::tunnels::{
-    first_member, ChannelSlot, Directory, Member, Opened, Opening, Refused, TunnelKey, Tunnels,
+    first_member, ChannelSlot, Directory, Member, Opened, Opening, Reach, Refused, TunnelKey, Tunnels,
 };
 
 /// The tunnels of this gateway, reached over their SSH connections.
@@ -65,12 +65,14 @@ impl LocalDirectory {
 }
 
 impl Directory for LocalDirectory {
-    fn members(&self, key: &TunnelKey) -> Vec<Arc<Member>> {
-        self.tunnels.members(key)
+    fn members(&self, key: &TunnelKey) -> Vec<Reach> {
+        self.tunnels.members(key).into_iter().map(Reach::Local).collect()
     }
 
-    fn open<'a>(&'a self, m: &'a Member, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a> {
+    fn open<'a>(&'a self, m: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a> {
         Box::pin(async move {
+            // This directory knows only its own members.
+            let m = m.local()?;
             let slot = self.place(m, visitor)?;
             let channel = open_forwarded(m, origin).await?;
             let slot = Arc::new(slot);
@@ -109,7 +111,7 @@ async fn open_forwarded(m: &Member, (origin_addr, origin_port): (&str, u32)) -> 
 /// task (see the module doc).
 pub(crate) async fn bridge(
     (directory, budget): (Arc<dyn Directory>, Arc<Budget>),
-    members: Vec<Arc<Member>>,
+    members: Vec<Reach>,
     (visitor, visitor_session, client): (Channel<Msg>, russh::server::Handle, ClientKey),
     reply: ChannelOpenHandle,
     origin: (String, u32),

@@ -318,7 +318,7 @@ impl russh::server::Handler for Handler {
         // only keys that may reach a private tunnel of the owner get one.
         let allowed = members
             .first()
-            .is_some_and(|m| self.ctx.may_reach(&m.key, &visitor));
+            .is_some_and(|m| self.ctx.may_reach(&m.key(), &visitor));
         if !allowed {
             if self.refusals.note_uncapped() {
                 tracing::info!(conn = self.conn, client = %self.client, target = host_to_connect, port = port_to_connect, "direct-tcpip refused");

@@ -7,8 +7,91 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{ChannelSlot, Member, TunnelKey};
+use super::{ChannelSlot, Member, MemberId, TunnelKey};
 use crate::io::{BoxStream, ClientKey};
+use crate::names::KeyFingerprint;
+
+/// Where members of a pool can be reached: an SSH connection of this gateway, or another replica
+/// that holds members (only a cluster directory hands those out).
+#[derive(Debug, Clone)]
+// `Remote` is built by the cluster directory, which `gateway` does not construct yet.
+#[allow(dead_code)]
+pub(crate) enum Reach {
+    Local(Arc<Member>),
+    Remote(Arc<RemoteMembers>),
+}
+
+/// Members of a pool held by another replica, as the cluster directory knows them.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) struct RemoteMembers {
+    /// Unique among all ids this process hands out, local members' included.
+    pub(crate) id: MemberId,
+    /// The replica that holds them.
+    pub(crate) replica: String,
+    /// The key that owns the pool.
+    pub(crate) key: KeyFingerprint,
+    pub(crate) members: u32,
+}
+
+impl Reach {
+    /// What kept-alive upstream connections are pooled by.
+    pub(crate) fn id(&self) -> MemberId {
+        match self {
+            Self::Local(m) => m.id,
+            Self::Remote(r) => r.id,
+        }
+    }
+
+    /// The key that owns the pool.
+    pub(crate) fn key(&self) -> KeyFingerprint {
+        match self {
+            Self::Local(m) => m.key,
+            Self::Remote(r) => r.key,
+        }
+    }
+
+    /// The SSH connection, when the member is here.
+    pub(crate) fn local(&self) -> Option<&Arc<Member>> {
+        match self {
+            Self::Local(m) => Some(m),
+            Self::Remote(_) => None,
+        }
+    }
+
+    /// A handle that says whether the member is still there, without keeping it.
+    pub(crate) fn downgrade(&self) -> WeakReach {
+        match self {
+            Self::Local(m) => WeakReach::Local(Arc::downgrade(m)),
+            Self::Remote(r) => WeakReach::Remote(Arc::downgrade(r)),
+        }
+    }
+}
+
+impl std::fmt::Display for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(m) => write!(f, "connection {}", m.conn),
+            Self::Remote(r) => write!(f, "replica {}", r.replica),
+        }
+    }
+}
+
+/// [`Reach::downgrade`]: gone once the member has left (or the replica no longer holds members).
+#[derive(Debug, Clone)]
+pub(crate) enum WeakReach {
+    Local(Weak<Member>),
+    Remote(Weak<RemoteMembers>),
+}
+
+impl WeakReach {
+    pub(crate) fn is_alive(&self) -> bool {
+        match self {
+            Self::Local(m) => m.strong_count() > 0,
+            Self::Remote(r) => r.strong_count() > 0,
+        }
+    }
+}
 
 /// A future that opens one channel, boxed so the trait can be used as `dyn Directory`.
 pub(crate) type Opening<'a> = Pin<Box<dyn Future<Output = Option<Opened>> + Send + 'a>>;
@@ -22,36 +105,35 @@ pub(crate) struct Opened {
 
 /// Where tunnels are, and how to reach them.
 pub(crate) trait Directory: Send + Sync {
-    /// The members serving `key`, in the order to try them (the pool's round robin).
-    fn members(&self, key: &TunnelKey) -> Vec<Arc<Member>>;
+    /// Where the members serving `key` are, in the order to try them.
+    fn members(&self, key: &TunnelKey) -> Vec<Reach>;
 
     /// Opens a channel to `member` on behalf of `origin` (the address and port the tunnel client
     /// is told the connection comes from), charged to `visitor`: within the member's channel
     /// limit, the visitor's share of it, and the visitor's share of the buffer budget. `None`:
     /// refused or full.
-    fn open<'a>(&'a self, member: &'a Member, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a>;
+    fn open<'a>(&'a self, member: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a>;
 }
 
 /// Tries `members` in order and returns the first success of `attempt` with its member. A member
 /// whose attempt fails, or takes longer than `timeout` (a tunnel client that never answers), is
 /// skipped; nothing was sent to it, so the next one may serve.
 pub(crate) async fn first_member<T, F, Fut>(
-    members: &[Arc<Member>],
+    members: &[Reach],
     timeout: Duration,
     mut attempt: F,
-) -> Option<(T, Arc<Member>)>
+) -> Option<(T, Reach)>
 where
-    F: FnMut(Arc<Member>) -> Fut,
+    F: FnMut(Reach) -> Fut,
     Fut: Future<Output = Option<T>>,
 {
     for m in members {
         match tokio::time::timeout(timeout, attempt(m.clone())).await {
             Ok(Some(found)) => return Some((found, m.clone())),
             Ok(None) => {}
-            Err(_) => tracing::info!(
-                conn = m.conn,
-                "tunnel client did not open a channel in time; trying the next"
-            ),
+            Err(_) => {
+                tracing::info!(member = %m, "tunnel member did not open a channel in time; trying the next")
+            }
         }
     }
     None

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use crate::names::KeyFingerprint;
 
-pub(crate) use directory::{first_member, Directory, Opened, Opening};
+pub(crate) use directory::{first_member, Directory, Opened, Opening, Reach, WeakReach};
 pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use owners::KeyOwners;
 pub(crate) use report::tunnels_json;
