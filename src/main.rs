@@ -111,7 +111,12 @@ fn init_tracing(format: LogFormat) {
 
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
-        Ok(_) => {
+        Ok(config) => {
+            let secret = config.cluster.as_ref().map(|c| &c.secret_file);
+            if let Some(Err(e)) = secret.map(|f| edgemux::cluster::peer::secret::check(f)) {
+                eprintln!("{}:\ncluster.secret_file: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }

@@ -255,6 +255,46 @@ fn check_names_the_key_path_of_every_problem() {
     assert_rejected(&check(&env, &two), &["listener", "admin"]);
 }
 
+#[test]
+fn check_validates_a_cluster_and_loads_its_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new();
+    let secret = env.path().join("cluster-secret");
+    let made = run_bounded(
+        env.path(),
+        "cluster-secret",
+        {
+            let mut cmd = edgemux();
+            cmd.arg("cluster-secret");
+            cmd
+        },
+        SETUP,
+    );
+    assert!(made.status.success(), "cluster-secret:\n{}", made.combined());
+    std::fs::write(&secret, &made.stdout).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let clustered = env
+        .gateway()
+        .set("cluster.name", "prod")
+        .set("cluster.replica_name", "r1")
+        .set("cluster.endpoints", vec!["http://127.0.0.1:2379"])
+        .set("cluster.secret_file", secret.display().to_string())
+        .set("cluster.peer.bind", "127.0.0.1:7443");
+    let out = check(&env, &clustered);
+    assert!(
+        out.status.success(),
+        "a good [cluster] is rejected:\n{}",
+        out.combined()
+    );
+
+    // A secret others may read is refused by `check`, not only later by `serve`.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_rejected(&check(&env, &clustered), &["cluster.secret_file"]);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&secret, "abcd\n").unwrap();
+    assert_rejected(&check(&env, &clustered), &["cluster.secret_file"]);
+}
+
 /// How long the TLS audit may take: its checks take ~30 s alone on two cores, more while other
 /// tests run beside it.
 const AUDIT_LIMIT: Duration = Duration::from_secs(240);

@@ -162,6 +162,12 @@ fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8]) -> Result<[u8; 32], SecretE
     Ok(out)
 }
 
+/// Loads the secret at `path` only to say whether it would be accepted: `edgemux check` reports
+/// a short, malformed or world-readable secret before `serve` would refuse it.
+pub fn check(path: &Path) -> Result<(), SecretError> {
+    ClusterSecret::load(path).map(drop)
+}
+
 /// A new secret: 32 random bytes as hex, what `edgemux cluster-secret` prints.
 pub fn generate() -> Result<String, SecretError> {
     let mut bytes = [0u8; GENERATED_BYTES];
