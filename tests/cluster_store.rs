@@ -221,6 +221,19 @@ async fn pair(etcd: &Etcd, lease_ttl: Duration) -> (Replica, Replica) {
     (a, b)
 }
 
+/// A serves three hosts, one member each, and B has seen them all.
+async fn serve_three(a: &Replica, b: &Replica) -> Vec<String> {
+    let hosts: Vec<String> = (0..3).map(|i| host(&format!("app{i}"))).collect();
+    for h in &hosts {
+        a.serve(h, 1);
+    }
+    until("B sees A's routes", PROPAGATION, || {
+        hosts.iter().all(|h| b.sees(h).len() == 1)
+    })
+    .await;
+    hosts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_published_by_one_replica_reaches_the_other_and_leaves_with_it() {
     let etcd = Etcd::start();
@@ -273,14 +286,7 @@ async fn a_route_published_by_one_replica_reaches_the_other_and_leaves_with_it()
 async fn a_clean_stop_drains_then_removes_every_route_at_once() {
     let etcd = Etcd::start();
     let (a, b) = pair(&etcd, Duration::from_secs(10)).await;
-    let hosts: Vec<String> = (0..3).map(|i| host(&format!("app{i}"))).collect();
-    for h in &hosts {
-        a.serve(h, 1);
-    }
-    until("B sees A's routes", PROPAGATION, || {
-        hosts.iter().all(|h| b.sees(h).len() == 1)
-    })
-    .await;
+    let hosts = serve_three(&a, &b).await;
     assert!(a.store.set_draining().await);
     let t = until("B sees A draining", PROPAGATION, || {
         b.store.lookup().replica(a.store.rid()).map(|r| r.state) == Some(ReplicaState::Draining)
@@ -379,14 +385,7 @@ async fn entries_whose_host_is_not_their_keys_are_dropped_and_counted() {
 async fn a_lost_lease_is_granted_again_and_everything_republished() {
     let etcd = Etcd::start();
     let (a, b) = pair(&etcd, Duration::from_secs(3)).await;
-    let hosts: Vec<String> = (0..3).map(|i| host(&format!("app{i}"))).collect();
-    for h in &hosts {
-        a.serve(h, 1);
-    }
-    until("B sees A's routes", PROPAGATION, || {
-        hosts.iter().all(|h| b.sees(h).len() == 1)
-    })
-    .await;
+    let hosts = serve_three(&a, &b).await;
     let lost = a.store.lease_id().unwrap();
     let mut client = etcd.client().await;
     client.lease_revoke(lost).await.unwrap();
