@@ -249,6 +249,7 @@ where
     tokio::pin!(login);
     let (mut login_checked, mut draining, mut told_shutdown) = (false, false, false);
     let mut drain_tick = tokio::time::interval(DRAIN_POLL);
+    let mut idle_ticks = 0u32;
     loop {
         tokio::select! {
             r = &mut session => return Ok(r?),
@@ -263,8 +264,11 @@ where
             () = shutdown.cancelled(), if !draining => draining = true,
             _ = drain_tick.tick(), if draining && !told_shutdown => {
                 // A tunnel client still carrying requests is told only once they are done
-                // (the drain deadline cuts whatever is left).
-                if shared.tunnels_idle() {
+                // (the drain deadline cuts whatever is left), and only after its channels have
+                // stayed closed for a moment: a client still writing its own channel closes
+                // when the connection ends would fail on that write before reading the message.
+                idle_ticks = if shared.tunnels_idle() { idle_ticks + 1 } else { 0 };
+                if idle_ticks >= DRAIN_IDLE_TICKS {
                     told_shutdown = true;
                     disconnect(&handle, "the gateway is shutting down; reconnect to continue").await;
                 }
@@ -275,6 +279,9 @@ where
 
 /// How often a draining tunnel connection checks whether its last channel has closed.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Checks in a row with no channel open before a draining client is told to go (500 ms): its
+/// own channel-close messages are through by then.
+const DRAIN_IDLE_TICKS: u32 = 5;
 
 /// One SSH connection's state, shared by its handler, the task that serves it and the refusal
 /// timer; everything else about the connection is derived from it.
