@@ -144,7 +144,32 @@ impl PeerClient {
         opened
     }
 
+    /// Sends `req` (a kill) to replica `rid` at `addr` and returns the owner's OK reason (for a
+    /// kill, how many connections it closed).
+    pub(crate) async fn command(
+        &self,
+        addr: SocketAddr,
+        rid: &str,
+        req: PeerRequest,
+    ) -> Result<String, PeerError> {
+        let done = self.exchange(addr, rid, req).await.map(|(_, reason)| reason);
+        let outcome = done.as_ref().map_or_else(PeerError::reason, |_| "ok");
+        crate::metrics::peer_stream("out", outcome);
+        done
+    }
+
     async fn try_open(&self, addr: SocketAddr, rid: &str, req: PeerRequest) -> Result<BoxStream, PeerError> {
+        self.exchange(addr, rid, req).await.map(|(stream, _)| stream)
+    }
+
+    /// Connects, sends the signed header, and waits for the status: the stream and the reason
+    /// after OK, else why not.
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        rid: &str,
+        req: PeerRequest,
+    ) -> Result<(BoxStream, String), PeerError> {
         let name = tls::server_name(rid).ok_or(PeerError::Request(CodecError::Field("replica id")))?;
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
@@ -173,7 +198,7 @@ impl PeerClient {
             .await
             .map_err(|_| PeerError::Timeout("open"))??;
         match reply.status {
-            Status::Ok => Ok(Box::new(tls)),
+            Status::Ok => Ok((Box::new(tls), reply.reason)),
             status => Err(PeerError::refused(status, reply.reason)),
         }
     }

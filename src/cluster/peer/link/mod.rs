@@ -31,7 +31,7 @@ mod tests {
 
     use super::client::{PeerClient, PeerError};
     use super::frame::{now_ms, read_frame};
-    use super::server::{Dialing, PeerHandler, PeerServer};
+    use super::server::{Dialing, Killing, PeerHandler, PeerServer};
     use crate::cluster::peer::codec::{self, Op, PeerRequest};
     use crate::cluster::peer::secret::{ClusterSecret, Label};
     use crate::cluster::peer::status::{self, Reply, Status, MAX_REPLY};
@@ -65,6 +65,16 @@ mod tests {
                     wr.shutdown().await.unwrap();
                 });
                 Ok(Box::new(near) as BoxStream)
+            })
+        }
+
+        fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                match req.host() {
+                    MISSING => Err((Status::NoRoute, "no tunnel for this host here".to_owned())),
+                    _ => Ok(2),
+                }
             })
         }
     }
@@ -273,6 +283,30 @@ mod tests {
             "{err}"
         );
         assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kill_is_answered_with_the_count_and_no_stream() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let client = replica("r2.b");
+        let kill = |host: &str| {
+            let visitor = "10.0.0.9:0".parse().unwrap();
+            PeerRequest::dial(Op::Kill, host, 0, visitor, visitor).unwrap()
+        };
+        let closed = client.command(addr, OWNER, kill("app.gw.test")).await.unwrap();
+        assert_eq!(closed, "2");
+        let err = client.command(addr, OWNER, kill(MISSING)).await.unwrap_err();
+        assert!(matches!(err, PeerError::NoRoute(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
+        // A kill signed with another key never reaches the handler.
+        let forger = dialer(&PeerTls::derived(&secret(1), "r3.c").unwrap(), &secret(3));
+        let err = forger
+            .command(addr, OWNER, kill("app.gw.test"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Auth(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

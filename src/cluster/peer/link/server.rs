@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::frame::{now_ms, read_frame, rustls_error, write_all, FrameError};
-use crate::cluster::peer::codec::{self, CodecError, PeerRequest, MAX_PEER_HEADER};
+use crate::cluster::peer::codec::{self, CodecError, Op, PeerRequest, MAX_PEER_HEADER};
 use crate::cluster::peer::replay::{NonceCache, Stale};
 use crate::cluster::peer::secret::{ClusterSecret, Label};
 use crate::cluster::peer::status::{self, Status};
@@ -34,8 +34,13 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// A handler's answer in the making: the stream to splice, or the status (not OK) and a reason.
 pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Status, String)>> + Send + 'a>>;
 
+/// A handler's answer to a kill: how many SSH connections it closed, or the status and a reason.
+pub(crate) type Killing<'a> = Pin<Box<dyn Future<Output = Result<u32, (Status, String)>> + Send + 'a>>;
+
 /// What the owner replica does with an authenticated dial: open a stream to the tunnel `req`
-/// names (a `forwarded-tcpip` channel whose originator is `req.source()`).
+/// names (a `forwarded-tcpip` channel whose originator is `req.source()`); and with a kill
+/// (the admin API's `DELETE /tunnels/{host}` on another replica): close the connections serving
+/// `req.host()` here.
 ///
 /// **Hop limit 1.** A handler serves from the local registry only and never dials another
 /// replica: a host it does not hold is `NO_ROUTE`. Then loops and amplification cannot happen,
@@ -43,6 +48,8 @@ pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Sta
 /// bounds the call by its open timeout (`OPEN_FAILED` past it).
 pub(crate) trait PeerHandler: Send + Sync {
     fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a>;
+
+    fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a>;
 }
 
 /// The owner's end: authenticates every stream before a handler sees it.
@@ -114,6 +121,13 @@ impl PeerServer {
             Err(Refused::Silently(outcome)) => return outcome,
             Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
         };
+        if req.op() == Op::Kill {
+            return match timeout(self.open_timeout, self.handler.kill(&req)).await {
+                Ok(Ok(closed)) => answer(tls, Status::Ok, &closed.to_string()).await,
+                Ok(Err((status, reason))) => refuse(tls, status, &reason).await,
+                Err(_) => refuse(tls, Status::OpenFailed, "the kill did not finish in time").await,
+            };
+        }
         let mut upstream = match self.dial(&req).await {
             Ok(upstream) => upstream,
             Err(Refused::Silently(outcome)) => return outcome,
@@ -159,7 +173,7 @@ impl PeerServer {
             Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
             Err(stale) => return Err(Refused::auth(stale.reason())),
         }
-        if !req.op().is_dial() {
+        if !(req.op().is_dial() || req.op() == Op::Kill) {
             let reason = format!("op {} is not served by this version", req.op().label());
             return Err(Refused::Answer(Status::BadRequest, reason));
         }
@@ -198,7 +212,13 @@ impl Refused {
 }
 
 /// Writes a refusal, closes the connection, and returns the status as the outcome.
-async fn refuse<S: AsyncWrite + Unpin>(mut tls: S, status: Status, reason: &str) -> &'static str {
+async fn refuse<S: AsyncWrite + Unpin>(tls: S, status: Status, reason: &str) -> &'static str {
+    answer(tls, status, reason).await
+}
+
+/// Writes a final reply (no stream follows), closes the connection, and returns the status as
+/// the outcome.
+async fn answer<S: AsyncWrite + Unpin>(mut tls: S, status: Status, reason: &str) -> &'static str {
     let reply = status::encode_reply(status, reason);
     let _ = timeout(REPLY_TIMEOUT, async {
         write_all(&mut tls, &reply).await?;
