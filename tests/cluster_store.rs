@@ -153,6 +153,7 @@ fn config(endpoint: &str, name: &str, lease_ttl: Duration) -> ClusterConfig {
         peer_bind: peer,
         peer_advertise: peer,
         peer_connect_timeout: Duration::from_secs(1),
+        peer_tls: None,
     }
 }
 

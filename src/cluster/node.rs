@@ -77,8 +77,11 @@ impl Cluster {
         let marker = store.marker();
         tunnels.set_observer(Box::new(move |key| marker.mark(&key.host)));
         let rid = store.rid().clone();
-        let tls =
-            PeerTls::derived(&secret, rid.as_str()).map_err(|e| ClusterError::PeerTls(e.to_string()))?;
+        let tls = match &cfg.peer_tls {
+            Some(files) => PeerTls::from_files(files, rid.as_str()),
+            None => PeerTls::derived(&secret, rid.as_str()),
+        };
+        let tls = tls.map_err(|e| ClusterError::PeerTls(e.to_string()))?;
         let client = PeerClient::new(&tls, &secret, cfg.peer_connect_timeout, open_timeout);
         let kill_client = Arc::new(PeerClient::new(
             &tls,

@@ -63,6 +63,19 @@ pub struct RawPeer {
     /// The address other replicas dial; default: `bind` (which must then not be unspecified).
     pub advertise: Option<String>,
     pub connect_timeout: Option<String>,
+    /// The peer link's TLS from files (all three, or none: derived from the secret).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The peer link's TLS given as files: a CA trusted for the peer link only, and this replica's
+/// chain and key (its certificate must allow both server and client authentication).
+#[derive(Debug, Clone)]
+pub struct PeerTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// How requests for a pool whose members sit on several replicas are spread.
@@ -97,6 +110,8 @@ pub struct ClusterConfig {
     pub peer_bind: SocketAddr,
     pub peer_advertise: SocketAddr,
     pub peer_connect_timeout: Duration,
+    /// `None`: certificates derived from the cluster secret.
+    pub peer_tls: Option<PeerTlsFiles>,
 }
 
 /// A cluster or replica name: one DNS label, so it fits a store key and a certificate name.
@@ -236,6 +251,21 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
         raw.peer.connect_timeout.as_deref(),
         cluster_defaults::PEER_CONNECT_TIMEOUT,
     );
+    let peer_tls = match (&raw.peer.ca, &raw.peer.cert, &raw.peer.key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(PeerTlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => {
+            c.push(
+                at("peer"),
+                "give ca, cert and key for the peer link's TLS, or none (certificates derived from the secret)",
+            );
+            None
+        }
+    };
     Some(ClusterConfig {
         name: raw.name.clone(),
         replica_name,
@@ -250,6 +280,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
         peer_bind: peer_bind?,
         peer_advertise: peer_advertise?,
         peer_connect_timeout,
+        peer_tls,
     })
 }
 
@@ -282,6 +313,7 @@ mod tests {
         assert_eq!(c.keepalive_interval, c.lease_ttl / 3);
         assert_eq!(c.spread, Spread::Even);
         assert_eq!(c.peer_advertise, c.peer_bind);
+        assert!(c.peer_tls.is_none(), "derived from the secret by default");
         assert!(crate::config::parse(&text.replace("[cluster]", "[clusterx]")).is_err());
     }
 
@@ -292,7 +324,7 @@ mod tests {
         let text = with_cluster(
             &secret,
             "replica_name = \"r_1\"\nlease_ttl = \"1s\"\nspread = \"random\"\n\
-             [cluster.peer]\nbind = \"0.0.0.0:7443\"\n",
+             [cluster.peer]\nbind = \"0.0.0.0:7443\"\nca = \"ca.pem\"\n",
         )
         .replace("http://127.0.0.1:2379", "127.0.0.1:2379");
         let paths: Vec<String> = crate::config::parse(&text)
@@ -307,6 +339,7 @@ mod tests {
             "cluster.spread",
             "cluster.peer.advertise",
             "cluster.secret_file",
+            "cluster.peer",
         ] {
             assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
         }

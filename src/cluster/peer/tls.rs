@@ -14,14 +14,18 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, NameConstraints,
 };
-use rustls::client::ClientConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConfig, WebPkiServerVerifier};
 use rustls::crypto::aws_lc_rs;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls::RootCertStore;
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::codec::is_replica_id;
 use super::secret::{ClusterSecret, Label};
+pub(crate) use crate::config::PeerTlsFiles;
 
 /// The one protocol the peer listener speaks (SCALEOUT §4.2).
 pub(crate) const ALPN_PEER: &[u8] = b"edgemux-peer/1";
@@ -39,8 +43,72 @@ pub(crate) enum PeerTlsError {
     Certificate(#[from] rcgen::Error),
     #[error("peer TLS set-up failed: {0}")]
     Setup(#[from] rustls::Error),
-    #[error("peer TLS client verifier: {0}")]
+    #[error("peer TLS verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("cluster.peer.{key} {path}: {reason}")]
+    File {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
+}
+
+/// What a dialer checks of the name in the owner's certificate.
+enum Names {
+    /// Derived certificates name their replica: it must be the one dialed.
+    Replica,
+    /// The operator's certificates name what the operator chose: the chain is checked, not the
+    /// name.
+    Operator,
+}
+
+/// A server certificate verifier that checks the chain to the peer CA (validity, key usage,
+/// signatures) and accepts any name in it.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// This replica's TLS for the peer link: the server side of its listener and the client side of
@@ -63,18 +131,42 @@ impl PeerTls {
     /// Mode `derived`: the CA from `secret`, a fresh leaf for replica `rid`.
     pub(crate) fn derived(secret: &ClusterSecret, rid: &str) -> Result<Self, PeerTlsError> {
         let (ca, leaf, key) = issue(secret, rid)?;
-        Self::new(rid, ca, leaf, key)
+        Self::new(rid, (vec![ca], Names::Replica), vec![leaf], key)
+    }
+
+    /// Mode `files`: the operator's CA (every certificate in the file is trusted for the peer
+    /// link only) and this replica's chain and key. The names in those certificates are the
+    /// operator's, so a dialer checks the chain, not that the name is the replica it meant.
+    pub(crate) fn from_files(files: &PeerTlsFiles, rid: &str) -> Result<Self, PeerTlsError> {
+        use rustls::pki_types::pem::PemObject;
+        let certs = |key: &'static str, path: &std::path::Path| {
+            let pem = std::fs::read(path).map_err(|e| file_error(key, path, e.to_string()))?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| file_error(key, path, e.to_string()))?;
+            match certs.is_empty() {
+                true => Err(file_error(key, path, "no certificate in the file".into())),
+                false => Ok(certs),
+            }
+        };
+        let cas = certs("ca", &files.ca)?;
+        let chain = certs("cert", &files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|e| file_error("key", &files.key, e.to_string()))?;
+        Self::new(rid, (cas, Names::Operator), chain, key)
     }
 
     fn new(
         rid: &str,
-        ca: CertificateDer<'static>,
-        leaf: CertificateDer<'static>,
+        (cas, names): (Vec<CertificateDer<'static>>, Names),
+        chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, PeerTlsError> {
         let provider = Arc::new(aws_lc_rs::default_provider());
         let mut roots = RootCertStore::empty();
-        roots.add(ca)?;
+        for ca in cas {
+            roots.add(ca)?;
+        }
         let roots = Arc::new(roots);
         let verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
@@ -82,12 +174,21 @@ impl PeerTls {
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![leaf.clone()], key.clone_key())?;
+            .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN_PEER.to_vec()];
-        let mut client = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(vec![leaf], key)?;
+        let client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let client = match names {
+            Names::Replica => client.with_root_certificates(roots),
+            Names::Operator => {
+                let chain_only =
+                    AnyName(WebPkiServerVerifier::builder_with_provider(roots, provider).build()?);
+                client
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(chain_only))
+            }
+        };
+        let mut client = client.with_client_auth_cert(chain, key)?;
         client.alpn_protocols = vec![ALPN_PEER.to_vec()];
         Ok(Self {
             rid: rid.to_owned(),
@@ -107,6 +208,14 @@ impl PeerTls {
 
     pub(crate) fn client_config(&self) -> Arc<ClientConfig> {
         self.client.clone()
+    }
+}
+
+fn file_error(key: &'static str, path: &std::path::Path, reason: String) -> PeerTlsError {
+    PeerTlsError::File {
+        key,
+        path: path.display().to_string(),
+        reason,
     }
 }
 
@@ -187,7 +296,7 @@ pub(crate) mod tests {
     pub(crate) fn impostor(trusting: &ClusterSecret, signed_by: &ClusterSecret, rid: &str) -> PeerTls {
         let (ca, _, _) = issue(trusting, rid).unwrap();
         let (_, leaf, key) = issue(signed_by, rid).unwrap();
-        PeerTls::new(rid, ca, leaf, key).unwrap()
+        PeerTls::new(rid, (vec![ca], Names::Replica), vec![leaf], key).unwrap()
     }
 
     /// A handshake over an in-memory pipe: the server's result and the client's, where the

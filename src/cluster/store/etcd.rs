@@ -450,6 +450,7 @@ mod tests {
             peer_bind: "127.0.0.1:7443".parse().unwrap(),
             peer_advertise: "127.0.0.1:7443".parse().unwrap(),
             peer_connect_timeout: Duration::from_secs(1),
+            peer_tls: None,
         }
     }
 

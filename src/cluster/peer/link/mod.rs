@@ -85,8 +85,12 @@ mod tests {
 
     /// An owner on `addr`, and the token that stops it.
     async fn owner_at(addr: SocketAddr) -> (SocketAddr, Arc<Echo>, CancellationToken) {
+        owner_with(addr, PeerTls::derived(&secret(1), OWNER).unwrap()).await
+    }
+
+    /// An owner on `addr` with `tls`.
+    async fn owner_with(addr: SocketAddr, tls: PeerTls) -> (SocketAddr, Arc<Echo>, CancellationToken) {
         let secret = secret(1);
-        let tls = PeerTls::derived(&secret, OWNER).unwrap();
         let handler = Arc::new(Echo::default());
         let server = Arc::new(PeerServer::new(
             &tls,
@@ -339,6 +343,77 @@ mod tests {
         drop(stream);
         assert_eq!(second.calls.load(Ordering::SeqCst), 1, "the new owner served it");
         assert_eq!(first.calls.load(Ordering::SeqCst), calls);
+    }
+
+    /// A CA of the operator's and two leaves it signs (named as the operator likes), and one
+    /// leaf of another CA, as files under `dir`.
+    fn operator_files(dir: &std::path::Path) -> [tls::PeerTlsFiles; 3] {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let ca = |tag: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            let path = dir.join(format!("{tag}-ca.pem"));
+            std::fs::write(&path, cert.pem()).unwrap();
+            (Issuer::new(params, key), path)
+        };
+        let leaf = |issuer: &Issuer<'_, KeyPair>, ca: &std::path::Path, name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, issuer).unwrap();
+            let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            tls::PeerTlsFiles {
+                ca: ca.to_owned(),
+                cert: cert_path,
+                key: key_path,
+            }
+        };
+        let (ours, ours_path) = ca("ours");
+        let (theirs, theirs_path) = ca("theirs");
+        let _ = theirs_path;
+        [
+            leaf(&ours, &ours_path, "edge-a.internal"),
+            leaf(&ours, &ours_path, "edge-b.internal"),
+            // Trusts our CA, but its own certificate is from another one.
+            leaf(&theirs, &ours_path, "edge-x.internal"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn certificates_from_files_authenticate_both_ends_whatever_their_names() {
+        recorded();
+        let dir = tempfile::tempdir().unwrap();
+        let [a, b, stranger] = operator_files(dir.path());
+        let owner_tls = PeerTls::from_files(&a, OWNER).unwrap();
+        let (addr, handler, _stop) = owner_with("127.0.0.1:0".parse().unwrap(), owner_tls).await;
+        let client = dialer(&PeerTls::from_files(&b, "r2.b").unwrap(), &secret(1));
+        let stream = client.open(addr, OWNER, request("app.gw.test")).await.unwrap();
+        drop(stream);
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+        let err = refused(
+            &dialer(&PeerTls::from_files(&stranger, "r3.c").unwrap(), &secret(1)),
+            addr,
+            OWNER,
+            request("app.gw.test"),
+        )
+        .await;
+        assert!(matches!(err, PeerError::Tls(_)), "{err}");
+        // A replica with derived certificates trusts neither end.
+        let err = refused(&replica("r2.b"), addr, OWNER, request("app.gw.test")).await;
+        assert!(matches!(err, PeerError::Tls(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+        // A missing file names its key.
+        let mut missing = a.clone();
+        missing.key = dir.path().join("nope.key");
+        let e = PeerTls::from_files(&missing, OWNER).unwrap_err().to_string();
+        assert!(e.starts_with("cluster.peer.key "), "{e}");
     }
 
     #[tokio::test]
