@@ -169,7 +169,7 @@ async fn serve(gw: &Gateway, r: Routed, shutdown: CancellationToken) {
         },
         Dest::Http(wire) => {
             let tls = matches!(r.transport, Transport::Tls(_));
-            crate::http::serve(gw.http(), stream, client.client, (tls, wire), shutdown).await;
+            crate::http::serve(gw.http(), stream, client, (tls, wire), shutdown).await;
             "closed".to_string()
         }
     };

@@ -13,9 +13,8 @@ use super::peer::link::client::PeerClient;
 use super::select::{self, Candidate, Target};
 use super::store::{Lookup, ReplicaId, ReplicaState, RouteEntry};
 use crate::config::Spread;
-use crate::io::ClientKey;
 use crate::tunnels::{
-    Directory, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey,
+    Directory, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey, Visitor,
 };
 
 /// Ids of other replicas' member groups have the top bit set, so they never meet a local
@@ -139,9 +138,9 @@ impl Directory for ClusterDirectory {
         out
     }
 
-    fn open<'a>(&'a self, member: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a> {
+    fn open<'a>(&'a self, member: &'a Reach, visitor: Visitor<'a>) -> Opening<'a> {
         let Reach::Remote(r) = member else {
-            return self.local.open(member, origin, visitor);
+            return self.local.open(member, visitor);
         };
         Box::pin(async move {
             let rid = ReplicaId::parse(&r.replica)?;
@@ -150,9 +149,17 @@ impl Directory for ClusterDirectory {
                 Route::Http => (Op::DialHttp, 0),
                 Route::Tcp(port) => (Op::DialTcp, u16::try_from(port).ok()?),
             };
-            let ip = origin.0.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            let source = SocketAddr::new(ip, u16::try_from(origin.1).unwrap_or(0));
-            let req = PeerRequest::dial(op, &r.host, port, source, self.destination).ok()?;
+            let (addr, port_from) = visitor.origin;
+            let ip = addr.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let source = SocketAddr::new(ip, u16::try_from(port_from).unwrap_or(0));
+            let mut req = PeerRequest::dial(op, &r.host, port, source, self.destination).ok()?;
+            // An endpoint id the codec refuses is left out rather than failing the visitor.
+            if let Some(vpce) = visitor.vpce {
+                req = req.clone().with_vpce(vpce).unwrap_or(req);
+            }
+            if let Some(key) = visitor.key {
+                req = req.on_behalf_of(key);
+            }
             match self.peers.open(replica.peer_addr, rid.as_str(), req).await {
                 Ok(stream) => Some(Opened { stream, slot: None }),
                 Err(e) => {

@@ -12,7 +12,7 @@ use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::server::{Dialing, Killing, PeerHandler};
 use super::peer::status::Status;
 use crate::io::ClientKey;
-use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey, Tunnels};
+use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey, Tunnels, Visitor};
 
 /// Serves peer dials and kills from this replica's own tunnels.
 pub(crate) struct OwnerSide {
@@ -59,12 +59,16 @@ impl PeerHandler for OwnerSide {
             }
             let source = req.source();
             let ip = source.ip().to_canonical().to_string();
-            let origin = (ip.as_str(), u32::from(source.port()));
             // The visitor is charged here as if it had landed here: shares and budget.
-            let visitor = ClientKey::of(source.ip());
+            let visitor = Visitor {
+                origin: (ip.as_str(), u32::from(source.port())),
+                client: ClientKey::of(source.ip()),
+                vpce: req.vpce(),
+                key: req.on_behalf(),
+            };
             let opened = first_member(&members, self.open_timeout, |m| {
                 let local = self.local.clone();
-                async move { local.open(&m, origin, visitor).await }
+                async move { local.open(&m, visitor).await }
             })
             .await;
             match opened {

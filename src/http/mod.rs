@@ -14,7 +14,6 @@ mod upstream;
 mod watch;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HttpConfig, LiveLimits};
-use crate::io::BoxStream;
+use crate::io::{BoxStream, ClientAddr};
 use crate::route::Wire;
 use crate::tls::challenge::Challenges;
 use crate::tunnels::{Directory, Reach, Route, TunnelKey};
@@ -161,20 +160,21 @@ macro_rules! drive {
 pub(crate) async fn serve(
     ctx: Arc<HttpContext>,
     stream: BoxStream,
-    client: SocketAddr,
+    client: ClientAddr,
     (tls, wire): (bool, Wire),
     shutdown: CancellationToken,
 ) {
+    let client = Arc::new(client);
     let limits = ctx.limits.load_full();
     let write_idle = limits.write_idle_timeout;
     // HTTP/1.1 has one response in flight at a time: one watch for the connection.
     let conn_watch = Arc::new(ResponseWatch::default());
     let fallback = conn_watch.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (ctx, fallback) = (ctx.clone(), fallback.clone());
+        let (ctx, fallback, client) = (ctx.clone(), fallback.clone(), client.clone());
         async move {
             let watch = ResponseWatch::current_or(&fallback);
-            let response = handle(&ctx, req, client, tls).await;
+            let response = handle(&ctx, req, &client, tls).await;
             Ok::<_, Infallible>(response.map(|body| Watched::new(body, watch)))
         }
     });
@@ -222,7 +222,7 @@ struct Hop(&'static str);
 async fn handle(
     ctx: &HttpContext,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: &ClientAddr,
     tls: bool,
 ) -> Response<access::Logged> {
     let started = std::time::Instant::now();
@@ -247,7 +247,7 @@ async fn handle(
     let hop = response.extensions().get::<Hop>().map_or("local", |h| h.0);
     crate::metrics::http_request(&method, status, protocol, hop, started.elapsed().as_secs_f64());
     let entry = access::Entry {
-        client,
+        client: client.client,
         host,
         method,
         path,
@@ -261,7 +261,7 @@ async fn handle(
 async fn route(
     ctx: &HttpContext,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: &ClientAddr,
     tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let host = host::parse_host(authority(&req).unwrap_or_default())?;
@@ -293,10 +293,11 @@ pub(crate) fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
 async fn proxy(
     ctx: &HttpContext,
     mut req: Request<Incoming>,
-    client: SocketAddr,
+    caller: &ClientAddr,
     members: &[Reach],
     host: &str,
 ) -> Result<Response<Body>, ProxyError> {
+    let client = caller.client;
     let upgrade = req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let shown_host = authority(&req)
@@ -313,7 +314,8 @@ async fn proxy(
     let limits = ctx.limits.load_full();
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
     let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
-    let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
+    let visitor = (client, caller.vpce.as_deref());
+    let (mut conn, member) = upstream::connect(reach, members, visitor, bounds, upgrade).await?;
     let hop = Hop(if member.local().is_some() { "local" } else { "peer" });
     if let Some(m) = member.local() {
         m.stats

@@ -14,7 +14,9 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use crate::io::ClientKey;
-use crate::tunnels::{first_member, ChannelSlot, Directory, MemberId, Opened, Reach, Refused, WeakReach};
+use crate::tunnels::{
+    first_member, ChannelSlot, Directory, MemberId, Opened, Reach, Refused, Visitor, WeakReach,
+};
 
 pub(crate) type Sender = SendRequest<Incoming>;
 
@@ -110,38 +112,37 @@ pub(crate) enum UpstreamError {
 }
 
 /// A ready connection to the first member that can serve: a kept-alive one, or a new channel,
-/// charged to the visitor at `origin` within its shares of the member's `limit` channels and of
+/// charged to the visitor at `origin` (who came through VPC endpoint `vpce`) within its shares of the member's `limit` channels and of
 /// the budget. Members that refuse, or take longer than `open_timeout` to open a channel, are
 /// skipped; nothing was sent to them.
 pub(crate) async fn connect(
     (directory, pool): (&dyn Directory, &IdlePool),
     members: &[Reach],
-    origin: SocketAddr,
+    (origin, vpce): (SocketAddr, Option<&str>),
     (open_timeout, limit): (Duration, usize),
     upgrade: bool,
 ) -> Result<(Upstream, Reach), UpstreamError> {
-    let visitor = ClientKey::of(origin.ip());
     let ip = origin.ip().to_canonical().to_string();
-    let origin = (ip.as_str(), u32::from(origin.port()));
+    let visitor = Visitor {
+        origin: (ip.as_str(), u32::from(origin.port())),
+        client: ClientKey::of(origin.ip()),
+        vpce,
+        key: None,
+    };
     first_member(members, open_timeout, |m| async move {
         if !upgrade {
-            if let Some(u) = pool.take(m.id(), visitor, limit) {
+            if let Some(u) = pool.take(m.id(), visitor.client, limit) {
                 return Some(u);
             }
         }
-        open(directory, &m, (origin, visitor), upgrade).await
+        open(directory, &m, visitor, upgrade).await
     })
     .await
     .ok_or(UpstreamError::Unavailable)
 }
 
-async fn open(
-    directory: &dyn Directory,
-    m: &Reach,
-    (origin, visitor): ((&str, u32), ClientKey),
-    upgrade: bool,
-) -> Option<Upstream> {
-    let Opened { stream, slot } = directory.open(m, origin, visitor).await?;
+async fn open(directory: &dyn Directory, m: &Reach, visitor: Visitor<'_>, upgrade: bool) -> Option<Upstream> {
+    let Opened { stream, slot } = directory.open(m, visitor).await?;
     let (sender, conn) = http1::Builder::new()
         .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake(TokioIo::new(stream))

@@ -14,8 +14,10 @@ use super::pump::{channel_io, Ledger};
 use crate::budget::Budget;
 use crate::config::LiveLimits;
 use crate::io::ClientKey;
+use crate::names::KeyFingerprint;
 use crate::tunnels::{
     first_member, ChannelSlot, Directory, Member, Opened, Opening, Reach, Refused, TunnelKey, Tunnels,
+    Visitor,
 };
 
 /// The tunnels of this gateway, reached over their SSH connections.
@@ -69,12 +71,12 @@ impl Directory for LocalDirectory {
         self.tunnels.members(key).into_iter().map(Reach::Local).collect()
     }
 
-    fn open<'a>(&'a self, m: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a> {
+    fn open<'a>(&'a self, m: &'a Reach, visitor: Visitor<'a>) -> Opening<'a> {
         Box::pin(async move {
             // This directory knows only its own members.
             let m = m.local()?;
-            let slot = self.place(m, visitor)?;
-            let channel = open_forwarded(m, origin).await?;
+            let slot = self.place(m, visitor.client)?;
+            let channel = open_forwarded(m, visitor.origin).await?;
             let slot = Arc::new(slot);
             let weak = Arc::downgrade(&slot);
             let io = channel_io(channel, m.handle.clone(), self.buffer, Ledger::Slot(slot));
@@ -114,7 +116,7 @@ pub(crate) async fn bridge(
     members: Vec<Reach>,
     (visitor, visitor_session, client): (Channel<Msg>, russh::server::Handle, ClientKey),
     reply: ChannelOpenHandle,
-    origin: (String, u32),
+    (origin, vpce, key): ((String, u32), Option<String>, KeyFingerprint),
     (open_timeout, buffer): (Duration, usize),
 ) {
     let Some(lease) = budget.lease(client) else {
@@ -122,10 +124,15 @@ pub(crate) async fn bridge(
         reply.reject(ChannelOpenFailure::ResourceShortage).await;
         return;
     };
-    let origin = (origin.0.as_str(), origin.1);
+    let on_behalf = Visitor {
+        origin: (origin.0.as_str(), origin.1),
+        client,
+        vpce: vpce.as_deref(),
+        key: Some(key),
+    };
     let opened = first_member(&members, open_timeout, |m| {
         let directory = directory.clone();
-        async move { directory.open(&m, origin, client).await }
+        async move { directory.open(&m, on_behalf).await }
     })
     .await;
     let Some((Opened { stream, .. }, _member)) = opened else {

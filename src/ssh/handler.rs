@@ -336,10 +336,12 @@ impl russh::server::Handler for Handler {
             self.ctx.limits.load_full().tunnel_open_timeout,
             self.ctx.channel_buffer,
         );
+        let visitor_key = visitor;
         let visitor = (channel, session.handle(), ClientKey::of(self.client.ip()));
         let reach = (self.ctx.directory.clone(), self.ctx.budget.clone());
+        let who = (origin, self.vpce.clone(), visitor_key);
         tokio::spawn(super::channels::bridge(
-            reach, members, visitor, reply, origin, bounds,
+            reach, members, visitor, reply, who, bounds,
         ));
         Ok(())
     }

@@ -102,6 +102,19 @@ impl WeakReach {
     }
 }
 
+/// Who a channel is opened for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Visitor<'a> {
+    /// The address and port the tunnel client is told the connection comes from.
+    pub(crate) origin: (&'a str, u32),
+    /// Who the channel is charged to (its address, or its IPv6 /64).
+    pub(crate) client: ClientKey,
+    /// The AWS VPC endpoint the visitor came through (from its PROXY header).
+    pub(crate) vpce: Option<&'a str>,
+    /// The key of an `ssh -L` visitor.
+    pub(crate) key: Option<KeyFingerprint>,
+}
+
 /// A future that opens one channel, boxed so the trait can be used as `dyn Directory`.
 pub(crate) type Opening<'a> = Pin<Box<dyn Future<Output = Option<Opened>> + Send + 'a>>;
 
@@ -118,11 +131,10 @@ pub(crate) trait Directory: Send + Sync {
     /// Where the members serving `key` are, in the order to try them.
     fn members(&self, key: &TunnelKey) -> Vec<Reach>;
 
-    /// Opens a channel to `member` on behalf of `origin` (the address and port the tunnel client
-    /// is told the connection comes from), charged to `visitor`: within the member's channel
+    /// Opens a channel to `member` for `visitor`, charged to it: within the member's channel
     /// limit, the visitor's share of it, and the visitor's share of the buffer budget. `None`:
     /// refused or full.
-    fn open<'a>(&'a self, member: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a>;
+    fn open<'a>(&'a self, member: &'a Reach, visitor: Visitor<'a>) -> Opening<'a>;
 
     /// Pools other replicas serve (none without a cluster).
     fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
