@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod etcd;
 pub mod flood;
 pub mod haproxy;
 pub mod http;
