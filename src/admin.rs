@@ -143,7 +143,12 @@ fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
 
 fn tunnels_json(gw: &Gateway) -> serde_json::Value {
     let snapshot = gw.tunnels().snapshot();
-    crate::tunnels::tunnels_json(&snapshot, gw.config().public_port, |_| true)
+    crate::tunnels::tunnels_json(
+        &snapshot,
+        gw.directory().as_ref(),
+        gw.config().public_port,
+        |_| true,
+    )
 }
 
 /// Disconnects every SSH connection serving `host`; their drop deregisters the tunnel.

@@ -40,8 +40,13 @@ pub enum BuildError {
     NoCertificates,
     #[error("cannot make the stand-in certificate: {0}")]
     StandIn(String),
-    #[error("[cluster] is validated by `edgemux check` but not served by this build yet: remove it to run a single node")]
+    #[error(
+        "[cluster] needs a store backend, and this build has none (build with the `etcd` cargo feature)"
+    )]
     ClusterNotServed,
+    #[cfg(feature = "etcd")]
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot read the gateway state {path}: {reason}")]
     State { path: String, reason: String },
     #[error("admin.token_file {path}: {reason}")]
@@ -80,6 +85,48 @@ pub struct Gateway {
     acme: Option<Arc<AcmeManager>>,
     limits: LiveLimits,
     clients: ClientCounter,
+    /// Where tunnels are: this gateway's, and with `[cluster]` other replicas' too.
+    directory: Arc<dyn Directory>,
+    cluster: Option<ClusterPart>,
+}
+
+#[cfg(feature = "etcd")]
+type ClusterPart = crate::cluster::Cluster;
+/// Without a store backend a gateway never has a cluster part.
+#[cfg(not(feature = "etcd"))]
+type ClusterPart = std::convert::Infallible;
+
+/// With `[cluster]`: starts this replica's part in the cluster and wraps `local` in the cluster
+/// directory. Without it: nothing starts, `local` is the directory.
+#[cfg(feature = "etcd")]
+fn start_cluster(
+    config: &Config,
+    tunnels: &Arc<Tunnels>,
+    local: Arc<dyn Directory>,
+) -> Result<(Option<ClusterPart>, Arc<dyn Directory>), BuildError> {
+    let Some(cfg) = &config.cluster else {
+        return Ok((None, local));
+    };
+    let (cluster, directory) = crate::cluster::Cluster::start(
+        cfg,
+        (tunnels, local),
+        config.ssh.reserved.clone(),
+        config.limits.tunnel_open_timeout,
+        config.public_port,
+    )?;
+    Ok((Some(cluster), directory))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn start_cluster(
+    config: &Config,
+    _tunnels: &Arc<Tunnels>,
+    local: Arc<dyn Directory>,
+) -> Result<(Option<ClusterPart>, Arc<dyn Directory>), BuildError> {
+    match config.cluster {
+        Some(_) => Err(BuildError::ClusterNotServed),
+        None => Ok((None, local)),
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -93,9 +140,6 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Loads certificates and keys; any failure here stops start-up with a clear message.
     pub fn build(config: Config, metrics: Option<PrometheusHandle>) -> Result<Arc<Self>, BuildError> {
-        if config.cluster.is_some() {
-            return Err(BuildError::ClusterNotServed);
-        }
         let mut table = load_table(&config.certificates)?;
         if table.is_empty() {
             if config.acme.is_none() {
@@ -130,6 +174,7 @@ impl Gateway {
             config.ssh.channel_buffer,
             budget.clone(),
         ));
+        let (cluster, directory) = start_cluster(&config, &tunnels, directory)?;
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
             AcmeManager::new(
@@ -158,7 +203,7 @@ impl Gateway {
         let ssh = Arc::new(ssh);
         let http = Arc::new(HttpContext::new(
             &config,
-            directory,
+            directory.clone(),
             challenges.clone(),
             limits.clone(),
         ));
@@ -177,6 +222,8 @@ impl Gateway {
             acme,
             limits,
             clients: ClientCounter::default(),
+            directory,
+            cluster,
         }))
     }
 
@@ -254,6 +301,21 @@ impl Gateway {
 
     pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Draining: `/readyz` answers 503 so the load balancer sends new flows elsewhere.
+    pub(crate) fn set_draining(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn directory(&self) -> &Arc<dyn Directory> {
+        &self.directory
+    }
+
+    /// This replica's part in the cluster, with `[cluster]`.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.cluster.as_ref()
     }
 }
 

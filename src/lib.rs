@@ -54,11 +54,13 @@ use tokio_util::task::TaskTracker;
 
 pub use gateway::{BuildError, Gateway};
 
-/// Bound listeners, in config order, and the optional admin listener.
+/// Bound listeners, in config order, the optional admin listener, and with `[cluster]` the
+/// private peer listener.
 #[derive(Debug)]
 pub struct Listeners {
     pub main: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
+    pub peer: Option<TcpListener>,
 }
 
 /// Serves until `shutdown` is cancelled, then drains connections up to a deadline.
@@ -74,12 +76,18 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
         let serve = move |tcp, peer| conn::handle(gw.clone(), cfg.clone(), tcp, peer, shutdown.clone());
         tokio::spawn(listener::run(listener, slots.clone(), tasks.clone(), serve));
     }
+    // The admin listener outlives the drain, so `/readyz` says 503 to the load balancer
+    // meanwhile; it has its own tasks, which the drain does not wait for.
+    let admin_stop = CancellationToken::new();
+    let _admin_stop = admin_stop.clone().drop_guard();
     if let Some(admin) = listeners.admin {
         let admin_slots = Arc::new(Semaphore::new(admin::MAX_ADMIN_CONNECTIONS));
-        let (gw, shutdown) = (gw.clone(), shutdown.clone());
-        let serve = move |tcp, _peer| admin::serve(gw.clone(), tcp, shutdown.clone());
-        tokio::spawn(listener::run(admin, admin_slots, tasks.clone(), serve));
+        let (gw, stop) = (gw.clone(), admin_stop.clone());
+        let serve = move |tcp, _peer| admin::serve(gw.clone(), tcp, stop.clone());
+        let admin_tasks = (admin_stop.clone(), TaskTracker::new());
+        tokio::spawn(listener::run(admin, admin_slots, admin_tasks, serve));
     }
+    serve_peers(&gw, listeners.peer, &tasks);
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
     }
@@ -88,6 +96,11 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     }
     gw.set_ready();
     shutdown.cancelled().await;
+    gw.set_draining();
+    #[cfg(feature = "etcd")]
+    if let Some(cluster) = gw.cluster() {
+        cluster.set_draining().await;
+    }
     gw.http().close_idle();
     tracker.close();
     let open = tracker.len();
@@ -103,4 +116,23 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
             "drain deadline reached; cutting the remaining connections"
         );
     }
+    #[cfg(feature = "etcd")]
+    if let Some(cluster) = gw.cluster() {
+        cluster.stop().await;
+    }
 }
+
+/// With `[cluster]`, serves the peer listener; its streams are drained like connections.
+#[cfg(feature = "etcd")]
+fn serve_peers(gw: &Gateway, listener: Option<TcpListener>, tasks: &(CancellationToken, TaskTracker)) {
+    match (gw.cluster(), listener) {
+        (Some(cluster), Some(listener)) => cluster.serve_peers(listener, tasks.clone()),
+        (Some(_), None) => tracing::error!(
+            "[cluster] without a bound peer listener: no replica can reach this one's tunnels"
+        ),
+        (None, _) => {}
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+fn serve_peers(_gw: &Gateway, _listener: Option<TcpListener>, _tasks: &(CancellationToken, TaskTracker)) {}

@@ -163,6 +163,21 @@ fn serve(mut config: Config, reload_from: Option<PathBuf>, after_ready: Option<O
         if config.public_port == 0 {
             config.public_port = bound.first().map_or(443, SocketAddr::port);
         }
+        let peer = match config.cluster.as_mut() {
+            Some(cluster) => {
+                let listener = tokio::net::TcpListener::bind(cluster.peer_bind)
+                    .await
+                    .with_context(|| format!("cannot bind cluster.peer.bind {}", cluster.peer_bind))?;
+                let addr = listener.local_addr()?;
+                // Asked for port 0: other replicas dial the port really bound.
+                if cluster.peer_advertise.port() == 0 {
+                    cluster.peer_advertise.set_port(addr.port());
+                }
+                println!("peer {addr}");
+                Some(listener)
+            }
+            None => None,
+        };
         let recorder = edgemux::metrics::install().context("cannot install the metrics recorder")?;
         let gw = Gateway::build(config, Some(recorder))?;
         let admin = match &gw.config().admin {
@@ -181,7 +196,7 @@ fn serve(mut config: Config, reload_from: Option<PathBuf>, after_ready: Option<O
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(gw.clone(), reload_from, shutdown.clone()));
-        edgemux::run(gw, Listeners { main, admin }, shutdown).await;
+        edgemux::run(gw, Listeners { main, admin, peer }, shutdown).await;
         Ok(())
     })
 }

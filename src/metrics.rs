@@ -258,8 +258,15 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-pub fn http_request(method: &http::Method, status: u16, protocol: &'static str, secs: f64) {
-    counter!(HTTP_REQUESTS, "method" => method_label(method), "status_class" => status_class(status), "protocol" => protocol)
+/// `hop`: `local` (served by a member here, or answered here) or `peer` (through another replica).
+pub fn http_request(
+    method: &http::Method,
+    status: u16,
+    protocol: &'static str,
+    hop: &'static str,
+    secs: f64,
+) {
+    counter!(HTTP_REQUESTS, "method" => method_label(method), "status_class" => status_class(status), "protocol" => protocol, "hop" => hop)
         .increment(1);
     histogram!(HTTP_REQUEST_DURATION, "protocol" => protocol).record(secs);
 }

@@ -1,8 +1,6 @@
 //! Which replica serves the next request for a pool whose members sit on several replicas. Pure:
 //! the caller hands in the candidates with their member counts and a turn number (a per-pool
 //! counter), and gets them back in the order to try.
-// Called by the cluster directory, which `gateway` does not construct yet.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use crate::config::Spread;
 

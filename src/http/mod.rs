@@ -214,6 +214,11 @@ pub(crate) async fn serve(
     }
 }
 
+/// Whether a response came from a member here (`local`) or through another replica (`peer`),
+/// for the request metrics.
+#[derive(Debug, Clone, Copy)]
+struct Hop(&'static str);
+
 async fn handle(
     ctx: &HttpContext,
     req: Request<Incoming>,
@@ -239,7 +244,8 @@ async fn handle(
     } else {
         "http/1.1"
     };
-    crate::metrics::http_request(&method, status, protocol, started.elapsed().as_secs_f64());
+    let hop = response.extensions().get::<Hop>().map_or("local", |h| h.0);
+    crate::metrics::http_request(&method, status, protocol, hop, started.elapsed().as_secs_f64());
     let entry = access::Entry {
         client,
         host,
@@ -308,6 +314,7 @@ async fn proxy(
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
     let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
     let (mut conn, member) = upstream::connect(reach, members, client, bounds, upgrade).await?;
+    let hop = Hop(if member.local().is_some() { "local" } else { "peer" });
     if let Some(m) = member.local() {
         m.stats
             .requests
@@ -318,6 +325,7 @@ async fn proxy(
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
         Ok(Ok(r)) => r,
     };
+    resp.extensions_mut().insert(hop);
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(splice_upgrade(downstream, upstream));

@@ -27,7 +27,8 @@ const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 /// A connection to a pool member, and its channel's place (to charge it to each visitor).
 pub(crate) struct Upstream {
     pub(crate) sender: Sender,
-    slot: Weak<ChannelSlot>,
+    /// `None`: a stream to another replica, charged there.
+    slot: Option<Weak<ChannelSlot>>,
 }
 
 /// Kept-alive upstream connections by pool member. A member that leaves takes its entry with it
@@ -60,10 +61,11 @@ impl IdlePool {
         let mut members = self.lock();
         let (_, idle) = members.get_mut(&member)?;
         while let Some(u) = idle.pop() {
-            let Some(slot) = u.slot.upgrade() else { continue };
             if !u.sender.is_ready() || u.sender.is_closed() {
                 continue;
             }
+            let Some(slot) = &u.slot else { return Some(u) };
+            let Some(slot) = slot.upgrade() else { continue };
             match slot.hand_to(visitor, limit) {
                 Ok(()) => return Some(u),
                 Err(Refused::Budget) => {}
@@ -165,10 +167,12 @@ async fn open(
 pub(crate) fn release(pool: Arc<IdlePool>, member: Reach, mut u: Upstream) {
     tokio::spawn(async move {
         if u.sender.ready().await.is_ok() {
-            if let Some(slot) = u.slot.upgrade() {
-                slot.park();
-                pool.put(&member, u);
+            match u.slot.as_ref().map(Weak::upgrade) {
+                Some(Some(slot)) => slot.park(),
+                Some(None) => return,
+                None => {}
             }
+            pool.put(&member, u);
         }
     });
 }

@@ -80,7 +80,7 @@ impl Directory for LocalDirectory {
             let io = channel_io(channel, m.handle.clone(), self.buffer, Ledger::Slot(slot));
             Some(Opened {
                 stream: Box::new(io),
-                slot: weak,
+                slot: Some(weak),
             })
         })
     }

@@ -6,6 +6,7 @@ use russh::ChannelId;
 
 use super::handler::Handler;
 use super::SessionStage;
+use crate::names::KeyFingerprint;
 use crate::tunnels::Route;
 
 impl Handler {
@@ -40,7 +41,9 @@ impl Handler {
     fn tunnels_json(&self) -> String {
         let key = self.key;
         let snapshot = self.ctx.tunnels.snapshot();
-        let mut list = crate::tunnels::tunnels_json(&snapshot, self.ctx.public_port, |m| Some(m.key) == key);
+        let directory = self.ctx.directory.as_ref();
+        let mine = |k: &KeyFingerprint| Some(*k) == key;
+        let mut list = crate::tunnels::tunnels_json(&snapshot, directory, self.ctx.public_port, mine);
         list["keyid"] = serde_json::Value::String(key.map(|k| k.key_id()).unwrap_or_default());
         list.to_string()
     }

@@ -7,15 +7,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{ChannelSlot, Member, MemberId, TunnelKey};
+use super::{ChannelSlot, Member, MemberId, Route, TunnelKey};
 use crate::io::{BoxStream, ClientKey};
 use crate::names::KeyFingerprint;
 
 /// Where members of a pool can be reached: an SSH connection of this gateway, or another replica
 /// that holds members (only a cluster directory hands those out).
 #[derive(Debug, Clone)]
-// `Remote` is built by the cluster directory, which `gateway` does not construct yet.
-#[allow(dead_code)]
 pub(crate) enum Reach {
     Local(Arc<Member>),
     Remote(Arc<RemoteMembers>),
@@ -23,14 +21,25 @@ pub(crate) enum Reach {
 
 /// Members of a pool held by another replica, as the cluster directory knows them.
 #[derive(Debug)]
-#[allow(dead_code)]
 pub(crate) struct RemoteMembers {
     /// Unique among all ids this process hands out, local members' included.
     pub(crate) id: MemberId,
-    /// The replica that holds them.
+    /// The replica that holds them (its id in the directory).
     pub(crate) replica: String,
     /// The key that owns the pool.
     pub(crate) key: KeyFingerprint,
+    pub(crate) host: String,
+    pub(crate) route: Route,
+}
+
+/// A pool another replica serves, as the cluster directory knows it: for the cluster-wide
+/// tunnel lists.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteTunnel {
+    pub(crate) key: TunnelKey,
+    pub(crate) owner: KeyFingerprint,
+    /// The replica's name.
+    pub(crate) replica: String,
     pub(crate) members: u32,
 }
 
@@ -98,9 +107,10 @@ pub(crate) type Opening<'a> = Pin<Box<dyn Future<Output = Option<Opened>> + Send
 
 /// An open channel: its stream, and its place among the member's channels, through which a
 /// kept-alive connection is charged to each visitor that uses it (gone once the channel is).
+/// `None`: a stream to another replica, whose channel is charged there.
 pub(crate) struct Opened {
     pub(crate) stream: BoxStream,
-    pub(crate) slot: Weak<ChannelSlot>,
+    pub(crate) slot: Option<Weak<ChannelSlot>>,
 }
 
 /// Where tunnels are, and how to reach them.
@@ -113,6 +123,16 @@ pub(crate) trait Directory: Send + Sync {
     /// limit, the visitor's share of it, and the visitor's share of the buffer budget. `None`:
     /// refused or full.
     fn open<'a>(&'a self, member: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a>;
+
+    /// Pools other replicas serve (none without a cluster).
+    fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
+        Vec::new()
+    }
+
+    /// This replica's name in a cluster.
+    fn replica_name(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Tries `members` in order and returns the first success of `attempt` with its member. A member

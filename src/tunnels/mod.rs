@@ -18,7 +18,9 @@ use std::time::SystemTime;
 
 use crate::names::KeyFingerprint;
 
-pub(crate) use directory::{first_member, Directory, Opened, Opening, Reach, WeakReach};
+pub(crate) use directory::{
+    first_member, Directory, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, WeakReach,
+};
 pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use owners::KeyOwners;
 pub(crate) use report::tunnels_json;
@@ -48,13 +50,13 @@ impl Kind {
 }
 
 /// What a pool is found by: the host, and the port for TCP tunnels.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct TunnelKey {
     pub(crate) host: String,
     pub(crate) route: Route,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Route {
     Http,
     Tcp(u32),
@@ -137,8 +139,6 @@ impl<M: Send + Sync + 'static> Registry<M> {
 
     /// Sets the one observer, called after every register and deregister with the pool's key,
     /// outside the registry's lock (it may read the registry). `false`: one was set already.
-    // The gateway sets it when it starts the cluster directory's publisher.
-    #[allow(dead_code)]
     pub(crate) fn set_observer(&self, observer: Observer) -> bool {
         self.observer.set(ObserverSlot(observer)).is_ok()
     }

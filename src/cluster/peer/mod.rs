@@ -7,11 +7,6 @@
 //! reply) and `replay` (freshness and nonces) are pure; `tls` builds the mutual TLS from the
 //! secret; `link` is the async shell: the server, its handler seam, and the client.
 
-// Nothing outside the tests serves the peer listener or dials yet: `gateway` wires `PeerServer`
-// and `PeerClient` in. Until then only the lib's non-test build may call this code unused; the
-// test build still checks that every item is used.
-#![cfg_attr(not(test), allow(dead_code))]
-
 pub(crate) mod codec;
 pub(crate) mod link;
 pub(crate) mod replay;

@@ -43,17 +43,6 @@ pub(crate) enum PeerTlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-impl PeerTlsError {
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            Self::ReplicaId(_) => "replica_id",
-            Self::CaKey => "ca_key",
-            Self::Certificate(_) => "certificate",
-            Self::Setup(_) | Self::Verifier(_) => "setup",
-        }
-    }
-}
-
 /// This replica's TLS for the peer link: the server side of its listener and the client side of
 /// its dials, both with its own leaf and trusting only the cluster CA.
 pub(crate) struct PeerTls {
@@ -306,7 +295,6 @@ pub(crate) mod tests {
         assert_ne!(ca(1), ca(2));
         let refused = PeerTls::derived(&secret(1), "R1").unwrap_err();
         assert!(matches!(refused, PeerTlsError::ReplicaId(_)));
-        assert_eq!(refused.reason(), "replica_id");
         assert_eq!(server_name("r1.x").unwrap().to_str(), "r1.x.peer.edgemux.invalid");
     }
 }

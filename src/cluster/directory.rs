@@ -1,0 +1,197 @@
+//! The cluster's [`Directory`]: a host's members are this replica's own (from the local
+//! directory) and those of other replicas (from the store's in-memory copy), in the order
+//! `select` gives; a channel to another replica's members is a stream over the peer link, which
+//! the owner splices to a `forwarded-tcpip` channel of its own. Routing never waits on the store.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::peer::codec::{Op, PeerRequest};
+use super::peer::link::client::PeerClient;
+use super::select::{self, Candidate, Target};
+use super::store::{Lookup, ReplicaId, ReplicaState, RouteEntry};
+use crate::config::Spread;
+use crate::io::ClientKey;
+use crate::tunnels::{
+    Directory, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey,
+};
+
+/// Ids of other replicas' member groups have the top bit set, so they never meet a local
+/// member's id (a counter from 0) in the upstream pool.
+const REMOTE_ID_BIT: MemberId = 1 << 63;
+/// Remote member groups remembered before the ones whose routes have gone are swept.
+const SWEEP_AT: usize = 4096;
+
+/// This replica's members first-hand, other replicas' through the store's copy and the peer link.
+pub(crate) struct ClusterDirectory {
+    local: Arc<dyn Directory>,
+    lookup: Lookup,
+    me: ReplicaId,
+    peers: PeerClient,
+    spread: Spread,
+    /// The address visitors reached (the public port), for the peer header.
+    destination: SocketAddr,
+    turn: AtomicU64,
+    ids: AtomicU64,
+    /// One stable handle per (replica, pool), so kept-alive streams are pooled by it.
+    remotes: Mutex<HashMap<(ReplicaId, TunnelKey), Arc<RemoteMembers>>>,
+}
+
+impl ClusterDirectory {
+    pub(crate) fn new(
+        local: Arc<dyn Directory>,
+        (lookup, me): (Lookup, ReplicaId),
+        peers: PeerClient,
+        spread: Spread,
+        public_port: u16,
+    ) -> Self {
+        Self {
+            local,
+            lookup,
+            me,
+            peers,
+            spread,
+            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
+            turn: AtomicU64::new(0),
+            ids: AtomicU64::new(0),
+            remotes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stable handle of `rid`'s members of `key`.
+    fn remote(&self, rid: &ReplicaId, key: &TunnelKey, entry: &RouteEntry) -> Arc<RemoteMembers> {
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        if remotes.len() >= SWEEP_AT {
+            // Forget the pools that no replica serves any more (bounded by live routes).
+            let lookup = &self.lookup;
+            remotes.retain(|(rid, key), _| lookup.routes(&key.host).iter().any(|(r, _)| r == rid));
+        }
+        let handle = remotes.entry((rid.clone(), key.clone())).or_insert_with(|| {
+            Arc::new(RemoteMembers {
+                id: REMOTE_ID_BIT | self.ids.fetch_add(1, Ordering::Relaxed),
+                replica: rid.to_string(),
+                key: entry.key,
+                host: key.host.clone(),
+                route: key.route,
+            })
+        });
+        if handle.key != entry.key {
+            // The host changed hands on that replica: a new handle, so nothing kept alive for the
+            // old owner is reused.
+            *handle = Arc::new(RemoteMembers {
+                id: REMOTE_ID_BIT | self.ids.fetch_add(1, Ordering::Relaxed),
+                replica: rid.to_string(),
+                key: entry.key,
+                host: key.host.clone(),
+                route: key.route,
+            });
+        }
+        handle.clone()
+    }
+}
+
+/// Members of `route` in a replica's entry.
+fn members_for(entry: &RouteEntry, route: Route) -> u32 {
+    match route {
+        Route::Http => entry.http,
+        Route::Tcp(port) => entry.tcp.get(&port).copied().unwrap_or(0),
+    }
+}
+
+impl Directory for ClusterDirectory {
+    fn members(&self, key: &TunnelKey) -> Vec<Reach> {
+        let local = self.local.members(key);
+        let mut remote = HashMap::new();
+        let mut candidates = vec![Candidate {
+            target: Target::Local,
+            members: u32::try_from(local.len()).unwrap_or(u32::MAX),
+            draining: false,
+        }];
+        for (rid, entry) in self.lookup.routes(&key.host) {
+            let members = members_for(&entry, key.route);
+            if rid == self.me || members == 0 {
+                continue;
+            }
+            // A replica whose record is not (yet) known has no address to dial.
+            let Some(replica) = self.lookup.replica(&rid) else {
+                continue;
+            };
+            candidates.push(Candidate {
+                target: Target::Remote(rid.to_string()),
+                members,
+                draining: replica.state == ReplicaState::Draining,
+            });
+            remote.insert(rid.to_string(), self.remote(&rid, key, &entry));
+        }
+        if remote.is_empty() {
+            return local;
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(local.len() + remote.len());
+        for target in select::order(&candidates, turn, self.spread) {
+            match target {
+                Target::Local => out.extend(local.iter().cloned()),
+                Target::Remote(rid) => out.extend(remote.remove(&rid).map(Reach::Remote)),
+            }
+        }
+        out
+    }
+
+    fn open<'a>(&'a self, member: &'a Reach, origin: (&'a str, u32), visitor: ClientKey) -> Opening<'a> {
+        let Reach::Remote(r) = member else {
+            return self.local.open(member, origin, visitor);
+        };
+        Box::pin(async move {
+            let rid = ReplicaId::parse(&r.replica)?;
+            let replica = self.lookup.replica(&rid)?;
+            let (op, port) = match r.route {
+                Route::Http => (Op::DialHttp, 0),
+                Route::Tcp(port) => (Op::DialTcp, u16::try_from(port).ok()?),
+            };
+            let ip = origin.0.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let source = SocketAddr::new(ip, u16::try_from(origin.1).unwrap_or(0));
+            let req = PeerRequest::dial(op, &r.host, port, source, self.destination).ok()?;
+            match self.peers.open(replica.peer_addr, rid.as_str(), req).await {
+                Ok(stream) => Some(Opened { stream, slot: None }),
+                Err(e) => {
+                    tracing::info!(replica = %rid, host = %r.host, error = %e, "peer stream not opened; trying the next member");
+                    None
+                }
+            }
+        })
+    }
+
+    fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
+        let snapshot = self.lookup.snapshot();
+        let mut out = Vec::new();
+        for (host, rid, entry) in snapshot.routes {
+            if rid == self.me {
+                continue;
+            }
+            let mut push = |route, members| {
+                out.push(RemoteTunnel {
+                    key: TunnelKey {
+                        host: host.clone(),
+                        route,
+                    },
+                    owner: entry.key,
+                    replica: rid.replica_name().to_owned(),
+                    members,
+                });
+            };
+            if entry.http > 0 {
+                push(Route::Http, entry.http);
+            }
+            for (&port, &n) in &entry.tcp {
+                push(Route::Tcp(port), n);
+            }
+        }
+        out
+    }
+
+    fn replica_name(&self) -> Option<&str> {
+        Some(self.me.replica_name())
+    }
+}

@@ -1,0 +1,110 @@
+//! This replica's part in the cluster, started by the gateway when `[cluster]` is present: the
+//! directory in the store (published from the registry, read into the cluster [`Directory`]), and
+//! the peer link's two ends. Stopped cleanly on SIGTERM: marked draining, then the lease revoked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::directory::ClusterDirectory;
+use super::owner::OwnerSide;
+use super::peer::link::client::PeerClient;
+use super::peer::link::server::PeerServer;
+use super::peer::secret::{ClusterSecret, SecretError};
+use super::peer::tls::PeerTls;
+use super::store::{Lookup, Store, StoreError};
+use crate::config::ClusterConfig;
+use crate::names::KeyFingerprint;
+use crate::tunnels::{Directory, Tunnels};
+
+/// Peer streams one replica serves at once: each holds a channel on a tunnel client, which
+/// `limits.channels_per_tunnel` bounds per member again.
+const MAX_PEER_STREAMS: usize = 16_384;
+
+/// Why the cluster part could not start; each names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster.secret_file: {0}")]
+    Secret(#[from] SecretError),
+    #[error("cluster store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cluster peer TLS: {0}")]
+    PeerTls(String),
+}
+
+/// This replica in the cluster.
+pub(crate) struct Cluster {
+    store: tokio::sync::Mutex<Option<Store>>,
+    lookup: Lookup,
+    server: Arc<PeerServer>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("lookup", &self.lookup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts the directory tasks and builds both ends of the peer link. Returns the directory
+    /// the HTTP proxy and `ssh -L` use: `local`'s members, then other replicas'. Must be called
+    /// within a Tokio runtime.
+    pub(crate) fn start(
+        cfg: &ClusterConfig,
+        (tunnels, local): (&Arc<Tunnels>, Arc<dyn Directory>),
+        reserved: HashMap<String, KeyFingerprint>,
+        open_timeout: Duration,
+        public_port: u16,
+    ) -> Result<(Self, Arc<dyn Directory>), ClusterError> {
+        let secret = ClusterSecret::load(&cfg.secret_file)?;
+        let store = Store::start(cfg, tunnels.clone(), move |host, key| {
+            reserved.get(host) == Some(key)
+        })?;
+        let marker = store.marker();
+        tunnels.set_observer(Box::new(move |key| marker.mark(&key.host)));
+        let rid = store.rid().clone();
+        let tls =
+            PeerTls::derived(&secret, rid.as_str()).map_err(|e| ClusterError::PeerTls(e.to_string()))?;
+        let client = PeerClient::new(&tls, &secret, cfg.peer_connect_timeout, open_timeout);
+        let owner = Arc::new(OwnerSide::new(local.clone(), open_timeout));
+        let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
+        let lookup = store.lookup();
+        let directory = ClusterDirectory::new(local, (lookup.clone(), rid), client, cfg.spread, public_port);
+        let cluster = Self {
+            store: tokio::sync::Mutex::new(Some(store)),
+            lookup,
+            server,
+        };
+        Ok((cluster, Arc::new(directory)))
+    }
+
+    /// Serves the peer listener until `shutdown`; streams are followed by `tracker`, so a drain
+    /// waits for them.
+    pub(crate) fn serve_peers(&self, listener: TcpListener, tasks: (CancellationToken, TaskTracker)) {
+        let slots = Arc::new(Semaphore::new(MAX_PEER_STREAMS));
+        tokio::spawn(self.server.clone().run(listener, slots, tasks));
+    }
+
+    /// SIGTERM: other replicas put this one last in their pools from now on.
+    pub(crate) async fn set_draining(&self) {
+        if let Some(store) = self.store.lock().await.as_ref() {
+            if !store.set_draining().await {
+                tracing::warn!("the cluster store was not told that this replica drains");
+            }
+        }
+    }
+
+    /// After the drain: revoke the lease, so this replica's routes leave every cache at once.
+    pub(crate) async fn stop(&self) {
+        if let Some(store) = self.store.lock().await.take() {
+            store.stop().await;
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The owner's side of a peer stream: open a `forwarded-tcpip` channel to one of this replica's
+//! own members of the pool the request names, with the visitor's real address as originator.
+//!
+//! Hop limit 1: only the local directory is asked, never the cluster one, so a request is never
+//! passed on to a third replica; a host not held here is `NO_ROUTE` and the dialer tries the
+//! next candidate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::peer::codec::{Op, PeerRequest};
+use super::peer::link::server::{Dialing, PeerHandler};
+use super::peer::status::Status;
+use crate::io::ClientKey;
+use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey};
+
+/// Serves peer dials from this replica's own tunnels.
+pub(crate) struct OwnerSide {
+    local: Arc<dyn Directory>,
+    open_timeout: Duration,
+}
+
+impl OwnerSide {
+    /// `local` must be the local directory (hop limit 1); `open_timeout` bounds each member's
+    /// channel open, as for a visitor who landed here.
+    pub(crate) fn new(local: Arc<dyn Directory>, open_timeout: Duration) -> Self {
+        Self { local, open_timeout }
+    }
+}
+
+impl PeerHandler for OwnerSide {
+    fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a> {
+        Box::pin(async move {
+            let route = match req.op() {
+                Op::DialHttp => Route::Http,
+                _ => Route::Tcp(u32::from(req.port())),
+            };
+            let key = TunnelKey {
+                host: req.host().to_owned(),
+                route,
+            };
+            tracing::debug!(
+                sender = req.sender(),
+                host = req.host(),
+                visitor = %req.source(),
+                reached = %req.destination(),
+                vpce = req.vpce(),
+                on_behalf = req.on_behalf().map(|k| k.to_string()),
+                "peer dial"
+            );
+            let members = self.local.members(&key);
+            if members.is_empty() {
+                return Err((Status::NoRoute, "no tunnel for this host here".to_owned()));
+            }
+            let source = req.source();
+            let ip = source.ip().to_canonical().to_string();
+            let origin = (ip.as_str(), u32::from(source.port()));
+            // The visitor is charged here as if it had landed here: shares and budget.
+            let visitor = ClientKey::of(source.ip());
+            let opened = first_member(&members, self.open_timeout, |m| {
+                let local = self.local.clone();
+                async move { local.open(&m, origin, visitor).await }
+            })
+            .await;
+            match opened {
+                Some((Opened { stream, .. }, _)) => Ok(stream),
+                None => Err((
+                    Status::OpenFailed,
+                    "no tunnel client here opened a channel".to_owned(),
+                )),
+            }
+        })
+    }
+}
