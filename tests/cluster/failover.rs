@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -143,22 +143,66 @@ fn a_killed_replicas_tunnel_is_served_again_everywhere_and_its_entries_expire() 
     eprintln!("r1 restarted in {took:?}; every replica agreed on one member on {home:?} {t:?} later");
 }
 
-/// Starts a download of `len` bytes of the pattern into a file, at 16 MiB/s so it is still
-/// running when the test acts; returns the curl and the file.
-fn slow_download(visitor: &Visitor, host: &str, len: u64) -> (Proc, std::path::PathBuf) {
-    let file = visitor.file("download");
-    let url = visitor.url(host, &format!("/bytes/{len}"));
-    let out = file.display().to_string();
-    let args = [
-        "--limit-rate",
-        "16M",
-        "-o",
-        &out,
-        "-w",
-        "%{http_code} %{size_download}",
-        &url,
-    ];
-    (visitor.spawn(host, Duration::from_secs(60), &args), file)
+/// The drain deadline of the SIGTERM test (`limits.drain_timeout`, the default written out).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the stop may take: the downloads in flight need about 4 s at 16 MiB/s, then the
+/// tunnel clients are told to go once their channels have been closed for 500 ms. A stop that
+/// lasts half the drain deadline waited on something that was not work in flight.
+const STOP_BOUND: Duration = Duration::from_secs(15);
+const BULK: u64 = 64 * MIB;
+
+/// A download of `BULK` bytes of the pattern into a file, at 16 MiB/s so it is still running
+/// when the test acts.
+struct Download {
+    what: &'static str,
+    curl: Proc,
+    file: PathBuf,
+}
+
+impl Download {
+    fn start(what: &'static str, visitor: &Visitor, host: &str) -> Download {
+        let file = visitor.file("download");
+        let (url, out) = (
+            visitor.url(host, &format!("/bytes/{BULK}")),
+            file.display().to_string(),
+        );
+        let args = [
+            "--limit-rate",
+            "16M",
+            "-o",
+            &out,
+            "-w",
+            "%{http_code} %{size_download}",
+            &url,
+        ];
+        let curl = visitor.spawn(host, Duration::from_secs(60), &args);
+        Download { what, curl, file }
+    }
+
+    fn received(&self) -> u64 {
+        fs::metadata(&self.file).map_or(0, |m| m.len())
+    }
+
+    /// Waits for the download to end; asserts status, size and hash.
+    fn finish(mut self) {
+        let status = self.curl.wait_exit(Duration::from_secs(60));
+        let what = self.what;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "download {what} failed\n{}",
+            self.curl.describe()
+        );
+        assert_eq!(
+            self.curl.stdout(),
+            format!("200 {BULK}"),
+            "download {what}: status and size"
+        );
+        assert_eq!(
+            file_sha256(&self.file),
+            pattern_sha256(BULK),
+            "download {what}: hash"
+        );
+    }
 }
 
 /// Lowercase hex SHA-256 of a file, read in chunks.
@@ -176,119 +220,129 @@ fn file_sha256(path: &Path) -> String {
     data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
 }
 
+/// One pool request of the stop run: when it started, its status and body.
+type Logged = (Duration, u16, String);
+
+/// Runs `act` while GETs of `/id` on `host` go through `visitor` in a loop, and a second more
+/// after it (at least 5 requests); returns what `act` gave and every request.
+fn requests_during<T>(
+    dir: &Path,
+    visitor: &Visitor,
+    host: &str,
+    act: impl FnOnce() -> T,
+) -> (T, Vec<Logged>) {
+    let (t0, log) = (Instant::now(), Mutex::new(Vec::<Logged>::new()));
+    let stop = AtomicBool::new(false);
+    let after = |from: Duration| log.lock().unwrap().iter().filter(|(t, ..)| *t > from).count();
+    let result = thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let started = t0.elapsed();
+                let (status, body) = probe(dir, visitor, host, "/id");
+                log.lock().unwrap().push((started, status, body));
+            }
+        });
+        poll_until(SETUP, || (after(Duration::ZERO) >= 3).then_some(()));
+        let result = act();
+        let done = t0.elapsed() + Duration::from_secs(1);
+        poll_until(SETUP, || (after(done) >= 5).then_some(()));
+        stop.store(true, Ordering::Relaxed);
+        result
+    });
+    (result, log.into_inner().unwrap())
+}
+
+/// SIGTERM to r1: it stops being ready, exits cleanly, and its routes for `hosts` leave r2 and
+/// r3 within 1 s of its exit. Returns how long the stop took.
+fn stop_r1(cluster: &mut Cluster, hosts: &[&str]) -> Duration {
+    let term = Instant::now();
+    cluster.terminate(1);
+    let admin = cluster.admin(1);
+    let t = settle(
+        "r1's /readyz says 503",
+        || admin.request("GET", "/readyz").status == 503,
+        String::new,
+    );
+    eprintln!("r1 not ready {t:?} after SIGTERM");
+    let (exited, status) = cluster.wait_stopped(1, DRAIN_TIMEOUT * 2);
+    assert!(status.success(), "r1 exited with {status}");
+    let took = exited - term;
+    eprintln!("r1 exited {took:?} after SIGTERM");
+    let r1 = "r1".to_owned();
+    let left = |n: usize| hosts.iter().all(|h| !held_on(cluster, n, h).contains(&r1));
+    let explain = || {
+        format!(
+            "{:?}",
+            hosts.iter().map(|h| cluster.placement(2, h)).collect::<Vec<_>>()
+        )
+    };
+    until(
+        "r1's routes leave r2 and r3",
+        Duration::from_secs(1),
+        || left(2) && left(3),
+        explain,
+    );
+    eprintln!(
+        "r1's routes gone from r2 and r3 {:?} after its exit",
+        exited.elapsed()
+    );
+    took
+}
+
 #[test]
 fn a_stopped_replica_finishes_its_downloads_and_leaves_the_directory_at_once() {
-    const LEN: u64 = 64 * MIB;
     let env = TestEnv::new();
-    let (big, far, pool) = (
-        env.key("big", KeyKind::Ed25519),
-        env.key("far", KeyKind::Ed25519),
-        env.key("pool", KeyKind::Ed25519),
-    );
-    let mut cluster = Cluster::start(env, |c| c);
+    let keys = ["big", "far", "pool"].map(|k| env.key(k, KeyKind::Ed25519));
+    let mut cluster = Cluster::start(env, |c| c.limit("drain_timeout", "30s"));
     let spec = |name: &str, id: &'static str| format!("{name}:80:127.0.0.1:{}", http_backend(id));
-    let big_owner = cluster.reconnecting(&big, &spec("big", "big"), Via::Replica(1), Via::Public);
-    let _far_owner = cluster
-        .ssh(&far, Via::Replica(3))
+    let big = cluster.reconnecting(&keys[0], &spec("big", "big"), Via::Replica(1), Via::Public);
+    let _far = cluster
+        .ssh(&keys[1], Via::Replica(3))
         .remote_forward(&spec("far", "far"));
-    let _pool_r1 = cluster.reconnecting(&pool, &spec("pool", "one"), Via::Replica(1), Via::Public);
+    let _pool_r1 = cluster.reconnecting(&keys[2], &spec("pool", "one"), Via::Replica(1), Via::Public);
     let _pool_r3 = cluster
-        .ssh(&pool, Via::Replica(3))
+        .ssh(&keys[2], Via::Replica(3))
         .remote_forward(&spec("pool", "three"));
-    let (big_host, far_host, pool_host) = (big.host("big"), far.host("far"), pool.host("pool"));
+    let [big_host, far_host, pool_host] = [("big", 0), ("far", 1), ("pool", 2)].map(|(n, k)| keys[k].host(n));
     cluster.wait_placement(&big_host, &[("r1", 1)]);
     cluster.wait_placement(&far_host, &[("r3", 1)]);
     cluster.wait_placement(&pool_host, &[("r1", 1), ("r3", 1)]);
 
     // In flight through r1: from the owner it holds to a visitor on r2, and from a visitor on
     // r1 to the owner r3 holds.
-    let (mut hop, hop_file) = slow_download(&cluster.visitor(Via::Replica(2)), &big_host, LEN);
-    let (mut local, local_file) = slow_download(&cluster.visitor(Via::Replica(1)), &far_host, LEN);
-    let size = |f: &Path| fs::metadata(f).map_or(0, |m| m.len());
-    settle(
-        "both downloads under way",
-        || size(&hop_file) > MIB && size(&local_file) > MIB,
-        || format!("{}\n{}", hop.describe(), local.describe()),
-    );
-
-    let (dir, pool_visitor) = (cluster.env.path().to_owned(), cluster.visitor(Via::Replica(2)));
-    let (t0, log) = (Instant::now(), Mutex::new(Vec::<(Duration, u16, String)>::new()));
-    let stop = AtomicBool::new(false);
-    let (stopped_at, exited_at) = thread::scope(|scope| {
-        scope.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                let got = probe(&dir, &pool_visitor, &pool_host, "/id");
-                log.lock().unwrap().push((t0.elapsed(), got.0, got.1));
-            }
-        });
-        poll_until(SETUP, || (log.lock().unwrap().len() >= 3).then_some(()));
-        let term = Instant::now();
-        cluster.terminate(1);
-        let admin = cluster.admin(1);
-        let t = settle(
-            "r1's /readyz says 503",
-            || admin.request("GET", "/readyz").status == 503,
-            String::new,
-        );
-        eprintln!("r1 not ready {t:?} after SIGTERM");
-        let (exited, status) = cluster.wait_stopped(1, Duration::from_secs(60));
-        assert!(status.success(), "r1 exited with {status}");
-        eprintln!("r1 exited {:?} after SIGTERM", exited - term);
-        let leave = |n: usize| {
-            [&big_host, &pool_host]
-                .iter()
-                .all(|h| !held_on(&cluster, n, h).contains(&"r1".to_owned()))
-        };
-        let explain = || {
-            format!(
-                "r2 big {:?} pool {:?}",
-                cluster.placement(2, &big_host),
-                cluster.placement(2, &pool_host)
-            )
-        };
-        until(
-            "r1's routes leave r2 and r3",
-            Duration::from_secs(1),
-            || leave(2) && leave(3),
-            explain,
-        );
-        eprintln!(
-            "r1's routes gone from r2 and r3 {:?} after its exit",
-            exited.elapsed()
-        );
-        let after_exit = t0.elapsed();
-        poll_until(SETUP, || {
-            let log = log.lock().unwrap();
-            (log.iter()
-                .filter(|(t, ..)| *t > after_exit + Duration::from_secs(1))
-                .count()
-                >= 5)
-                .then_some(())
-        });
-        stop.store(true, Ordering::Relaxed);
-        (term - t0, exited - t0)
+    let downloads = [
+        Download::start("via r2 from r1", &cluster.visitor(Via::Replica(2)), &big_host),
+        Download::start("via r1 from r3", &cluster.visitor(Via::Replica(1)), &far_host),
+    ];
+    let under_way = || downloads.iter().all(|d| d.received() > MIB);
+    settle("both downloads under way", under_way, || {
+        downloads.iter().map(|d| d.curl.describe()).collect()
     });
 
-    for (what, proc, file) in [
-        ("via r2 from r1", &mut hop, &hop_file),
-        ("via r1 from r3", &mut local, &local_file),
-    ] {
-        let status = proc.wait_exit(Duration::from_secs(60));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "download {what} failed\n{}",
-            proc.describe()
-        );
-        assert_eq!(
-            proc.stdout(),
-            format!("200 {LEN}"),
-            "download {what}: status and size"
-        );
-        assert_eq!(file_sha256(file), pattern_sha256(LEN), "download {what}: hash");
-    }
-    eprintln!("both 64 MiB downloads in flight through r1 at its SIGTERM completed intact");
+    let (dir, visitor) = (cluster.env.path().to_owned(), cluster.visitor(Via::Replica(2)));
+    let hosts = [big_host.as_str(), pool_host.as_str()];
+    let (took, log) = requests_during(&dir, &visitor, &pool_host, || stop_r1(&mut cluster, &hosts));
+    let failed: Vec<&Logged> = log.iter().filter(|(_, s, _)| *s != 200).collect();
+    let shares = ["one", "three"].map(|id| log.iter().filter(|(.., b)| b == id).count());
+    eprintln!(
+        "pool via r2 around the stop: {} requests, r1's member {}, r3's {}",
+        log.len(),
+        shares[0],
+        shares[1]
+    );
+    assert!(
+        failed.is_empty(),
+        "pool requests that failed around r1's stop: {failed:?}"
+    );
 
-    let told = big_owner.wait_output("Received disconnect", true, SETUP);
+    downloads.into_iter().for_each(Download::finish);
+    eprintln!("both 64 MiB downloads in flight through r1 at its SIGTERM completed intact");
+    assert!(
+        took < STOP_BOUND,
+        "r1 took {took:?} to stop (drain deadline {DRAIN_TIMEOUT:?})"
+    );
+
+    let told = big.wait_output("Received disconnect", true, SETUP);
     let told: Vec<&str> = told
         .lines()
         .filter(|l| l.contains("Received disconnect"))
@@ -298,24 +352,9 @@ fn a_stopped_replica_finishes_its_downloads_and_leaves_the_directory_at_once() {
         let on = held_on(&cluster, 2, &big_host);
         on.len() == 1 && on[0] != "r1"
     };
-    let t = settle("the big tunnel re-homes", rehomed, || big_owner.describe());
+    let t = settle("the big tunnel re-homes", rehomed, || big.describe());
     eprintln!(
-        "its tunnel held again on {:?}, {t:?} after r1's routes left",
+        "held again on {:?}, {t:?} after r1's routes left",
         held_on(&cluster, 2, &big_host)
-    );
-
-    let log = log.into_inner().unwrap();
-    let failed: Vec<&(Duration, u16, String)> = log.iter().filter(|(_, s, _)| *s != 200).collect();
-    let shares = ["one", "three"].map(|id| log.iter().filter(|(.., b)| b == id).count());
-    eprintln!(
-        "pool via r2: {} requests, {} to r1's member, {} to r3's; SIGTERM at {stopped_at:?}, \
-         r1 exited at {exited_at:?}",
-        log.len(),
-        shares[0],
-        shares[1],
-    );
-    assert!(
-        failed.is_empty(),
-        "pool requests that failed around r1's stop: {failed:?}"
     );
 }

@@ -3,16 +3,23 @@
 //! backend sees the visitor's address in `X-Forwarded-For`, the owner's ssh client sees it as the
 //! `forwarded-tcpip` originator, and r2 counts its requests with `hop="peer"`.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::backend::random_bytes;
 use crate::common::cluster::{Cluster, Via, VISITOR};
 use crate::common::config::GatewayBuilder;
-use crate::common::http::{http_backend, pattern, pattern_sha256, rss_kib, tls_connect, RssSampler};
+use crate::common::http::{http_backend, pattern, pattern_sha256, rss_kib, RssSampler};
+use crate::common::pki::client_config;
 use crate::common::process::Proc;
 use crate::common::ssh::KeyKind;
 use crate::common::{TestEnv, SETUP};
@@ -81,6 +88,10 @@ fn bodies_websockets_and_the_visitor_address_cross_the_hop() {
         .owner
         .wait_output(&format!("originator {VISITOR} port"), true, SETUP);
     let originators: Vec<&str> = seen.lines().filter(|l| l.contains("originator")).collect();
+    eprintln!(
+        "the owner's ssh saw {} forwarded-tcpip channels",
+        originators.len()
+    );
     assert!(
         originators
             .iter()
@@ -104,8 +115,8 @@ fn bodies_websockets_and_the_visitor_address_cross_the_hop() {
     );
 }
 
-/// A text and a 256 KiB binary message echoed through a WebSocket opened on replica `n`'s
-/// pinned frontend.
+/// A text and a 256 KiB binary message echoed through a WebSocket opened from `VISITOR` on
+/// replica `n`'s pinned frontend.
 fn websocket_echo(h: &Hopped, n: usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,7 +125,7 @@ fn websocket_echo(h: &Hopped, n: usize) {
     let port = h.cluster.port(Via::Replica(n));
     let session = async {
         let started = Instant::now();
-        let tls = tls_connect(&h.cluster.env.pki.ca_der, port, &h.host, &[b"http/1.1"]).await;
+        let tls = tls_from_visitor(&h.cluster.env.pki.ca_der, port, &h.host).await;
         let url = format!("wss://{}:{port}/ws", h.host);
         let (mut ws, resp) = tokio_tungstenite::client_async(url, tls)
             .await
@@ -141,6 +152,16 @@ fn websocket_echo(h: &Hopped, n: usize) {
             .await
             .expect("WebSocket timed out")
     });
+}
+
+/// TLS to the balancer on 127.0.0.1:`port` from `VISITOR`, for `host`, offering HTTP/1.1.
+async fn tls_from_visitor(ca_der: &Path, port: u16, host: &str) -> TlsStream<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(VISITOR.parse().unwrap(), 0)).unwrap();
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let config = client_config(ca_der, vec![b"http/1.1".to_vec()]);
+    let name = ServerName::try_from(host.to_owned()).unwrap();
+    TlsConnector::from(config).connect(name, tcp).await.unwrap()
 }
 
 const BULK: u64 = 64 * MIB;
