@@ -22,6 +22,13 @@ fn dialed(cluster: &Cluster, n: usize) -> f64 {
         .count("edgemux_peer_streams_total", &[("side", "out")])
 }
 
+/// Peer streams replica `n` has served (`side="in"`, counted as each ends).
+fn streams_in(cluster: &Cluster, n: usize) -> f64 {
+    cluster
+        .scrape(n)
+        .count("edgemux_peer_streams_total", &[("side", "in")])
+}
+
 #[test]
 fn ssh_l_on_r3_reaches_r1s_tunnel_with_a_grant_and_never_dials_without_one() {
     let env = TestEnv::new();
@@ -55,12 +62,10 @@ fn ssh_l_on_r3_reaches_r1s_tunnel_with_a_grant_and_never_dials_without_one() {
         started.elapsed()
     );
 
-    let (out_before, in_before) = (
-        dialed(&cluster, 3),
-        cluster
-            .scrape(1)
-            .count("edgemux_peer_streams_total", &[("side", "in")]),
-    );
+    // r1 counts an incoming stream when it ends: wait for the granted one to be counted.
+    let ended = || streams_in(&cluster, 1) == 1.0;
+    settle("the granted stream ends on r1", ended, || cluster.scrape(1).text);
+    let (out_before, in_before) = (dialed(&cluster, 3), streams_in(&cluster, 1));
     let stranger_client = cluster.ssh(&stranger, Via::Replica(3));
     let refused = stranger_client.local_forward(&format!("{host}:{PORT}"));
     refused.assert_channel_refused("a key without a grant, on r3");
@@ -74,9 +79,7 @@ fn ssh_l_on_r3_reaches_r1s_tunnel_with_a_grant_and_never_dials_without_one() {
         "r3 dialed a peer for a refused channel\n{}",
         cluster.scrape(3).text
     );
-    let in_after = cluster
-        .scrape(1)
-        .count("edgemux_peer_streams_total", &[("side", "in")]);
+    let in_after = streams_in(&cluster, 1);
     assert_eq!(
         in_after, in_before,
         "a refused channel reached r1's peer listener"
