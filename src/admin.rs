@@ -161,17 +161,53 @@ async fn delete_tunnel(gw: &Gateway, host: &str) -> Response<Full<Bytes>> {
         .filter(|(k, _)| k.host == host)
         .flat_map(|(_, m)| m)
         .collect();
-    if doomed.is_empty() {
-        return text(StatusCode::NOT_FOUND, "no such tunnel\n");
-    }
     for m in &doomed {
         tracing::info!(host, conn = m.conn, "tunnel removed by the admin API");
         crate::ssh::disconnect(&m.handle, "tunnel removed by the operator").await;
     }
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "host": host, "disconnected": doomed.len() }),
-    )
+    let elsewhere = kill_elsewhere(gw, &host).await;
+    if doomed.is_empty() && elsewhere.is_empty() {
+        return text(StatusCode::NOT_FOUND, "no such tunnel\n");
+    }
+    let remote: u64 = elsewhere
+        .iter()
+        .filter_map(|k| k.result.as_ref().ok())
+        .map(|&n| u64::from(n))
+        .sum();
+    let mut body = serde_json::json!({ "host": host, "disconnected": doomed.len() as u64 + remote });
+    if gw.directory().replica_name().is_some() {
+        let replicas: Vec<serde_json::Value> = elsewhere
+            .iter()
+            .map(|k| match &k.result {
+                Ok(n) => serde_json::json!({ "replica": k.replica, "disconnected": n }),
+                Err(e) => serde_json::json!({ "replica": k.replica, "error": e }),
+            })
+            .collect();
+        body["here"] = doomed.len().into();
+        body["replicas"] = replicas.into();
+    }
+    let failed = elsewhere.iter().any(|k| k.result.is_err());
+    let status = if failed {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::OK
+    };
+    json(status, &body)
+}
+
+/// `DELETE /tunnels/{host}` on the other replicas that serve `host` (none without a cluster).
+#[cfg(feature = "etcd")]
+async fn kill_elsewhere(gw: &Gateway, host: &str) -> Vec<crate::cluster::Killed> {
+    match gw.cluster() {
+        Some(cluster) => cluster.kill_elsewhere(host).await,
+        None => Vec::new(),
+    }
+}
+
+/// Without a store backend there are no other replicas.
+#[cfg(not(feature = "etcd"))]
+async fn kill_elsewhere(_gw: &Gateway, _host: &str) -> Vec<crate::cluster::Killed> {
+    Vec::new()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

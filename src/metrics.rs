@@ -30,6 +30,8 @@ pub const BUILD_INFO: &str = "edgemux_build_info";
 pub const CLUSTER_STORE_UP: &str = "edgemux_cluster_store_up";
 pub const CLUSTER_LEASE_GRANTS: &str = "edgemux_cluster_lease_grants_total";
 pub const CLUSTER_DIRECTORY_ENTRIES: &str = "edgemux_cluster_directory_entries";
+pub const CLUSTER_LEASE_RENEWALS: &str = "edgemux_cluster_lease_renewals_total";
+pub const CLUSTER_DIRECTORY_HEARD: &str = "edgemux_cluster_directory_heard_timestamp_seconds";
 pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
 pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
@@ -131,6 +133,17 @@ fn describe() {
     describe_gauge!(
         CLUSTER_DIRECTORY_ENTRIES,
         "Entries (replica records and routes) in this replica's copy of the cluster directory"
+    );
+    describe_counter!(
+        CLUSTER_LEASE_RENEWALS,
+        "Lease keepalives of this replica, by result (ok; failed: the store did not answer in \
+         store_timeout; lost: the store no longer knows the lease)"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_HEARD,
+        Unit::Seconds,
+        "Unix time the directory watch last heard from the store (an event or the progress notice \
+         asked for every keepalive interval): time() minus this is how far the copy may lag"
     );
     describe_counter!(
         CLUSTER_RESYNCS,
@@ -302,6 +315,17 @@ pub fn cluster_lease_grant(reason: &'static str) {
 
 pub fn cluster_directory_entries(entries: usize) {
     gauge!(CLUSTER_DIRECTORY_ENTRIES).set(entries as f64);
+}
+
+pub fn cluster_lease_renewal(result: &'static str) {
+    counter!(CLUSTER_LEASE_RENEWALS, "result" => result).increment(1);
+}
+
+pub fn cluster_directory_heard() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!(CLUSTER_DIRECTORY_HEARD).set(now);
 }
 
 pub fn cluster_resync(reason: &'static str) {

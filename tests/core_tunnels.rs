@@ -250,3 +250,71 @@ fn stalled_reader_does_not_block_another_connection_to_the_tunnel() {
     );
     drop(stalled);
 }
+
+/// One TCP socket of a process, from `/proc/net/tcp{,6}`.
+#[derive(Debug)]
+struct Socket {
+    local_port: u16,
+    remote_port: u16,
+    listening: bool,
+}
+
+/// Every TCP socket `pid` holds: its fds' socket inodes looked up in `/proc/net/tcp{,6}`.
+fn tcp_sockets(pid: u32) -> Vec<Socket> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read the gateway's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap_or(""), 16).unwrap();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && inodes.contains(f[9]) {
+                out.push(Socket {
+                    local_port: port(f[1]),
+                    remote_port: port(f[2]),
+                    listening: f[3] == "0A",
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Without `[cluster]` a gateway is one node: while it serves a tunnel, it listens only where its
+/// config says and holds no connection it opened itself (no store client, no peer listener).
+#[test]
+fn a_single_node_opens_no_store_client_and_no_peer_listener() {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let a = env.key("a", KeyKind::Ed25519);
+    let client = gw.ssh(&a, Transport::Tls);
+    let _tunnel = client.open_tunnel("db", PORT, echo_server());
+    let fwd = forward_to(&client, &a.host("db"));
+    assert_eq!(round_trip(fwd.connect(), b"ping", SETUP), b"ping");
+
+    let sockets = tcp_sockets(gw.pid());
+    // The test gateway's config has one listener and the admin listener.
+    let mut ours: std::collections::BTreeSet<u16> = gw.ports().iter().copied().collect();
+    ours.insert(gw.admin_port());
+    let listening: std::collections::BTreeSet<u16> = sockets
+        .iter()
+        .filter(|s| s.listening)
+        .map(|s| s.local_port)
+        .collect();
+    assert_eq!(listening, ours, "listening sockets: {sockets:?}");
+    let accepted = sockets.iter().filter(|s| !s.listening).count();
+    assert!(accepted >= 1, "the ssh connection is one: {sockets:?}");
+    for s in sockets.iter().filter(|s| !s.listening) {
+        assert!(
+            ours.contains(&s.local_port) && s.remote_port != 2379,
+            "a connection the gateway opened itself: {s:?} (all: {sockets:?})"
+        );
+    }
+}

@@ -55,8 +55,9 @@ fn systemd_config() -> Config {
     check_passes(&rel(&path), &read(&path), &[])
 }
 
-#[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+/// `systemd-analyze verify` on the unit as shipped, with `drop_in` (a file under
+/// `deploy/systemd/edgemux.service.d/`) beside it when given: no warning allowed.
+fn systemd_verify(drop_in: Option<&str>) {
     let Some(analyze) = which("systemd-analyze") else {
         panic!("systemd-analyze is missing: apt-get install -y systemd");
     };
@@ -70,15 +71,32 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let copy = dir.path().join("edgemux.service");
     let bin = env!("CARGO_BIN_EXE_edgemux");
     std::fs::write(&copy, unit.replace("/usr/local/bin/edgemux", bin)).unwrap();
+    // verify reads drop-ins from NAME.service.d/ beside the unit it is given.
+    if let Some(name) = drop_in {
+        let src = deploy().join("systemd/edgemux.service.d").join(name);
+        let dropins = dir.path().join("edgemux.service.d");
+        std::fs::create_dir(&dropins).unwrap();
+        std::fs::write(dropins.join(name), read(&src)).unwrap();
+    }
     let mut cmd = Command::new(analyze);
     cmd.arg("verify").arg(&copy).current_dir(dir.path());
     let out = run(cmd, Duration::from_secs(60));
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
         out.status.success() && said.trim().is_empty(),
-        "systemd-analyze verify ({}) complained:\n{said}",
+        "systemd-analyze verify ({}, drop-in {drop_in:?}) complained:\n{said}",
         out.status
     );
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    systemd_verify(None);
+}
+
+#[test]
+fn systemd_unit_with_the_cluster_drop_in_passes_systemd_analyze_verify() {
+    systemd_verify(Some("cluster.conf"));
 }
 
 #[test]
@@ -165,10 +183,89 @@ fn systemd_unit_is_hardened_and_matches_its_config() {
         Some(format!("/run/credentials/edgemux.service/{name}").as_str()),
         "admin.token_file is the credential the unit loads"
     );
-    assert!(admin.bind.ip().is_loopback(), "admin stays on loopback on a VM");
-    assert_eq!(admin.bind.port(), 9090);
+    // The NLB health-checks GET /readyz on the admin port, so it listens on the instance's address
+    // (the security group admits only the NLB and the VPC), and the Terraform module checks the
+    // port this config binds.
+    assert!(
+        admin.bind.ip().is_unspecified(),
+        "admin reachable by the NLB's health check"
+    );
+    assert_eq!(
+        Some(admin.bind.port().to_string()),
+        terraform::variable_default("admin_port"),
+        "admin.bind's port is the Terraform module's admin_port (the health-check port)"
+    );
     assert_production_listeners(&cfg, "deploy/systemd/edgemux.toml");
     assert!(cfg.acme.is_some(), "the production config uses ACME");
+}
+
+/// `LoadCredential=NAME:SOURCE` lines of a unit or drop-in, as `(NAME, SOURCE)`.
+fn credentials(unit: &str) -> Vec<(String, String)> {
+    unit_entries(unit)
+        .into_iter()
+        .filter(|(k, _)| k == "LoadCredential")
+        .filter_map(|(_, v)| v.split_once(':').map(|(n, s)| (n.to_string(), s.to_string())))
+        .collect()
+}
+
+#[test]
+fn systemd_cluster_variant_passes_check_and_gets_its_files_from_the_drop_in() {
+    let path = deploy().join("systemd/edgemux.toml");
+    let shipped = read(&path);
+    let variant = support::uncomment_settings(&shipped);
+    assert_ne!(variant, shipped, "edgemux.toml has commented-out settings");
+    let origin = format!("{} (commented settings on)", rel(&path));
+    let cfg = check_passes(&origin, &variant, &[]);
+    let cluster = cfg.cluster.clone().expect("a commented-out [cluster] section");
+
+    // Every shared file comes from the drop-in, as a credential of this unit.
+    let dropin = credentials(&read(&deploy().join("systemd/edgemux.service.d/cluster.conf")));
+    let delivered = |path: &std::path::Path| -> Option<String> {
+        let name = path
+            .strip_prefix("/run/credentials/edgemux.service/")
+            .ok()?
+            .to_str()?;
+        dropin.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone())
+    };
+    for (key, path) in [
+        ("cluster.secret_file", cluster.secret_file.clone()),
+        ("ssh.host_key", cfg.ssh.host_key.clone()),
+    ] {
+        let source = delivered(&path).unwrap_or_else(|| {
+            panic!(
+                "{key} = {} is no credential of cluster.conf {dropin:?}",
+                path.display()
+            )
+        });
+        assert!(
+            source.starts_with("/etc/edgemux/"),
+            "{key}: its source {source} is in /etc/edgemux"
+        );
+    }
+    assert_eq!(
+        dropin.len(),
+        2,
+        "cluster.conf delivers the secret and the host key: {dropin:?}"
+    );
+
+    // The peer listener: a real private address, on the port the Terraform module opens
+    // between the instances.
+    assert!(!cluster.peer_bind.ip().is_unspecified() && !cluster.peer_bind.ip().is_loopback());
+    assert_eq!(
+        Some(cluster.peer_bind.port().to_string()),
+        terraform::variable_default("peer_port"),
+        "peer.bind's port is the Terraform module's peer_port"
+    );
+    let listener_ports: Vec<u16> = cfg.listeners.iter().map(|l| l.bind.port()).collect();
+    assert!(
+        !listener_ports.contains(&cluster.peer_bind.port())
+            && cfg.admin.as_ref().map(|a| a.bind.port()) != Some(cluster.peer_bind.port()),
+        "the peer port is none of the public or admin ports"
+    );
+    assert!(
+        cluster.endpoints.iter().all(|e| e.starts_with("https://")) && cluster.store_tls.is_some(),
+        "etcd over TLS"
+    );
 }
 
 /// 443 behind the NLB with PROXY v2 required from trusted subnets, and port 80 the same way.

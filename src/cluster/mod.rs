@@ -21,3 +21,11 @@ pub(crate) mod store;
 pub(crate) use node::Cluster;
 #[cfg(feature = "etcd")]
 pub use node::ClusterError;
+
+/// What one other replica answered to a kill (`DELETE /tunnels/{host}`): how many connections it
+/// closed, or why not.
+#[derive(Debug)]
+pub(crate) struct Killed {
+    pub(crate) replica: String,
+    pub(crate) result: Result<u32, String>,
+}

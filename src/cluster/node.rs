@@ -3,6 +3,7 @@
 //! the peer link's two ends. Stopped cleanly on SIGTERM: marked draining, then the lease revoked.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +14,13 @@ use tokio_util::task::TaskTracker;
 
 use super::directory::ClusterDirectory;
 use super::owner::OwnerSide;
+use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
 use super::peer::link::server::PeerServer;
 use super::peer::secret::{ClusterSecret, SecretError};
 use super::peer::tls::PeerTls;
-use super::store::{Lookup, Store, StoreError};
+use super::store::{Lookup, ReplicaId, Store, StoreError};
+use super::Killed;
 use crate::config::ClusterConfig;
 use crate::names::KeyFingerprint;
 use crate::tunnels::{Directory, Tunnels};
@@ -42,6 +45,10 @@ pub(crate) struct Cluster {
     store: tokio::sync::Mutex<Option<Store>>,
     lookup: Lookup,
     server: Arc<PeerServer>,
+    me: ReplicaId,
+    /// For the admin API's kills on other replicas.
+    client: Arc<PeerClient>,
+    destination: SocketAddr,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -73,7 +80,14 @@ impl Cluster {
         let tls =
             PeerTls::derived(&secret, rid.as_str()).map_err(|e| ClusterError::PeerTls(e.to_string()))?;
         let client = PeerClient::new(&tls, &secret, cfg.peer_connect_timeout, open_timeout);
-        let owner = Arc::new(OwnerSide::new(local.clone(), open_timeout));
+        let kill_client = Arc::new(PeerClient::new(
+            &tls,
+            &secret,
+            cfg.peer_connect_timeout,
+            open_timeout,
+        ));
+        let rid_for_kill = rid.clone();
+        let owner = Arc::new(OwnerSide::new((tunnels.clone(), local.clone()), open_timeout));
         let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
         let lookup = store.lookup();
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), client, cfg.spread, public_port);
@@ -81,6 +95,9 @@ impl Cluster {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
             server,
+            me: rid_for_kill,
+            client: kill_client,
+            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
         };
         Ok((cluster, Arc::new(directory)))
     }
@@ -90,6 +107,41 @@ impl Cluster {
     pub(crate) fn serve_peers(&self, listener: TcpListener, tasks: (CancellationToken, TaskTracker)) {
         let slots = Arc::new(Semaphore::new(MAX_PEER_STREAMS));
         tokio::spawn(self.server.clone().run(listener, slots, tasks));
+    }
+
+    /// Asks every other replica that serves `host` to close its connections serving it, all at
+    /// once, each bounded by the peer timeouts.
+    pub(crate) async fn kill_elsewhere(&self, host: &str) -> Vec<Killed> {
+        let mut asks = tokio::task::JoinSet::new();
+        for (rid, _) in self.lookup.routes(host) {
+            if rid == self.me {
+                continue;
+            }
+            let replica = rid.replica_name().to_owned();
+            let Some(record) = self.lookup.replica(&rid) else {
+                continue;
+            };
+            let visitor = self.destination;
+            let req = PeerRequest::dial(Op::Kill, host, 0, visitor, self.destination);
+            let client = self.client.clone();
+            asks.spawn(async move {
+                let result = match req {
+                    Ok(req) => client
+                        .command(record.peer_addr, rid.as_str(), req)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|n| n.parse().map_err(|_| format!("unexpected answer {n:?}"))),
+                    Err(e) => Err(e.to_string()),
+                };
+                Killed { replica, result }
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            out.extend(done.ok());
+        }
+        out.sort_by(|a, b| a.replica.cmp(&b.replica));
+        out
     }
 
     /// SIGTERM: other replicas put this one last in their pools from now on.

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::peer::codec::{Op, PeerRequest};
-use super::peer::link::server::{Dialing, PeerHandler};
+use super::peer::link::server::{Dialing, Killing, PeerHandler};
 use super::peer::status::Status;
 use crate::io::ClientKey;
-use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey};
+use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey, Tunnels};
 
-/// Serves peer dials from this replica's own tunnels.
+/// Serves peer dials and kills from this replica's own tunnels.
 pub(crate) struct OwnerSide {
+    tunnels: Arc<Tunnels>,
     local: Arc<dyn Directory>,
     open_timeout: Duration,
 }
@@ -23,8 +24,12 @@ pub(crate) struct OwnerSide {
 impl OwnerSide {
     /// `local` must be the local directory (hop limit 1); `open_timeout` bounds each member's
     /// channel open, as for a visitor who landed here.
-    pub(crate) fn new(local: Arc<dyn Directory>, open_timeout: Duration) -> Self {
-        Self { local, open_timeout }
+    pub(crate) fn new((tunnels, local): (Arc<Tunnels>, Arc<dyn Directory>), open_timeout: Duration) -> Self {
+        Self {
+            tunnels,
+            local,
+            open_timeout,
+        }
     }
 }
 
@@ -69,6 +74,28 @@ impl PeerHandler for OwnerSide {
                     "no tunnel client here opened a channel".to_owned(),
                 )),
             }
+        })
+    }
+
+    fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {
+        Box::pin(async move {
+            let doomed: Vec<_> = self
+                .tunnels
+                .snapshot()
+                .into_iter()
+                .filter(|(k, _)| k.host == req.host())
+                .flat_map(|(_, members)| members)
+                .collect();
+            for m in &doomed {
+                tracing::info!(
+                    host = req.host(),
+                    conn = m.conn,
+                    sender = req.sender(),
+                    "tunnel removed by the admin API of another replica"
+                );
+                crate::ssh::disconnect(&m.handle, "tunnel removed by the operator").await;
+            }
+            Ok(u32::try_from(doomed.len()).unwrap_or(u32::MAX))
         })
     }
 }

@@ -2,6 +2,7 @@
 //! re-rooting a config's absolute paths into a temp dir so that `edgemux check` can run on it.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
@@ -119,12 +120,15 @@ pub fn reroot(toml_text: &str, provided: &[(String, String)]) -> Rerooted {
             fs::create_dir_all(&target).unwrap();
         } else if !target.exists() {
             fs::create_dir_all(target.parent().unwrap()).unwrap();
-            let placeholder = if key == "token_file" {
-                "deploy-test-token\n"
-            } else {
-                ""
+            let placeholder = match key.as_str() {
+                "token_file" => "deploy-test-token\n".to_string(),
+                "secret_file" => edgemux::cluster::peer::secret::generate().unwrap() + "\n",
+                _ => String::new(),
             };
             fs::write(&target, placeholder).unwrap();
+            if key == "secret_file" {
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+            }
         }
     }
     let config = root.path().join("edgemux.toml");
@@ -198,6 +202,17 @@ pub fn check_passes(origin: &str, toml_text: &str, provided: &[(String, String)]
         unroot(&mut c.cert);
         unroot(&mut c.key);
     }
+    if let Some(cluster) = cfg.cluster.as_mut() {
+        unroot(&mut cluster.secret_file);
+        cluster.store_auth_file.iter_mut().for_each(unroot);
+        if let Some(tls) = cluster.store_tls.as_mut() {
+            unroot(&mut tls.ca);
+            if let Some((cert, key)) = tls.identity.as_mut() {
+                unroot(cert);
+                unroot(key);
+            }
+        }
+    }
     cfg
 }
 
@@ -261,4 +276,47 @@ fn dockerignore_matching() {
     ] {
         assert_eq!(dockerignored(patterns, path), want, "{path}");
     }
+}
+
+/// `text` with its commented-out settings switched on: a line `# KEY = …`, `# [TABLE]` or
+/// `# [[TABLE]]` loses its `# `; prose comments stay. The kits ship optional settings that way
+/// (a wildcard certificate, the several-replicas variant), and `edgemux check` on the result
+/// proves they are valid config, not just plausible text.
+pub fn uncomment_settings(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let setting = line.strip_prefix("# ").filter(|rest| is_setting(rest));
+        out.push_str(setting.unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+fn is_setting(line: &str) -> bool {
+    if let Some(table) = line.strip_prefix('[') {
+        let header = line.split('#').next().unwrap_or_default().trim_end();
+        return table
+            .trim_start_matches('[')
+            .starts_with(|c: char| c.is_ascii_lowercase())
+            && header.ends_with(']');
+    }
+    let Some((key, _)) = line.split_once(" = ") else {
+        return false;
+    };
+    !key.is_empty()
+        && key.starts_with(|c: char| c.is_ascii_lowercase())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+}
+
+#[test]
+fn uncommenting_switches_on_settings_and_keeps_prose() {
+    let text = "# Prose: keep = this? no.\n# [cluster]\n# name = \"prod\"   # why\n\
+                # [[tls.certificate]]\n#not = spaced\n# A sentence = not a key\nkey = 1\n";
+    assert_eq!(
+        uncomment_settings(text),
+        "# Prose: keep = this? no.\n[cluster]\nname = \"prod\"   # why\n\
+         [[tls.certificate]]\n#not = spaced\n# A sentence = not a key\nkey = 1\n"
+    );
 }

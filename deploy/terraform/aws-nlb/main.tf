@@ -1,6 +1,9 @@
 # An internet-facing Network Load Balancer in front of edgemux: plain TCP passthrough on 443 and
 # 80 (edgemux terminates TLS itself: it needs the ClientHello's SNI and ALPN), with a PROXY
-# protocol v2 header on every connection so that edgemux sees the real client address.
+# protocol v2 header on every connection so that edgemux sees the real client address. Its
+# targets are the instances you run yourself (instance_ids) and instance_count replicas launched
+# from ami_id, which find each other through etcd and talk over the peer port, open only between
+# the instances.
 
 data "aws_vpc" "this" {
   id = var.vpc_id
@@ -18,12 +21,19 @@ data "aws_instance" "target" {
   instance_id = each.value
 }
 
+data "aws_partition" "current" {}
+
+data "aws_caller_identity" "current" {}
+
 locals {
   # Traffic ports: the NLB listens on these and edgemux listens on the same on the instances.
   ports = {
     https = 443
     http  = 80
   }
+
+  # Replicas launched here; none without an AMI.
+  launched = var.ami_id == null ? 0 : var.instance_count
 }
 
 resource "aws_lb" "this" {
@@ -50,15 +60,31 @@ resource "aws_lb_target_group" "this" {
   # On by default for instance targets: the NLB would then connect with the client's own address,
   # edgemux would see the client as the peer and refuse its header as untrusted.
   preserve_client_ip = false
-  # SSH tunnels are long-lived; give a deregistered instance time to drain (edgemux drains 30 s).
+  # SSH tunnels are long-lived; give a deregistered instance time to drain (edgemux drains 30 s,
+  # limits.drain_timeout): keep this above the drain timeout.
   deregistration_delay = 60
 
+  # Readiness, not just an open port: GET /readyz on the admin listener turns 503 as soon as a
+  # stopping edgemux starts to drain, so the NLB sends it no new connection within about 10 s
+  # (2 failed checks, 5 s apart) while it finishes what it has.
   health_check {
-    protocol            = "TCP"
-    port                = "traffic-port"
-    interval            = 10
-    healthy_threshold   = 3
-    unhealthy_threshold = 3
+    protocol            = "HTTP"
+    port                = tostring(var.admin_port)
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = 5
+    timeout             = 3
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  # By default the NLB resets every connection of a target that fails its health check, which
+  # would cut the requests and tunnels a draining edgemux is finishing. Instead the target goes
+  # unhealthy.draining: no new connections, established ones kept for this long (above the
+  # drain timeout).
+  target_health_state {
+    enable_unhealthy_connection_termination = false
+    unhealthy_draining_interval             = 60
   }
 
   tags = var.tags
@@ -90,6 +116,17 @@ resource "aws_lb_target_group_attachment" "this" {
   port             = local.ports[each.value.tg]
 }
 
+resource "aws_lb_target_group_attachment" "replica" {
+  for_each = {
+    for pair in setproduct(keys(local.ports), range(local.launched)) :
+    "${pair[0]}-${pair[1]}" => { tg = pair[0], index = pair[1] }
+  }
+
+  target_group_arn = aws_lb_target_group.this[each.value.tg].arn
+  target_id        = aws_instance.replica[each.value.index].id
+  port             = local.ports[each.value.tg]
+}
+
 # The NLB's own security group: 443 and 80 from the internet (client_cidrs).
 resource "aws_security_group" "nlb" {
   name        = "${var.name}-nlb"
@@ -113,10 +150,10 @@ resource "aws_vpc_security_group_ingress_rule" "nlb" {
 }
 
 resource "aws_vpc_security_group_egress_rule" "nlb" {
-  for_each = local.ports
+  for_each = merge(local.ports, { admin = var.admin_port })
 
   security_group_id            = aws_security_group.nlb.id
-  description                  = "to edgemux ${each.value} (traffic and health checks)"
+  description                  = "to edgemux ${each.value} (${each.key == "admin" ? "health checks" : "traffic"})"
   ip_protocol                  = "tcp"
   from_port                    = each.value
   to_port                      = each.value
@@ -124,10 +161,11 @@ resource "aws_vpc_security_group_egress_rule" "nlb" {
 }
 
 # The instances' security group: 443 and 80 only from the NLB (which carries the internet's
-# traffic), so the NLB is the only path to edgemux; the admin port only from inside the VPC.
+# traffic), so the NLB is the only path to edgemux; the admin port from the NLB (health checks)
+# and the VPC (Prometheus); the peer port only from the instances themselves.
 resource "aws_security_group" "instances" {
   name        = "${var.name}-instances"
-  description = "edgemux instances: 443 and 80 from the NLB, admin from the VPC"
+  description = "edgemux instances: 443 and 80 from the NLB, admin from the NLB and the VPC, peer from each other"
   vpc_id      = var.vpc_id
   tags        = var.tags
 }
@@ -152,7 +190,40 @@ resource "aws_vpc_security_group_ingress_rule" "admin" {
   cidr_ipv4         = data.aws_vpc.this.cidr_block
 }
 
-# Outbound: ACME (Let's Encrypt) over HTTPS, DNS, and everything else the instance needs.
+resource "aws_vpc_security_group_ingress_rule" "admin_from_nlb" {
+  security_group_id            = aws_security_group.instances.id
+  description                  = "edgemux /readyz health checks from the NLB"
+  ip_protocol                  = "tcp"
+  from_port                    = var.admin_port
+  to_port                      = var.admin_port
+  referenced_security_group_id = aws_security_group.nlb.id
+}
+
+# The peer link between replicas ([cluster.peer] bind): from members of this same group only.
+# Never from the NLB or the internet: the NLB has no listener or egress rule for it either.
+resource "aws_vpc_security_group_ingress_rule" "peer" {
+  security_group_id            = aws_security_group.instances.id
+  description                  = "edgemux peer link, between the instances only"
+  ip_protocol                  = "tcp"
+  from_port                    = var.peer_port
+  to_port                      = var.peer_port
+  referenced_security_group_id = aws_security_group.instances.id
+}
+
+# etcd's clients are the instances: admit them on etcd's group, when it is given.
+resource "aws_vpc_security_group_ingress_rule" "etcd" {
+  count = var.etcd_security_group_id == null ? 0 : 1
+
+  security_group_id            = var.etcd_security_group_id
+  description                  = "etcd client port from the edgemux instances"
+  ip_protocol                  = "tcp"
+  from_port                    = 2379
+  to_port                      = 2379
+  referenced_security_group_id = aws_security_group.instances.id
+}
+
+# Outbound: etcd, the other replicas' peer port, ACME (Let's Encrypt) over HTTPS, DNS, and
+# everything else the instance needs.
 resource "aws_vpc_security_group_egress_rule" "instances" {
   security_group_id = aws_security_group.instances.id
   description       = "all outbound"
@@ -166,4 +237,83 @@ resource "aws_network_interface_sg_attachment" "instances" {
 
   security_group_id    = aws_security_group.instances.id
   network_interface_id = each.value.network_interface_id
+}
+
+# Replicas launched from ami_id: an image with edgemux installed as deploy/systemd/README.md
+# describes (see README.md here). At first boot replica-boot.sh.tftpl fetches the two files
+# every replica shares from SSM Parameter Store, adds this instance's [cluster] section and
+# starts edgemux.
+resource "aws_instance" "replica" {
+  count = local.launched
+
+  ami                    = var.ami_id
+  instance_type          = var.instance_type
+  subnet_id              = var.instance_subnet_ids[count.index % length(var.instance_subnet_ids)]
+  vpc_security_group_ids = [aws_security_group.instances.id]
+  iam_instance_profile   = aws_iam_instance_profile.replica[0].name
+
+  user_data = templatefile("${path.module}/replica-boot.sh.tftpl", {
+    ssm_parameter_prefix = var.ssm_parameter_prefix
+    etcd_ca_pem          = var.etcd_ca_pem == null ? "" : var.etcd_ca_pem
+    cluster_dropin       = file("${path.module}/../../systemd/edgemux.service.d/cluster.conf")
+    cluster_toml = templatefile("${path.module}/cluster.toml.tftpl", {
+      cluster_name = var.cluster_name
+      endpoints    = jsonencode(var.etcd_endpoints)
+      store_tls    = var.etcd_ca_pem == null ? "" : "store_tls = { ca = \"/etc/edgemux/etcd-ca.pem\" }"
+      peer_port    = var.peer_port
+    })
+  })
+  user_data_replace_on_change = true
+
+  metadata_options {
+    http_tokens = "required"
+  }
+
+  tags = merge(var.tags, { Name = "${var.name}-${count.index}" })
+
+  lifecycle {
+    precondition {
+      condition     = length(var.etcd_endpoints) > 0 && length(var.instance_subnet_ids) > 0
+      error_message = "Launched replicas need etcd_endpoints and instance_subnet_ids."
+    }
+  }
+}
+
+# What a launched replica may do with its role: read the shared files under ssm_parameter_prefix.
+resource "aws_iam_role" "replica" {
+  count = local.launched > 0 ? 1 : 0
+
+  name = "${var.name}-replica"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Service = "ec2.amazonaws.com" }
+      Action    = "sts:AssumeRole"
+    }]
+  })
+  tags = var.tags
+}
+
+resource "aws_iam_role_policy" "replica" {
+  count = local.launched > 0 ? 1 : 0
+
+  name = "read-edgemux-parameters"
+  role = aws_iam_role.replica[0].id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect   = "Allow"
+      Action   = "ssm:GetParameter"
+      Resource = "arn:${data.aws_partition.current.partition}:ssm:*:${data.aws_caller_identity.current.account_id}:parameter${var.ssm_parameter_prefix}*"
+    }]
+  })
+}
+
+resource "aws_iam_instance_profile" "replica" {
+  count = local.launched > 0 ? 1 : 0
+
+  name = "${var.name}-replica"
+  role = aws_iam_role.replica[0].name
+  tags = var.tags
 }

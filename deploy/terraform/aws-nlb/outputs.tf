@@ -24,6 +24,16 @@ output "target_group_arns" {
 }
 
 output "instance_security_group_id" {
-  description = "The security group attached to the instances (443 and 80 from the NLB, admin from the VPC)."
+  description = "The security group attached to the instances (443 and 80 from the NLB, admin from the NLB and the VPC, the peer port from each other)."
   value       = aws_security_group.instances.id
+}
+
+output "replica_instance_ids" {
+  description = "The launched replicas' instance ids, which are also their replica_name."
+  value       = aws_instance.replica[*].id
+}
+
+output "replica_private_ips" {
+  description = "The launched replicas' private addresses: their peer addresses, and the etcd clients to admit."
+  value       = aws_instance.replica[*].private_ip
 }

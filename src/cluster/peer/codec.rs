@@ -136,7 +136,7 @@ impl Op {
         })
     }
 
-    /// The ops this version serves: the two that open a stream.
+    /// The ops that open a stream (a kill answers and closes).
     pub(crate) fn is_dial(self) -> bool {
         matches!(self, Op::DialHttp | Op::DialTcp)
     }

@@ -52,8 +52,8 @@ pub enum SecretError {
     #[error("cannot read the cluster secret {}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
-        "the cluster secret {} is accessible by group or others (mode {mode:04o}): \
-         run `chmod 600 {}` (in Kubernetes, mount the Secret with defaultMode 0400)",
+        "the cluster secret {} is writable by its group or accessible by others (mode {mode:04o}): \
+         run `chmod 600 {}` (in Kubernetes, mount the Secret with defaultMode 0440 or stricter)",
         path.display(),
         path.display()
     )]
@@ -109,7 +109,9 @@ impl ClusterSecret {
         };
         let meta = std::fs::metadata(path).map_err(read)?;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        // Group read is allowed: a Kubernetes Secret mounted under `fsGroup`, and a systemd
+        // credential shared through an ACL, show as 0440.
+        if mode & 0o027 != 0 {
             return Err(SecretError::Permissions {
                 path: path.to_owned(),
                 mode,
@@ -224,13 +226,17 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_others_can_read_is_refused() {
+    fn a_secret_others_can_read_or_its_group_write_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        for mode in [0o644, 0o640, 0o604, 0o620] {
+        for mode in [0o644, 0o604, 0o620, 0o660, 0o601] {
             let path = write(dir.path(), &generate().unwrap(), mode);
             let e = ClusterSecret::load(&path).unwrap_err();
             assert_eq!(e.reason(), "permissions", "mode {mode:o}");
             assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        for mode in [0o640, 0o440, 0o400] {
+            let path = write(dir.path(), &generate().unwrap(), mode);
+            assert!(ClusterSecret::load(&path).is_ok(), "mode {mode:o} is fine");
         }
     }
 

@@ -1,6 +1,8 @@
 //! The dialing end of the peer link: opens a stream on the owner replica, or says why not.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
@@ -93,13 +95,56 @@ impl PeerError {
     }
 }
 
+/// Connections kept ready (TCP and TLS done, no header sent) per peer, so a stream usually
+/// skips the handshakes. Small: a warm connection costs the owner a socket and a task.
+const WARM_PER_PEER: usize = 2;
+/// A warm connection is used within this or closed; the owner waits [`WARM_IDLE`] for the
+/// header of an authenticated connection, so it is still listening.
+const WARM_MAX_AGE: Duration = Duration::from_secs(20);
+/// How long the owner waits for the header once a peer's certificate has been checked.
+pub(crate) const WARM_IDLE: Duration = Duration::from_secs(30);
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Ready connections by peer (address and replica id); bounded by [`WARM_PER_PEER`] each, made
+/// and pending together, and pruned of stale ones on every take.
+type WarmPool = Mutex<HashMap<(SocketAddr, String), Ready>>;
+
+#[derive(Default)]
+struct Ready {
+    conns: Vec<(Instant, Tls)>,
+    /// Dials under way to top the pool up.
+    pending: usize,
+}
+
+/// TCP and TLS to one peer, shared by the dials and the warm-pool refills.
+#[derive(Clone)]
+struct Connector {
+    tls: TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    async fn connect(&self, addr: SocketAddr, rid: &str) -> Result<Tls, PeerError> {
+        let name = tls::server_name(rid).ok_or(PeerError::Request(CodecError::Field("replica id")))?;
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.map_err(PeerError::Connect)?;
+            let _ = tcp.set_nodelay(true);
+            self.tls.connect(name, tcp).await.map_err(PeerError::from_tls)
+        };
+        timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| PeerError::Timeout("connect"))?
+    }
+}
+
 /// The dialing end: opens streams on other replicas for this one.
 pub(crate) struct PeerClient {
-    tls: TlsConnector,
+    connector: Connector,
     hmac: hmac::Key,
     rid: String,
-    connect_timeout: Duration,
     open_timeout: Duration,
+    warm: Arc<WarmPool>,
 }
 
 impl PeerClient {
@@ -113,11 +158,14 @@ impl PeerClient {
         open_timeout: Duration,
     ) -> Self {
         Self {
-            tls: TlsConnector::from(tls.client_config()),
+            connector: Connector {
+                tls: TlsConnector::from(tls.client_config()),
+                connect_timeout,
+            },
             hmac: codec::hmac_key(&secret.derive(Label::PeerHmac)),
             rid: tls.rid().to_owned(),
-            connect_timeout,
             open_timeout,
+            warm: Arc::default(),
         }
     }
 
@@ -130,7 +178,7 @@ impl PeerClient {
         req: PeerRequest,
     ) -> Result<BoxStream, PeerError> {
         let started = Instant::now();
-        let opened = self.try_open(addr, rid, req).await;
+        let opened = self.exchange(addr, rid, req).await.map(|(stream, _)| stream);
         match &opened {
             Ok(_) => {
                 crate::metrics::peer_stream("out", "ok");
@@ -144,8 +192,64 @@ impl PeerClient {
         opened
     }
 
-    async fn try_open(&self, addr: SocketAddr, rid: &str, req: PeerRequest) -> Result<BoxStream, PeerError> {
-        let name = tls::server_name(rid).ok_or(PeerError::Request(CodecError::Field("replica id")))?;
+    /// Sends `req` (a kill) to replica `rid` at `addr` and returns the owner's OK reason (for a
+    /// kill, how many connections it closed).
+    pub(crate) async fn command(
+        &self,
+        addr: SocketAddr,
+        rid: &str,
+        req: PeerRequest,
+    ) -> Result<String, PeerError> {
+        let done = self.exchange(addr, rid, req).await.map(|(_, reason)| reason);
+        let outcome = done.as_ref().map_or_else(PeerError::reason, |_| "ok");
+        crate::metrics::peer_stream("out", outcome);
+        done
+    }
+
+    /// Warm connections ready for `rid` at `addr` now.
+    #[cfg(test)]
+    pub(crate) fn warm(&self, addr: SocketAddr, rid: &str) -> usize {
+        let pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        pool.get(&(addr, rid.to_owned())).map_or(0, |r| r.conns.len())
+    }
+
+    /// Sends the signed header on a warm connection, or a new one, and waits for the status:
+    /// the stream and the reason after OK, else why not. A warm connection that turns out dead
+    /// (the owner restarted) is replaced by a new one once; the header is signed anew, so the
+    /// owner never sees a nonce twice.
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        rid: &str,
+        req: PeerRequest,
+    ) -> Result<(BoxStream, String), PeerError> {
+        let asked = match self.take_warm(addr, rid) {
+            Some(tls) => match self.ask(tls, req.clone()).await {
+                Err(e @ (PeerError::Io(_) | PeerError::Tls(_))) => {
+                    tracing::debug!(peer = rid, error = %e, "a warm peer connection was dead; dialing anew");
+                    None
+                }
+                done => Some(done),
+            },
+            None => None,
+        };
+        let done = match asked {
+            Some(done) => done,
+            None => {
+                let tls = self.connector.connect(addr, rid).await?;
+                self.ask(tls, req).await
+            }
+        };
+        // Only a peer that answered gets connections kept ready: a dead or foreign one is not
+        // dialed again in the background.
+        if done.is_ok() {
+            self.refill(addr, rid);
+        }
+        done
+    }
+
+    /// Stamps and signs `req`, sends it on `tls`, and reads the owner's status.
+    async fn ask(&self, mut tls: Tls, req: PeerRequest) -> Result<(BoxStream, String), PeerError> {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
             .map_err(|_| PeerError::Io(std::io::Error::other("no randomness")))?;
@@ -153,14 +257,6 @@ impl PeerClient {
             .stamped(&self.rid, now_ms(), nonce)
             .map_err(PeerError::Request)?;
         let header = codec::encode_request(&req, &self.hmac);
-        let connect = async {
-            let tcp = TcpStream::connect(addr).await.map_err(PeerError::Connect)?;
-            let _ = tcp.set_nodelay(true);
-            self.tls.connect(name, tcp).await.map_err(PeerError::from_tls)
-        };
-        let mut tls = timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| PeerError::Timeout("connect"))??;
         let answer = async {
             write_all(&mut tls, &header).await.map_err(PeerError::from_tls)?;
             match read_frame(&mut tls, MAX_REPLY, status::reply_wanted, status::parse_reply).await {
@@ -173,8 +269,44 @@ impl PeerClient {
             .await
             .map_err(|_| PeerError::Timeout("open"))??;
         match reply.status {
-            Status::Ok => Ok(Box::new(tls)),
+            Status::Ok => Ok((Box::new(tls), reply.reason)),
             status => Err(PeerError::refused(status, reply.reason)),
+        }
+    }
+
+    /// A warm connection to `rid` at `addr` young enough that the owner still waits on it.
+    fn take_warm(&self, addr: SocketAddr, rid: &str) -> Option<Tls> {
+        let mut pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|_, ready| {
+            ready.conns.retain(|(at, _)| at.elapsed() < WARM_MAX_AGE);
+            !ready.conns.is_empty() || ready.pending > 0
+        });
+        let ready = pool.get_mut(&(addr, rid.to_owned()))?;
+        ready.conns.pop().map(|(_, tls)| tls)
+    }
+
+    /// Tops up `rid`'s warm connections in the background.
+    fn refill(&self, addr: SocketAddr, rid: &str) {
+        let key = (addr, rid.to_owned());
+        let missing = {
+            let mut pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+            let ready = pool.entry(key.clone()).or_default();
+            let missing = WARM_PER_PEER.saturating_sub(ready.conns.len() + ready.pending);
+            ready.pending += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let (connector, warm, key) = (self.connector.clone(), Arc::downgrade(&self.warm), key.clone());
+            tokio::spawn(async move {
+                let dialed = connector.connect(key.0, &key.1).await;
+                let Some(warm) = warm.upgrade() else { return };
+                let mut pool = warm.lock().unwrap_or_else(|p| p.into_inner());
+                let ready = pool.entry(key).or_default();
+                ready.pending = ready.pending.saturating_sub(1);
+                if let Ok(tls) = dialed {
+                    ready.conns.push((Instant::now(), tls));
+                }
+            });
         }
     }
 }

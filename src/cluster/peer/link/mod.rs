@@ -31,7 +31,7 @@ mod tests {
 
     use super::client::{PeerClient, PeerError};
     use super::frame::{now_ms, read_frame};
-    use super::server::{Dialing, PeerHandler, PeerServer};
+    use super::server::{Dialing, Killing, PeerHandler, PeerServer};
     use crate::cluster::peer::codec::{self, Op, PeerRequest};
     use crate::cluster::peer::secret::{ClusterSecret, Label};
     use crate::cluster::peer::status::{self, Reply, Status, MAX_REPLY};
@@ -67,10 +67,24 @@ mod tests {
                 Ok(Box::new(near) as BoxStream)
             })
         }
+
+        fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                // Nothing to close is not an error: the connections may have left already.
+                Ok(if req.host() == MISSING { 0 } else { 2 })
+            })
+        }
     }
 
     /// A running owner: its address and its handler.
     async fn owner() -> (SocketAddr, Arc<Echo>) {
+        let (addr, handler, _) = owner_at("127.0.0.1:0".parse().unwrap()).await;
+        (addr, handler)
+    }
+
+    /// An owner on `addr`, and the token that stops it.
+    async fn owner_at(addr: SocketAddr) -> (SocketAddr, Arc<Echo>, CancellationToken) {
         let secret = secret(1);
         let tls = PeerTls::derived(&secret, OWNER).unwrap();
         let handler = Arc::new(Echo::default());
@@ -80,11 +94,33 @@ mod tests {
             handler.clone(),
             Duration::from_secs(5),
         ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A stopped owner's listener closes as its task ends: its port is free shortly after.
+        let started = Instant::now();
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if started.elapsed() > Duration::from_secs(5) => panic!("bind {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
         let addr = listener.local_addr().unwrap();
-        let tasks = (CancellationToken::new(), TaskTracker::new());
+        let stop = CancellationToken::new();
+        let tasks = (stop.clone(), TaskTracker::new());
         tokio::spawn(server.run(listener, Arc::new(Semaphore::new(64)), tasks));
-        (addr, handler)
+        (addr, handler, stop)
+    }
+
+    /// Polls `done` every few milliseconds until it holds, or panics after 5 s.
+    async fn eventually(what: &str, done: impl Fn() -> bool) -> Duration {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{what}: not within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        started.elapsed()
     }
 
     /// A dialer whose TLS comes from `tls` and whose HMAC key from `secret`.
@@ -260,10 +296,11 @@ mod tests {
             "{err}"
         );
         assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}"),
-            before + 1
-        );
+        // The owner counts the stream once its reply is out, so maybe just after the dialer read it.
+        eventually("the refusal counted", || {
+            counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}") == before + 1
+        })
+        .await;
         // Ops reserved for later are refused before the handler.
         let visitor = "198.51.100.7:1".parse().unwrap();
         let ping = PeerRequest::dial(Op::Ping, "app.gw.test", 0, visitor, visitor).unwrap();
@@ -273,6 +310,58 @@ mod tests {
             "{err}"
         );
         assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn warm_connections_are_kept_ready_and_a_dead_one_is_replaced_by_a_new_dial() {
+        recorded();
+        let (addr, first, stop) = owner_at("127.0.0.1:0".parse().unwrap()).await;
+        let client = replica("r2.b");
+        drop(client.open(addr, OWNER, request("app.gw.test")).await.unwrap());
+        let filled = eventually("two warm connections", || client.warm(addr, OWNER) == 2).await;
+        eprintln!("warm pool filled in {filled:?}");
+        // Opens from the warm pool: one handshake fewer each.
+        let rounds = 20u32;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            drop(client.open(addr, OWNER, request("app.gw.test")).await.unwrap());
+        }
+        eprintln!(
+            "peer stream open with a warm pool: {:?} on average",
+            started.elapsed() / rounds
+        );
+        eventually("the pool refilled", || client.warm(addr, OWNER) == 2).await;
+        // The owner restarts: its warm connections die, and the next open dials anew.
+        stop.cancel();
+        let calls = first.calls.load(Ordering::SeqCst);
+        let (_, second, _stop) = owner_at(addr).await;
+        let stream = client.open(addr, OWNER, request("app.gw.test")).await.unwrap();
+        drop(stream);
+        assert_eq!(second.calls.load(Ordering::SeqCst), 1, "the new owner served it");
+        assert_eq!(first.calls.load(Ordering::SeqCst), calls);
+    }
+
+    #[tokio::test]
+    async fn a_kill_is_answered_with_the_count_and_no_stream() {
+        recorded();
+        let (addr, handler) = owner().await;
+        let client = replica("r2.b");
+        let kill = |host: &str| {
+            let visitor = "10.0.0.9:0".parse().unwrap();
+            PeerRequest::dial(Op::Kill, host, 0, visitor, visitor).unwrap()
+        };
+        let closed = client.command(addr, OWNER, kill("app.gw.test")).await.unwrap();
+        assert_eq!(closed, "2");
+        assert_eq!(client.command(addr, OWNER, kill(MISSING)).await.unwrap(), "0");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
+        // A kill signed with another key never reaches the handler.
+        let forger = dialer(&PeerTls::derived(&secret(1), "r3.c").unwrap(), &secret(3));
+        let err = forger
+            .command(addr, OWNER, kill("app.gw.test"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Auth(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

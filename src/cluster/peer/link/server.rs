@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::client::WARM_IDLE;
 use super::frame::{now_ms, read_frame, rustls_error, write_all, FrameError};
-use crate::cluster::peer::codec::{self, CodecError, PeerRequest, MAX_PEER_HEADER};
+use crate::cluster::peer::codec::{self, CodecError, Op, PeerRequest, MAX_PEER_HEADER};
 use crate::cluster::peer::replay::{NonceCache, Stale};
 use crate::cluster::peer::secret::{ClusterSecret, Label};
 use crate::cluster::peer::status::{self, Status};
@@ -26,16 +27,20 @@ use crate::io::BoxStream;
 
 /// A TLS handshake on the peer listener finishes within this: peers share a private network.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The header arrives within this once TLS is up (SCALEOUT §4.2: "within 2 s").
-const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A refusal or the OK is written within this, or the connection is dropped.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A handler's answer in the making: the stream to splice, or the status (not OK) and a reason.
 pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Status, String)>> + Send + 'a>>;
 
+/// A handler's answer to a kill: how many SSH connections it closed, or the status and a reason.
+pub(crate) type Killing<'a> = Pin<Box<dyn Future<Output = Result<u32, (Status, String)>> + Send + 'a>>;
+
 /// What the owner replica does with an authenticated dial: open a stream to the tunnel `req`
-/// names (a `forwarded-tcpip` channel whose originator is `req.source()`).
+/// names (a `forwarded-tcpip` channel whose originator is `req.source()`); and with a kill
+/// (the admin API's `DELETE /tunnels/{host}` on another replica): close the connections serving
+/// `req.host()` here.
 ///
 /// **Hop limit 1.** A handler serves from the local registry only and never dials another
 /// replica: a host it does not hold is `NO_ROUTE`. Then loops and amplification cannot happen,
@@ -43,6 +48,8 @@ pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Sta
 /// bounds the call by its open timeout (`OPEN_FAILED` past it).
 pub(crate) trait PeerHandler: Send + Sync {
     fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a>;
+
+    fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a>;
 }
 
 /// The owner's end: authenticates every stream before a handler sees it.
@@ -80,14 +87,15 @@ impl PeerServer {
         slots: Arc<Semaphore>,
         tasks: (CancellationToken, TaskTracker),
     ) {
-        let serve = move |tcp, peer| self.clone().serve(tcp, peer);
+        let shutdown = tasks.0.clone();
+        let serve = move |tcp, peer| self.clone().serve(tcp, peer, shutdown.clone());
         crate::listener::run(listener, slots, tasks, serve).await;
     }
 
-    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         let span = tracing::debug_span!("peer_in", %peer, sender = tracing::field::Empty, host = tracing::field::Empty);
         async {
-            let outcome = self.stream(tcp).await;
+            let outcome = self.stream(tcp, &shutdown).await;
             crate::metrics::peer_stream("in", outcome);
             tracing::debug!(outcome, "peer stream ended");
         }
@@ -96,7 +104,7 @@ impl PeerServer {
     }
 
     /// One stream, from handshake to splice; its outcome as a metric label.
-    async fn stream(&self, tcp: TcpStream) -> &'static str {
+    async fn stream(&self, tcp: TcpStream, shutdown: &CancellationToken) -> &'static str {
         let started = Instant::now();
         let _ = tcp.set_nodelay(true);
         let mut tls = match timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
@@ -109,11 +117,24 @@ impl PeerServer {
             Ok(Err(_)) => return "io",
             Err(_) => return "timeout",
         };
-        let req = match self.request(&mut tls).await {
+        // A warm connection still waiting for its header is closed at shutdown: the drain must
+        // not wait for it, and the dialer dials anew.
+        let request = tokio::select! {
+            r = self.request(&mut tls) => r,
+            () = shutdown.cancelled() => return "shutdown",
+        };
+        let req = match request {
             Ok(req) => req,
             Err(Refused::Silently(outcome)) => return outcome,
             Err(Refused::Answer(status, reason)) => return refuse(tls, status, &reason).await,
         };
+        if req.op() == Op::Kill {
+            return match timeout(self.open_timeout, self.handler.kill(&req)).await {
+                Ok(Ok(closed)) => answer(tls, Status::Ok, &closed.to_string()).await,
+                Ok(Err((status, reason))) => refuse(tls, status, &reason).await,
+                Err(_) => refuse(tls, Status::OpenFailed, "the kill did not finish in time").await,
+            };
+        }
         let mut upstream = match self.dial(&req).await {
             Ok(upstream) => upstream,
             Err(Refused::Silently(outcome)) => return outcome,
@@ -135,7 +156,9 @@ impl PeerServer {
     async fn request<S: AsyncRead + Unpin>(&self, tls: &mut S) -> Result<PeerRequest, Refused> {
         let parse = |buf: &[u8]| codec::parse_request(buf, &self.hmac);
         let read = read_frame(tls, MAX_PEER_HEADER, codec::request_wanted, parse);
-        let req = match timeout(HEADER_TIMEOUT, read).await {
+        // The certificate was checked: this is a replica of the cluster, and the dialer's warm
+        // connections wait here for their header.
+        let req = match timeout(WARM_IDLE, read).await {
             Ok(Ok(req)) => req,
             Ok(Err(FrameError::Invalid(CodecError::Hmac))) => return Err(Refused::auth("hmac")),
             Ok(Err(FrameError::Invalid(e))) => {
@@ -159,7 +182,7 @@ impl PeerServer {
             Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
             Err(stale) => return Err(Refused::auth(stale.reason())),
         }
-        if !req.op().is_dial() {
+        if !(req.op().is_dial() || req.op() == Op::Kill) {
             let reason = format!("op {} is not served by this version", req.op().label());
             return Err(Refused::Answer(Status::BadRequest, reason));
         }
@@ -198,7 +221,13 @@ impl Refused {
 }
 
 /// Writes a refusal, closes the connection, and returns the status as the outcome.
-async fn refuse<S: AsyncWrite + Unpin>(mut tls: S, status: Status, reason: &str) -> &'static str {
+async fn refuse<S: AsyncWrite + Unpin>(tls: S, status: Status, reason: &str) -> &'static str {
+    answer(tls, status, reason).await
+}
+
+/// Writes a final reply (no stream follows), closes the connection, and returns the status as
+/// the outcome.
+async fn answer<S: AsyncWrite + Unpin>(mut tls: S, status: Status, reason: &str) -> &'static str {
     let reply = status::encode_reply(status, reason);
     let _ = timeout(REPLY_TIMEOUT, async {
         write_all(&mut tls, &reply).await?;

@@ -150,13 +150,18 @@ impl LeaseTask {
         };
         match answer {
             Ok(true) => {
+                crate::metrics::cluster_lease_renewal("ok");
                 self.ok();
                 LeaseEvent::KeptAlive
             }
-            Ok(false) => LeaseEvent::Lost {
-                overdue: self.last_ok.elapsed() >= self.shared.timings.lease_ttl,
-            },
+            Ok(false) => {
+                crate::metrics::cluster_lease_renewal("lost");
+                LeaseEvent::Lost {
+                    overdue: self.last_ok.elapsed() >= self.shared.timings.lease_ttl,
+                }
+            }
             Err(e) => {
+                crate::metrics::cluster_lease_renewal("failed");
                 tracing::debug!(error = %e, "cluster lease keepalive failed");
                 LeaseEvent::StoreDown
             }

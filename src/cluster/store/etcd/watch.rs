@@ -229,6 +229,7 @@ async fn follow(shared: &Shared, client: &Client, from: i64, backoff: &mut Backo
 
 /// One watch response into the cache.
 fn apply(shared: &Shared, response: &WatchResponse) {
+    crate::metrics::cluster_directory_heard();
     let mut cache = shared.cache_mut();
     if response.events().is_empty() {
         // A progress notice: every event up to its revision has come.
