@@ -271,8 +271,8 @@ impl Cluster {
         at
     }
 
-    /// SIGTERM to replica `n`, which then drains and exits; the replica stays here until
-    /// `wait_stopped`.
+    /// SIGTERM to replica `n`, which then drains and exits; it counts as running (its admin API
+    /// answers during the drain) until `wait_stopped`.
     pub fn terminate(&self, n: usize) {
         send_signal("TERM", &self.replica(n).pid().to_string());
     }
@@ -280,24 +280,19 @@ impl Cluster {
     /// Waits up to `timeout` for replica `n` to exit after `terminate`; returns when it exited
     /// and its status.
     pub fn wait_stopped(&mut self, n: usize, timeout: Duration) -> (Instant, std::process::ExitStatus) {
-        let gw = self.replicas[n - 1].as_mut().expect("a replica to wait for");
+        let mut gw = self.replicas[n - 1].take().expect("a replica to wait for");
         let status = gw.wait_exit(timeout);
         let at = Instant::now();
+        self.gone.push(gw);
         let status = status.unwrap_or_else(|| panic!("r{n} still runs {timeout:?} after SIGTERM"));
         (at, status)
     }
 
-    /// Starts replica `n` again on the ports it had (after `kill`, or `terminate` and
-    /// `wait_stopped`); returns once it knows the others.
+    /// Starts replica `n` again, after `kill` or `wait_stopped`, on the ports it had; returns
+    /// once it knows the others.
     pub fn restart(&mut self, n: usize) -> Duration {
         let started = Instant::now();
-        if let Some(mut old) = self.replicas[n - 1].take() {
-            assert!(
-                old.wait_exit(Duration::ZERO).is_some(),
-                "r{n} still runs: stop it first"
-            );
-            self.gone.push(old);
-        }
+        assert!(self.replicas[n - 1].is_none(), "r{n} still runs: stop it first");
         let config = self.recipe.write(&self.env, n, Some(self.ports[n - 1]));
         self.replicas[n - 1] = Some(Gateway::start(&self.env, &config));
         self.wait_knows_all(n);
