@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the integration tests drive (see tests/common), the etcd server the cluster store
-# tests start (tests/cluster_store.rs), and protoc, which the etcd client's build runs.
+# Real peers the integration tests drive (see tests/common), the etcd server the cluster tests
+# start (tests/cluster_store.rs, tests/cluster/), and protoc, which the etcd client's build runs.
 PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh
   etcd-server protobuf-compiler)
 missing=()

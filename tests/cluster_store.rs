@@ -9,10 +9,12 @@
 #[path = "common/process.rs"]
 mod process;
 
+#[allow(dead_code)]
+#[path = "common/etcd.rs"]
+mod etcd;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,10 +22,9 @@ use std::time::{Duration, Instant};
 use edgemux::cluster_store::{encode_route, Keys, LocalRoutes, ReplicaId, ReplicaState, RouteEntry, Store};
 use edgemux::config::{ClusterConfig, Spread};
 use edgemux::names::KeyFingerprint;
-use process::{poll_until, Proc};
+use etcd::Etcd;
 
-const INSTALL_HINT: &str = "apt-get install -y etcd-server";
-/// Deadline for etcd to serve, and for a store to find its peer: generous on a busy machine.
+/// Deadline for a store to find its peer: generous on a busy machine.
 const SETUP: Duration = Duration::from_secs(20);
 /// A change published by one replica reaches the other "well under a second".
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -33,85 +34,11 @@ const CLUSTER: &str = "test";
 const OWNER: KeyFingerprint = KeyFingerprint::from_sha256([5u8; 32]);
 const OTHER: KeyFingerprint = KeyFingerprint::from_sha256([6u8; 32]);
 
-fn etcd_binary() -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("etcd"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("the cluster store tests need etcd; install it with: {INSTALL_HINT}"))
-}
-
-/// One etcd member on loopback, its data in a temp dir.
-struct Etcd {
-    endpoint: String,
-    proc: Proc,
-    _dir: tempfile::TempDir,
-}
-
-fn free_ports() -> (u16, u16) {
-    let bind = || TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    let (a, b) = (bind(), bind());
-    let port = |l: &TcpListener| l.local_addr().expect("probe port").port();
-    (port(&a), port(&b))
-}
-
-/// Whether etcd at `port` says it is healthy.
-fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer.contains("\"health\":\"true\"")
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let bin = etcd_binary();
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().unwrap();
-            let (client, peer) = free_ports();
-            let (c, p) = (
-                format!("http://127.0.0.1:{client}"),
-                format!("http://127.0.0.1:{peer}"),
-            );
-            let mut cmd = Command::new(&bin);
-            cmd.arg("--name=default")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={c}"))
-                .arg(format!("--advertise-client-urls={c}"))
-                .arg(format!("--listen-peer-urls={p}"))
-                .arg(format!("--initial-advertise-peer-urls={p}"))
-                .arg(format!("--initial-cluster=default={p}"));
-            let mut proc = Proc::spawn(dir.path(), "etcd", cmd);
-            let up = poll_until(SETUP, || match proc.try_wait() {
-                Some(_) => Some(false),
-                None => healthy(client).then_some(true),
-            });
-            match up {
-                Some(true) => {
-                    return Etcd {
-                        endpoint: c,
-                        proc,
-                        _dir: dir,
-                    }
-                }
-                Some(false) if proc.stderr().contains("address already in use") => continue,
-                _ => panic!("etcd did not serve within {SETUP:?}\n{}", proc.describe()),
-            }
-        }
-        panic!("etcd lost the race for free ports three times")
-    }
-
-    async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint.as_str()], None)
-            .await
-            .unwrap()
-    }
+/// A client of the test's etcd, for what the test does behind the stores' backs.
+async fn client(etcd: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap()
 }
 
 /// A replica's local routes, as a test sets them.
@@ -272,7 +199,7 @@ async fn a_route_published_by_one_replica_reaches_the_other_and_leaves_with_it()
 
     // A write outside the directory's range moves the store's revision; the watcher's progress
     // requests (one per keepalive interval) bring the cache's revision along.
-    let mut client = etcd.client().await;
+    let mut client = client(&etcd).await;
     let put = client.put("/elsewhere", "x", None).await.unwrap();
     let revision = put.header().unwrap().revision();
     let t = until("progress reaches B's cache", Duration::from_secs(5), || {
@@ -335,7 +262,7 @@ async fn entries_whose_host_is_not_their_keys_are_dropped_and_counted() {
     until("B reads the directory", SETUP, || b.store.resyncs("start") == 1).await;
     let keys = Keys::new(CLUSTER);
     let rogue = ReplicaId::parse("rogue.0badc0de").unwrap();
-    let mut client = etcd.client().await;
+    let mut client = client(&etcd).await;
     let record = r#"{"peer_addr":"127.0.0.1:1","version":"0","state":"serving","started":0}"#;
     client.put(keys.replica(&rogue), record, None).await.unwrap();
     let value = |key| {
@@ -388,7 +315,7 @@ async fn a_lost_lease_is_granted_again_and_everything_republished() {
     let (a, b) = pair(&etcd, Duration::from_secs(3)).await;
     let hosts = serve_three(&a, &b).await;
     let lost = a.store.lease_id().unwrap();
-    let mut client = etcd.client().await;
+    let mut client = client(&etcd).await;
     client.lease_revoke(lost).await.unwrap();
     let start = Instant::now();
     until("A's routes leave with the lease", PROPAGATION, || {
@@ -479,7 +406,7 @@ async fn a_compaction_past_the_watch_forces_a_resync_that_gets_it_right() {
             .any(|(host, _, _)| host == h)
     };
     until("A's writes land", PROPAGATION, || own(&new) && !own(&old)).await;
-    let mut client = etcd.client().await;
+    let mut client = client(&etcd).await;
     // One more revision, so the compaction goes past every revision B has not seen.
     let put = client.put("/elsewhere", "x", None).await.unwrap();
     let now = put.header().unwrap().revision();
@@ -517,7 +444,7 @@ async fn a_store_that_hangs_stalls_no_caller_and_is_caught_up_after() {
     })
     .await;
 
-    let pid = etcd.proc.pid().to_string();
+    let pid = etcd.pid().to_string();
     let lease = a.store.lease_id();
     process::send_signal("STOP", &pid);
     let frozen = Instant::now();
@@ -551,7 +478,7 @@ async fn a_store_that_hangs_stalls_no_caller_and_is_caught_up_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_with_authentication_takes_user_and_password_from_a_file() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
+    let mut client = client(&etcd).await;
     client.user_add("root", "s3cret", None).await.unwrap();
     client.user_grant_role("root", "root").await.unwrap();
     client.auth_enable().await.unwrap();

@@ -1,5 +1,6 @@
 //! PROXY protocol peers: a real HAProxy in TCP mode in front of the gateway (`send-proxy` or
-//! `send-proxy-v2`), and v2 headers written by hand for what HAProxy cannot be made to send
+//! `send-proxy-v2`) or in front of a cluster's replicas (round robin and pinned frontends, health
+//! checks on `/readyz`), and v2 headers written by hand for what HAProxy cannot be made to send
 //! (LOCAL, an arbitrary IPv4 or IPv6 source).
 //!
 //! HAProxy cannot bind port 0, so a start picks free ports and retries with new ones when HAProxy
@@ -45,9 +46,19 @@ impl SendProxy {
 
 /// A running `haproxy -db`, killed on drop (through its `Proc`).
 pub struct Haproxy {
-    /// The TCP frontend visitors connect to.
+    /// The TCP frontend visitors connect to (for a cluster: the round-robin one).
     pub port: u16,
+    /// For a cluster: one frontend per replica, in the order the replicas were given.
+    pub pinned: Vec<u16>,
     pub proc: Proc,
+}
+
+/// A replica behind a cluster's balancer: its main listener and its admin listener, where the
+/// health check asks `/readyz`.
+#[derive(Clone, Copy, Debug)]
+pub struct Replica {
+    pub public: u16,
+    pub admin: u16,
 }
 
 /// The HAProxy binary: `/usr/sbin` is not on every PATH. Panics with the install line: these
@@ -66,25 +77,76 @@ fn binary() -> PathBuf {
         })
 }
 
-/// Two distinct ports that were free a moment ago (both held until both are known).
-fn free_ports() -> (u16, u16) {
-    let bind = || TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    let (a, b) = (bind(), bind());
-    let port = |l: &TcpListener| l.local_addr().expect("probe port").port();
-    (port(&a), port(&b))
+/// `n` distinct ports that were free a moment ago (all held until all are known).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a probe port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("probe port").port())
+        .collect()
 }
 
-fn config(port: u16, ready_port: u16, gateway_port: u16, send: SendProxy, nonce: &str) -> String {
+const DEFAULTS: &str = "global\n    noreuseport\n\n\
+    defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
+    timeout server 60s\n\n";
+
+/// Frontend `name` on 127.0.0.1:`port` and the head of its `backend` (its servers follow).
+fn frontend(name: &str, port: u16, backend: &str) -> String {
     format!(
-        "global\n    noreuseport\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
-         timeout server 60s\n\n\
-         frontend visitors\n    bind 127.0.0.1:{port}\n    default_backend edgemux\n\n\
-         backend edgemux\n    server gw 127.0.0.1:{gateway_port} {}\n\n\
-         frontend ready\n    mode http\n    bind 127.0.0.1:{ready_port}\n    \
-         http-request return status 200 content-type text/plain string {nonce}\n",
-        send.keyword()
+        "frontend {name}\n    bind 127.0.0.1:{port}\n    default_backend {backend}\n\n\
+         backend {backend}\n"
     )
+}
+
+/// The frontend that proves this HAProxy serves: it answers `nonce`.
+fn ready_frontend(port: u16, nonce: &str) -> String {
+    format!(
+        "frontend ready\n    mode http\n    bind 127.0.0.1:{port}\n    \
+         http-request return status 200 content-type text/plain string {nonce}\n"
+    )
+}
+
+fn config(port: u16, gateway_port: u16, send: SendProxy) -> String {
+    let mut text = frontend("visitors", port, "edgemux");
+    text.push_str(&format!(
+        "    server gw 127.0.0.1:{gateway_port} {}\n\n",
+        send.keyword()
+    ));
+    text
+}
+
+/// The NLB stand-in for a cluster (SCALEOUT §9.1): frontend `public` round-robins over every
+/// replica; frontend `via-rN` reaches replica N only, which is how a test chooses where an ssh
+/// client or a visitor lands. Every server gets `send-proxy-v2` and a health check of `/readyz`
+/// on its admin port (500 ms apart, down after 2 failures, up after 2 successes). Only the public
+/// backend resets the flows of a server marked down (`on-marked-down shutdown-sessions`), as an
+/// NLB does with an unhealthy target: a pinned frontend stands for a replica's own address, and
+/// its established flows (an owner's SSH connection, a download in flight) must see the
+/// replica's drain to its end.
+fn cluster_config(ports: &[u16], replicas: &[Replica]) -> String {
+    let server = |i: usize, r: &Replica| {
+        format!(
+            "    server r{} 127.0.0.1:{} send-proxy-v2 check port {} inter 500ms fall 2 rise 2",
+            i + 1,
+            r.public,
+            r.admin
+        )
+    };
+    let mut text = frontend("public", ports[0], "replicas");
+    text.push_str("    balance roundrobin\n    option httpchk GET /readyz\n");
+    for (i, r) in replicas.iter().enumerate() {
+        text.push_str(&format!("{} on-marked-down shutdown-sessions\n", server(i, r)));
+    }
+    for (i, r) in replicas.iter().enumerate() {
+        let n = i + 1;
+        text.push_str(&format!(
+            "\n{}",
+            frontend(&format!("via-r{n}"), ports[n], &format!("only-r{n}"))
+        ));
+        text.push_str(&format!("    option httpchk GET /readyz\n{}\n", server(i, r)));
+    }
+    text
 }
 
 /// True when `port` answers an HTTP request with `nonce`: our HAProxy is up, every frontend bound.
@@ -106,27 +168,50 @@ impl Haproxy {
     /// Starts HAProxy in the foreground with its config in `dir`, forwarding every connection to
     /// `127.0.0.1:gateway_port` with the chosen PROXY header; returns once it serves.
     pub fn start(dir: &Path, gateway_port: u16, send: SendProxy) -> Haproxy {
+        Haproxy::launch(dir, 1, |ports| config(ports[0], gateway_port, send))
+    }
+
+    /// Starts the balancer of a cluster (see `cluster_config`): `port` is the round-robin
+    /// frontend, `pinned[i]` reaches `replicas[i]` only.
+    pub fn cluster(dir: &Path, replicas: &[Replica]) -> Haproxy {
+        Haproxy::launch(dir, 1 + replicas.len(), |ports| cluster_config(ports, replicas))
+    }
+
+    /// Starts HAProxy with the config `render` makes for `frontends` free ports (plus the
+    /// readiness frontend), retrying on fresh ports when it loses one to another process.
+    fn launch(dir: &Path, frontends: usize, render: impl Fn(&[u16]) -> String) -> Haproxy {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let bin = binary();
         let mut lost_races = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            let (port, ready_port) = free_ports();
+            let ports = free_ports(frontends + 1);
+            let (ready_port, ports) = ports.split_last().expect("at least the ready port");
             let nonce = format!("haproxy-ready-{:016x}", rand::random::<u64>());
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let cfg = dir.join(format!("haproxy-{n}.cfg"));
-            let text = config(port, ready_port, gateway_port, send, &nonce);
+            let text = format!(
+                "{DEFAULTS}{}{}",
+                render(ports),
+                ready_frontend(*ready_port, &nonce)
+            );
             fs::write(&cfg, text).expect("write haproxy config");
             let mut cmd = Command::new(&bin);
             cmd.arg("-db").arg("-f").arg(&cfg);
             let mut proc = Proc::spawn(dir, "haproxy", cmd);
             let outcome = poll_until(SETUP, || match proc.try_wait() {
                 Some(status) => Some(Err(status)),
-                None => answers(ready_port, &nonce).then_some(Ok(())),
+                None => answers(*ready_port, &nonce).then_some(Ok(())),
             });
             match outcome {
-                Some(Ok(())) => return Haproxy { port, proc },
+                Some(Ok(())) => {
+                    return Haproxy {
+                        port: ports[0],
+                        pinned: ports[1..].to_vec(),
+                        proc,
+                    }
+                }
                 Some(Err(_)) if proc.stderr().contains("cannot bind socket") => {
-                    lost_races.push(format!("{port}/{ready_port}"));
+                    lost_races.push(format!("{ports:?}/{ready_port}"));
                 }
                 Some(Err(status)) => {
                     panic!("haproxy exited ({status}) at start\n{}", proc.describe())

@@ -210,6 +210,8 @@ pub struct Visitor {
     dir: PathBuf,
     port: u16,
     ca: PathBuf,
+    /// The local address curl connects from (`--interface`), when not the default.
+    source: Option<String>,
 }
 
 /// What one curl run saw.
@@ -264,11 +266,24 @@ impl Reply {
 
 impl Visitor {
     pub fn new(env: &TestEnv, gw: &Gateway) -> Visitor {
+        Visitor::at(env, gw.port())
+    }
+
+    /// A visitor of whatever serves the gateway's TLS on 127.0.0.1:`port` (a load balancer).
+    pub fn at(env: &TestEnv, port: u16) -> Visitor {
         Visitor {
             dir: env.path().to_owned(),
-            port: gw.port(),
+            port,
             ca: env.pki.ca.clone(),
+            source: None,
         }
+    }
+
+    /// The same visitor connecting from `source` (any 127/8 address works on loopback), so the
+    /// gateway behind a load balancer has a real client address to tell from the balancer's.
+    pub fn with_source(mut self, source: &str) -> Visitor {
+        self.source = Some(source.to_owned());
+        self
     }
 
     /// `https://HOST:PORT/PATH` on the gateway.
@@ -283,14 +298,18 @@ impl Visitor {
         self.dir.join(format!("{what}-{n}"))
     }
 
-    /// `curl -sS --max-time SECS --resolve HOST:PORT:127.0.0.1 --cacert CA ARGS...`.
+    /// `curl -sS --max-time SECS --resolve HOST:PORT:127.0.0.1 --cacert CA [--interface SOURCE]
+    /// ARGS...`.
     pub fn curl(&self, host: &str, max_time: Duration, args: &[&str]) -> Command {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", &max_time.as_secs().to_string()])
             .args(["--resolve", &format!("{host}:{}:127.0.0.1", self.port)])
             .arg("--cacert")
-            .arg(&self.ca)
-            .args(args);
+            .arg(&self.ca);
+        if let Some(source) = &self.source {
+            cmd.args(["--interface", source]);
+        }
+        cmd.args(args);
         cmd
     }
 

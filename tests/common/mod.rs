@@ -6,7 +6,9 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod cluster;
 pub mod config;
+pub mod etcd;
 pub mod flood;
 pub mod haproxy;
 pub mod http;
@@ -141,6 +143,8 @@ pub struct Gateway {
     stderr: PathBuf,
     listeners: Vec<u16>,
     admin: Option<u16>,
+    /// The cluster peer listener's port, when the config has `[cluster]`.
+    peer: Option<u16>,
 }
 
 impl Gateway {
@@ -181,6 +185,7 @@ impl Gateway {
             stderr,
             listeners: Vec::new(),
             admin: None,
+            peer: None,
         };
         gw.read_ports(&lines);
         gw
@@ -208,6 +213,7 @@ impl Gateway {
                 _ if line == "ready" => break,
                 Some(("listening", addr)) => self.listeners.push(port_of(addr)),
                 Some(("admin", addr)) => self.admin = Some(port_of(addr)),
+                Some(("peer", addr)) => self.peer = Some(port_of(addr)),
                 _ => panic!("unexpected line on gateway stdout before `ready`: {line:?}"),
             }
         }
@@ -239,6 +245,11 @@ impl Gateway {
 
     pub fn admin_port(&self) -> u16 {
         self.admin.expect("gateway printed no `admin` line")
+    }
+
+    /// The cluster peer listener's port (from the `peer` line a `[cluster]` gateway prints).
+    pub fn peer_port(&self) -> u16 {
+        self.peer.expect("gateway printed no `peer` line")
     }
 
     pub fn stderr(&self) -> String {
@@ -285,7 +296,8 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {
-            eprintln!("--- edgemux serve stderr ---\n{}", self.stderr());
+            let log = self.stderr.display();
+            eprintln!("--- edgemux serve stderr ({log}) ---\n{}", self.stderr());
         }
     }
 }

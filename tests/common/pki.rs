@@ -74,6 +74,18 @@ impl Pki {
 
 /// Issues a leaf from the CA in `dir` (the PKI's `pki/` dir): `NAME.key`, `NAME-fullchain.pem`.
 pub fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
+    issue(dir, name, cn, san, serial, "serverAuth")
+}
+
+/// A TLS client certificate from the test CA (`extendedKeyUsage=clientAuth`), for listeners that
+/// must refuse any CA but their own.
+pub fn client_leaf(pki: &Pki, name: &str, serial: &str) -> Leaf {
+    let dir = pki.ca.parent().expect("the PKI dir");
+    let san = format!("DNS:{name}.test");
+    issue(dir, name, &format!("{name}.test"), &san, serial, "clientAuth")
+}
+
+fn issue(dir: &Path, name: &str, cn: &str, san: &str, serial: &str, usage: &str) -> Leaf {
     let (key, csr, crt, ext) = (
         format!("{name}.key"),
         format!("{name}.csr"),
@@ -87,7 +99,7 @@ pub fn leaf(dir: &Path, name: &str, cn: &str, san: &str, serial: &str) -> Leaf {
     openssl(dir, &args);
     let extensions = format!(
         "subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+         keyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
     );
     fs::write(dir.join(&ext), extensions).expect("write extensions");
     openssl(
