@@ -91,6 +91,7 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
         tokio::spawn(listener::run(admin, admin_slots, admin_tasks, serve));
     }
     serve_peers(&gw, listeners.peer, &tasks);
+    tokio::spawn(gw.http().sweep_idle());
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
     }

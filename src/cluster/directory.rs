@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::peer::codec::{Op, PeerRequest};
@@ -74,6 +74,7 @@ impl ClusterDirectory {
                 key: entry.key,
                 host: key.host.clone(),
                 route: key.route,
+                retired: AtomicBool::new(false),
             })
         });
         if handle.key != entry.key {
@@ -85,9 +86,31 @@ impl ClusterDirectory {
                 key: entry.key,
                 host: key.host.clone(),
                 route: key.route,
+                retired: AtomicBool::new(false),
             });
         }
         handle.clone()
+    }
+
+    /// Retires the handles of replicas that drain, left, or no longer serve their pool (see
+    /// `RemoteMembers::retired`): run on every change of the store's copy.
+    pub(crate) fn retire_stale(&self) {
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        remotes.retain(|(rid, key), handle| {
+            let serving = self
+                .lookup
+                .replica(rid)
+                .is_some_and(|r| r.state == ReplicaState::Serving);
+            let holds = self
+                .lookup
+                .routes(&key.host)
+                .iter()
+                .any(|(r, entry)| r == rid && members_for(entry, key.route) > 0);
+            if !(serving && holds) {
+                handle.retire();
+            }
+            serving && holds
+        });
     }
 }
 

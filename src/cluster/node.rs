@@ -40,6 +40,20 @@ pub enum ClusterError {
     PeerTls(String),
 }
 
+/// Retires the cluster directory's handles of replicas that drain or leave, on every change of
+/// the store's copy, until the directory is gone.
+async fn retire_stale(
+    directory: std::sync::Weak<ClusterDirectory>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) {
+    while changes.changed().await.is_ok() {
+        let Some(directory) = directory.upgrade() else {
+            return;
+        };
+        directory.retire_stale();
+    }
+}
+
 /// This replica in the cluster.
 pub(crate) struct Cluster {
     store: tokio::sync::Mutex<Option<Store>>,
@@ -94,6 +108,8 @@ impl Cluster {
         let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
         let lookup = store.lookup();
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), client, cfg.spread, public_port);
+        let directory = Arc::new(directory);
+        tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
@@ -102,7 +118,7 @@ impl Cluster {
             client: kill_client,
             destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
         };
-        Ok((cluster, Arc::new(directory)))
+        Ok((cluster, directory))
     }
 
     /// Serves the peer listener until `shutdown`; streams are followed by `tracker`, so a drain

@@ -89,6 +89,17 @@ impl HttpContext {
 
     /// Shutdown: kept-alive upstream connections would hold their channels (and so their
     /// tunnel clients) open until the drain deadline.
+    /// Sweeps the kept-alive upstream connections every `upstream::SWEEP_EVERY` (see
+    /// `IdlePool::sweep`), until the process ends.
+    pub(crate) async fn sweep_idle(self: Arc<Self>) {
+        let mut every = tokio::time::interval(upstream::SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.idle.sweep();
+        }
+    }
+
     pub(crate) fn close_idle(&self) {
         self.idle.close();
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -22,6 +22,12 @@ pub(crate) type Sender = SendRequest<Incoming>;
 
 /// Idle keep-alive connections a member keeps; more are closed when released.
 const MAX_IDLE_PER_MEMBER: usize = 16;
+/// A kept-alive connection unused this long is closed, and with it its channel on the tunnel
+/// client (nginx's `keepalive_timeout` for upstreams is 60 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle connections are swept: those past [`IDLE_TIMEOUT`], closed, or to a member
+/// that has gone (a tunnel client that left, a replica that drains).
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The upstream read buffer, so also the largest body chunk read from a channel at once and the
 /// largest response head a tunnel may send: twice nginx's `proxy_buffer_size`.
 const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
@@ -42,8 +48,9 @@ pub(crate) struct IdlePool {
     closed: AtomicBool,
 }
 
-/// One member's idle connections, with a weak handle that tells when the member has gone.
-type Idle = (WeakReach, Vec<Upstream>);
+/// One member's idle connections, each with the time it was released, and a weak handle that
+/// tells when the member has gone.
+type Idle = (WeakReach, Vec<(Instant, Upstream)>);
 
 impl std::fmt::Debug for IdlePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,8 +68,12 @@ impl IdlePool {
     /// cannot cover is closed: a new channel starts smaller.
     fn take(&self, member: MemberId, visitor: ClientKey, limit: usize) -> Option<Upstream> {
         let mut members = self.lock();
-        let (_, idle) = members.get_mut(&member)?;
-        while let Some(u) = idle.pop() {
+        let (reach, idle) = members.get_mut(&member)?;
+        if !reach.is_alive() {
+            members.remove(&member);
+            return None;
+        }
+        while let Some((_, u)) = idle.pop() {
             if !u.sender.is_ready() || u.sender.is_closed() {
                 continue;
             }
@@ -72,7 +83,7 @@ impl IdlePool {
                 Ok(()) => return Some(u),
                 Err(Refused::Budget) => {}
                 Err(_) => {
-                    idle.push(u);
+                    idle.push((Instant::now(), u));
                     return None;
                 }
             }
@@ -93,8 +104,22 @@ impl IdlePool {
             .entry(member.id())
             .or_insert_with(|| (member.downgrade(), Vec::new()));
         if idle.len() < MAX_IDLE_PER_MEMBER {
-            idle.push(u);
+            idle.push((Instant::now(), u));
         }
+    }
+
+    /// Closes the connections idle past [`IDLE_TIMEOUT`] or closed by the other end, and those
+    /// of members that have gone. Returns how many stay.
+    pub(crate) fn sweep(&self) -> usize {
+        let mut members = self.lock();
+        members.retain(|_, (reach, idle)| {
+            if !reach.is_alive() {
+                return false;
+            }
+            idle.retain(|(at, u)| at.elapsed() < IDLE_TIMEOUT && !u.sender.is_closed());
+            !idle.is_empty()
+        });
+        members.values().map(|(_, idle)| idle.len()).sum()
     }
 
     /// Closes every kept-alive connection and keeps none from now on (shutdown: they would hold

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -30,6 +31,15 @@ pub(crate) struct RemoteMembers {
     pub(crate) key: KeyFingerprint,
     pub(crate) host: String,
     pub(crate) route: Route,
+    /// Set once the replica drains, leaves, or no longer serves the pool: streams kept alive to
+    /// it are closed, so its channels close and a draining owner can let its clients go.
+    pub(crate) retired: AtomicBool,
+}
+
+impl RemoteMembers {
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
 }
 
 /// A pool another replica serves, as the cluster directory knows it: for the cluster-wide
@@ -97,7 +107,7 @@ impl WeakReach {
     pub(crate) fn is_alive(&self) -> bool {
         match self {
             Self::Local(m) => m.strong_count() > 0,
-            Self::Remote(r) => r.strong_count() > 0,
+            Self::Remote(r) => r.upgrade().is_some_and(|r| !r.retired.load(Ordering::Acquire)),
         }
     }
 }

@@ -83,9 +83,16 @@ struct Shared {
     /// The watcher got through: a lease retry need not wait out its backoff.
     store_back: Notify,
     resyncs: Mutex<BTreeMap<&'static str, u64>>,
+    /// Bumped after every change to the cache (events applied, a full read put in place).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
+    /// Tells the [`Lookup::changes`] followers that the cache changed.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn cache(&self) -> RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -152,6 +159,11 @@ impl Lookup {
     /// The other replicas.
     pub fn replicas(&self) -> Vec<(ReplicaId, ReplicaEntry)> {
         self.0.cache().replicas()
+    }
+
+    /// Changes whenever the cache does: for those who act on replicas leaving or draining.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.changes.subscribe()
     }
 
     /// Everything in the cache, this replica's own entries included.
@@ -223,6 +235,7 @@ impl Store {
             health: Mutex::new(Health::default()),
             store_back: Notify::new(),
             resyncs: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         });
         let marker = Marker::default();
         let client = Arc::new(tokio::sync::OnceCell::new());

@@ -140,6 +140,7 @@ async fn read_all(shared: &Shared, client: &Client) -> Result<i64, etcd_client::
     }
     let entries = fresh.len();
     *shared.cache_mut() = fresh;
+    shared.changed();
     crate::metrics::cluster_directory_entries(entries);
     Ok(revision)
 }
@@ -259,6 +260,8 @@ fn apply(shared: &Shared, response: &WatchResponse) {
         report(cache.apply(change));
     }
     crate::metrics::cluster_directory_entries(cache.len());
+    drop(cache);
+    shared.changed();
 }
 
 fn report(applied: Applied) {
