@@ -21,6 +21,7 @@ use crate::common::config::GatewayBuilder;
 use crate::common::http::{http_backend, pattern, pattern_sha256, rss_kib, RssSampler};
 use crate::common::pki::client_config;
 use crate::common::process::Proc;
+use crate::common::prom::promtool_check;
 use crate::common::ssh::KeyKind;
 use crate::common::{TestEnv, SETUP};
 
@@ -113,6 +114,28 @@ fn bodies_websockets_and_the_visitor_address_cross_the_hop() {
         &[("side", "out"), ("outcome", "ok")],
         1.0,
     );
+    // Both ends' metrics, the cluster's included, are valid exposition format.
+    let r1 = h.cluster.scrape(1);
+    r1.assert_at_least(
+        "edgemux_peer_streams_total",
+        &[("side", "in"), ("outcome", "ok")],
+        1.0,
+    );
+    for (name, scrape) in [("r1", &r1), ("r2", &r2)] {
+        assert_eq!(
+            scrape.count("edgemux_cluster_store_up", &[]),
+            1.0,
+            "{name}\n{}",
+            scrape.text
+        );
+        let check = promtool_check(h.cluster.env.path(), &scrape.text);
+        assert!(
+            check.status.success(),
+            "promtool check metrics on {name}:\n{}\n--- scrape ---\n{}",
+            check.combined(),
+            scrape.text
+        );
+    }
 }
 
 /// A text and a 256 KiB binary message echoed through a WebSocket opened from `VISITOR` on
