@@ -43,19 +43,11 @@ mkdir -p "$W" "$OUT_ROOT/results"
 OUT=$OUT_ROOT/results/$STAMP.txt
 exec > >(tee "$OUT") 2>&1
 PROCS=(python3 "$BENCH/procs.py")
+# shellcheck source=lib.sh
+. "$BENCH/lib.sh"   # hdr, listening, stop_pid, busy_pct, wait_quiet, to_ms
 
 # ------------------------------------------------------------------ cleanup
 EM_PID="" TUN_PID="" SINK_PID="" SINKTUN_PID="" HELPER_PID="" CHAIN_STARTED=0
-stop_pid() { # pid [group] : TERM, wait up to 10 s, KILL
-  local pid=$1 i
-  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 0
-  if [ "${2:-}" = group ]; then kill -TERM -- "-$pid" 2>/dev/null; else kill -TERM "$pid" 2>/dev/null; fi
-  for ((i = 0; i < 100; i++)); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  if [ -d "/proc/$pid" ]; then
-    if [ "${2:-}" = group ]; then kill -KILL -- "-$pid" 2>/dev/null; else kill -KILL "$pid" 2>/dev/null; fi
-  fi
-  wait "$pid" 2>/dev/null
-}
 cleanup() {
   trap - EXIT INT TERM
   echo
@@ -72,9 +64,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-hdr() { echo; echo "=== $* ==="; }
 die() { echo "run: $*" >&2; exit 1; }
-listening() { ss -Hltn "sport = :$1" | grep -q .; }
 
 # ------------------------------------------------------------------ build, chain, edgemux
 if [ -n "${EDGEMUX_BIN:-}" ]; then
@@ -210,25 +200,6 @@ echo "gateway processes measured: chain = stunnel + sslh + sshd + nginx-proxy (e
   "edgemux = the edgemux process"
 
 # ------------------------------------------------------------------ helpers
-busy_pct() {
-  local a b busy=0 tot=0 i d
-  read -ra a < <(head -1 /proc/stat); sleep 1; read -ra b < <(head -1 /proc/stat)
-  for i in 1 2 3 4 5 6 7 8; do
-    d=$(( b[i] - a[i] )); tot=$(( tot + d ))
-    [ "$i" != 4 ] && [ "$i" != 5 ] && busy=$(( busy + d ))
-  done
-  echo $(( tot > 0 ? 100 * busy / tot : 0 ))
-}
-wait_quiet() { # other load on a 2-core box distorts everything: wait it out (bounded)
-  local t0=$SECONDS p
-  while :; do
-    p=$(busy_pct)
-    [ "$p" -le "$QUIET_PCT" ] && return 0
-    if [ $((SECONDS - t0)) -ge "$QUIET_WAIT" ]; then
-      echo "    (machine still ${p}% busy after ${QUIET_WAIT}s; measuring anyway)"; return 0
-    fi
-  done
-}
 snap() { "${PROCS[@]}" snap "$W/$1.json" --gw "$2" --ours "$(ours)"; }
 # sets GW_CPU (s) and NOISY ("" or " [noisy]"); returns 1 when noisy
 cpu_after() { # snapA snapB
@@ -250,11 +221,6 @@ mem_detail() { # system label
   fi
 }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
-to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
-  awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us$/,"",v); printf "%.3f", v/1000}
-    else if (v ~ /ms$/) {sub(/ms$/,"",v); printf "%.2f", v}
-    else if (v ~ /s$/) {sub(/s$/,"",v); printf "%.1f", v*1000} else printf "?" }'
-}
 ORDER_I=0
 PAIR=""
 pair() { # alternate which system goes first, workload by workload (ABBA): sets PAIR
