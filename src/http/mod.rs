@@ -345,7 +345,7 @@ async fn proxy(
         return Ok(resp.map(|b| b.boxed()));
     }
     if !upgrade {
-        upstream::release(ctx.idle.clone(), member, conn);
+        upstream::release(ctx.idle.clone(), member, conn, limits.channels_per_tunnel);
     }
     forward::strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp.map(|b| b.boxed()))

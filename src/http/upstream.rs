@@ -20,8 +20,6 @@ use crate::tunnels::{
 
 pub(crate) type Sender = SendRequest<Incoming>;
 
-/// Idle keep-alive connections a member keeps; more are closed when released.
-const MAX_IDLE_PER_MEMBER: usize = 16;
 /// A kept-alive connection unused this long is closed, and with it its channel on the tunnel
 /// client (nginx's `keepalive_timeout` for upstreams is 60 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,7 +89,10 @@ impl IdlePool {
         None
     }
 
-    fn put(&self, member: &Reach, u: Upstream) {
+    /// Keeps `u` for the next request to `member`, with at most `max_idle` others: as many as
+    /// the member may have channels (`limits.channels_per_tunnel`), so reuse holds at any
+    /// concurrency the member can serve; the sweep closes those idle too long.
+    fn put(&self, member: &Reach, u: Upstream, max_idle: usize) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -103,7 +104,7 @@ impl IdlePool {
         let (_, idle) = members
             .entry(member.id())
             .or_insert_with(|| (member.downgrade(), Vec::new()));
-        if idle.len() < MAX_IDLE_PER_MEMBER {
+        if idle.len() < max_idle {
             idle.push((Instant::now(), u));
         }
     }
@@ -190,7 +191,7 @@ async fn open(directory: &dyn Directory, m: &Reach, visitor: Visitor<'_>, upgrad
 /// Returns a connection to its member's idle list once its response has been read in full,
 /// charged to no one. Waiting happens in its own task, so a slow download never blocks another
 /// request.
-pub(crate) fn release(pool: Arc<IdlePool>, member: Reach, mut u: Upstream) {
+pub(crate) fn release(pool: Arc<IdlePool>, member: Reach, mut u: Upstream, max_idle: usize) {
     tokio::spawn(async move {
         if u.sender.ready().await.is_ok() {
             match u.slot.as_ref().map(Weak::upgrade) {
@@ -198,7 +199,7 @@ pub(crate) fn release(pool: Arc<IdlePool>, member: Reach, mut u: Upstream) {
                 Some(None) => return,
                 None => {}
             }
-            pool.put(&member, u);
+            pool.put(&member, u, max_idle);
         }
     });
 }
