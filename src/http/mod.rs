@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HttpConfig, LiveLimits};
-use crate::io::{BoxStream, ClientAddr};
+use crate::io::{lingering, BoxStream, ClientAddr};
 use crate::route::Wire;
 use crate::tls::challenge::Challenges;
 use crate::tunnels::{Directory, Reach, Route, TunnelKey};
@@ -189,6 +189,8 @@ pub(crate) async fn serve(
             Ok::<_, Infallible>(response.map(|body| Watched::new(body, watch)))
         }
     });
+    // Closed with a linger once hyper is done with it (see `io::lingering`).
+    let (stream, returned) = lingering(stream);
     let io = TokioIo::new(stream);
     let max_headers = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
     let result = match wire {
@@ -223,6 +225,7 @@ pub(crate) async fn serve(
     if let Err(e) = result {
         tracing::debug!(error = %e, "http connection ended");
     }
+    returned.linger().await;
 }
 
 /// Whether a response came from a member here (`local`) or through another replica (`peer`),

@@ -1,9 +1,11 @@
 //! Stream vocabulary shared by every stage, with no protocol logic: who is on the other end
 //! ([`ClientAddr`], and [`ClientKey`] when shares are counted), a routed stream of any kind
-//! ([`BoxStream`]), bytes read ahead replayed ([`Prefixed`]) and bytes counted ([`Counted`]).
+//! ([`BoxStream`]), bytes read ahead replayed ([`Prefixed`]), bytes counted ([`Counted`]), and
+//! a close that lets the peer finish first ([`lingering`]).
 
 mod client_key;
 mod counted;
+mod linger;
 mod prefixed;
 
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub(crate) use client_key::ClientKey;
 pub(crate) use counted::Counted;
+pub(crate) use linger::lingering;
 pub(crate) use prefixed::Prefixed;
 
 /// A routed stream, whatever stages it went through.
