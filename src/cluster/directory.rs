@@ -224,4 +224,8 @@ impl Directory for ClusterDirectory {
     fn replica_name(&self) -> Option<&str> {
         Some(self.me.replica_name())
     }
+
+    fn freshness(&self) -> Option<&'static str> {
+        Some(if self.lookup.store_up() { "ok" } else { "stale" })
+    }
 }

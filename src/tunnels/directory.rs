@@ -155,6 +155,12 @@ pub(crate) trait Directory: Send + Sync {
     fn replica_name(&self) -> Option<&str> {
         None
     }
+
+    /// In a cluster, whether the copy of other replicas' tunnels is current (`ok`) or may be
+    /// behind because the store does not answer (`stale`).
+    fn freshness(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Tries `members` in order and returns the first success of `attempt` with its member. A member

@@ -78,7 +78,11 @@ pub(crate) fn tunnels_json(
         spread_json(&mut tunnel, None, &elsewhere);
         tunnels.push(tunnel);
     }
-    json!({ "tunnels": tunnels })
+    let mut list = json!({ "tunnels": tunnels });
+    if let Some(freshness) = directory.freshness() {
+        list["directory"] = freshness.into();
+    }
+    list
 }
 
 /// Adds `member_count` and, in a cluster, `replicas` (name and members of each) to `tunnel`.

@@ -10,6 +10,7 @@
 //! - `pool`: one pool with members on two replicas.
 //! - `failover`: a replica killed, a replica stopped.
 //! - `peer_port`: the peer listener speaks only mutual TLS.
+//! - `outage`: the store frozen, then back empty.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,6 +18,7 @@
 mod common;
 
 mod failover;
+mod outage;
 mod peer_port;
 mod pool;
 mod private;

@@ -59,49 +59,86 @@ pub struct Etcd {
     /// `http://127.0.0.1:PORT`, for `[cluster] endpoints`.
     pub endpoint: String,
     pub proc: Proc,
+    ports: (u16, u16),
     _dir: tempfile::TempDir,
+}
+
+/// Why one start did not serve.
+enum NotServed {
+    /// Another process took a port in between.
+    PortTaken,
+    Failed(String),
+}
+
+/// Starts etcd with an empty data dir on `client` and `peer` and waits until it is healthy.
+fn serve_on(client: u16, peer: u16) -> Result<(Proc, tempfile::TempDir), NotServed> {
+    let dir = tempfile::Builder::new()
+        .prefix("edgemux-etcd-")
+        .tempdir()
+        .expect("etcd temp dir");
+    let (c, p) = (
+        format!("http://127.0.0.1:{client}"),
+        format!("http://127.0.0.1:{peer}"),
+    );
+    let mut cmd = Command::new(binary());
+    cmd.arg("--name=default")
+        .arg(format!("--data-dir={}", dir.path().join("data").display()))
+        .arg(format!("--listen-client-urls={c}"))
+        .arg(format!("--advertise-client-urls={c}"))
+        .arg(format!("--listen-peer-urls={p}"))
+        .arg(format!("--initial-advertise-peer-urls={p}"))
+        .arg(format!("--initial-cluster=default={p}"));
+    let mut proc = Proc::spawn(dir.path(), "etcd", cmd);
+    let up = poll_until(START, || match proc.try_wait() {
+        Some(_) => Some(false),
+        None => healthy(client).then_some(true),
+    });
+    match up {
+        Some(true) => Ok((proc, dir)),
+        Some(false) if proc.stderr().contains("address already in use") => Err(NotServed::PortTaken),
+        _ => Err(NotServed::Failed(format!(
+            "etcd did not serve within {START:?}\n{}",
+            proc.describe()
+        ))),
+    }
 }
 
 impl Etcd {
     /// Starts etcd and returns once it is healthy.
     pub fn start() -> Etcd {
-        let bin = binary();
+        binary();
         for _ in 0..START_ATTEMPTS {
-            let dir = tempfile::Builder::new()
-                .prefix("edgemux-etcd-")
-                .tempdir()
-                .expect("etcd temp dir");
             let (client, peer) = free_ports();
-            let (c, p) = (
-                format!("http://127.0.0.1:{client}"),
-                format!("http://127.0.0.1:{peer}"),
-            );
-            let mut cmd = Command::new(&bin);
-            cmd.arg("--name=default")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={c}"))
-                .arg(format!("--advertise-client-urls={c}"))
-                .arg(format!("--listen-peer-urls={p}"))
-                .arg(format!("--initial-advertise-peer-urls={p}"))
-                .arg(format!("--initial-cluster=default={p}"));
-            let mut proc = Proc::spawn(dir.path(), "etcd", cmd);
-            let up = poll_until(START, || match proc.try_wait() {
-                Some(_) => Some(false),
-                None => healthy(client).then_some(true),
-            });
-            match up {
-                Some(true) => {
+            match serve_on(client, peer) {
+                Ok((proc, dir)) => {
                     return Etcd {
-                        endpoint: c,
+                        endpoint: format!("http://127.0.0.1:{client}"),
                         proc,
+                        ports: (client, peer),
                         _dir: dir,
                     }
                 }
-                Some(false) if proc.stderr().contains("address already in use") => continue,
-                _ => panic!("etcd did not serve within {START:?}\n{}", proc.describe()),
+                Err(NotServed::PortTaken) => continue,
+                Err(NotServed::Failed(why)) => panic!("{why}"),
             }
         }
         panic!("etcd lost the race for free ports {START_ATTEMPTS} times")
+    }
+
+    /// Kills etcd and starts a new one on the same ports with an empty data dir: a store wiped
+    /// or rebuilt from nothing, at the address every replica knows.
+    pub fn restart_empty(&mut self) {
+        self.proc.kill_only_self();
+        let _ = self.proc.wait_exit(START);
+        let (client, peer) = self.ports;
+        match serve_on(client, peer) {
+            Ok((proc, dir)) => {
+                self.proc = proc;
+                self._dir = dir;
+            }
+            Err(NotServed::PortTaken) => panic!("etcd's port {client} was taken while it restarted"),
+            Err(NotServed::Failed(why)) => panic!("{why}"),
+        }
     }
 
     /// The process id, for signals (SIGSTOP a store that hangs).

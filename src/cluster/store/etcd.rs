@@ -161,6 +161,12 @@ impl Lookup {
         self.0.cache().replicas()
     }
 
+    /// Whether the store serves this replica now (lease kept alive, watch following): when not,
+    /// the copy may be stale.
+    pub fn store_up(&self) -> bool {
+        self.0.health().up()
+    }
+
     /// Changes whenever the cache does: for those who act on replicas leaving or draining.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.changes.subscribe()

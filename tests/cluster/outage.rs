@@ -1,0 +1,100 @@
+//! The store goes away (SCALEOUT T10, in part): routing runs from each replica's copy, so a
+//! frozen etcd stops nothing that was already known; readiness never depends on the store; the
+//! tunnel lists say the copy is `stale` meanwhile; and a store that comes back empty (its data
+//! dir wiped) is filled again by the replicas, each republishing what it serves.
+
+use std::time::{Duration, Instant};
+
+use crate::common::cluster::{Cluster, Via, LEASE_TTL, REPLICAS};
+use crate::common::http::http_backend;
+use crate::common::ssh::KeyKind;
+use crate::common::TestEnv;
+use crate::{settle, until};
+
+/// How long the frozen store is watched: past a whole lease TTL, so nothing hangs on the lease.
+const FROZEN_FOR: Duration = Duration::from_secs(5);
+/// A wiped store is complete again within a lease TTL plus a resync (the goal), with slack for
+/// a loaded machine.
+const REFILL: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
+    let env = TestEnv::new();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let mut cluster = Cluster::start(env, |c| c);
+    let spec = format!("app:80:127.0.0.1:{}", http_backend("alpha"));
+    let _owner = cluster.ssh(&key, Via::Replica(1)).remote_forward(&spec);
+    let host = key.host("app");
+    cluster.wait_placement(&host, &[("r1", 1)]);
+    let via_r2 = cluster.visitor(Via::Replica(2));
+    via_r2
+        .get(&host, "/", &[])
+        .expect_status(200, "via r2 with the store up");
+    assert_eq!(freshness(&cluster, 2).as_deref(), Some("ok"));
+
+    // Frozen: keeps its sockets, answers nothing.
+    cluster.etcd.proc.freeze();
+    let frozen = Instant::now();
+    let stale = until(
+        "r2 says its directory is stale",
+        Duration::from_secs(10),
+        || freshness(&cluster, 2).as_deref() == Some("stale"),
+        || format!("{:?}", cluster.tunnels(2)),
+    );
+    eprintln!("r2 says `stale` {stale:?} after the store froze");
+    let mut served = 0;
+    while frozen.elapsed() < FROZEN_FOR {
+        via_r2
+            .get(&host, "/", &[])
+            .expect_status(200, "via r2 with the store frozen");
+        served += 1;
+        for n in 1..=REPLICAS {
+            let ready = cluster.admin(n).request("GET", "/readyz");
+            assert_eq!(ready.status, 200, "r{n} /readyz with the store frozen");
+        }
+    }
+    eprintln!("{served} requests via r2 served while the store was frozen for {FROZEN_FOR:?}; /readyz 200 on every replica throughout");
+    let listed = cluster.placement(2, &host);
+    assert_eq!(
+        listed.map(|(_, n)| n),
+        Some(1),
+        "r2 still lists r1's tunnel from its copy"
+    );
+
+    // Wiped: a new etcd with an empty data dir at the same address.
+    cluster.etcd.restart_empty();
+    let back = Instant::now();
+    let refilled = settle(
+        "the directory refilled",
+        || (1..=REPLICAS).all(|n| freshness(&cluster, n).as_deref() == Some("ok")),
+        || {
+            format!(
+                "{:?}",
+                (1..=REPLICAS).map(|n| cluster.tunnels(n)).collect::<Vec<_>>()
+            )
+        },
+    );
+    let listed = cluster.wait_placement(&host, &[("r1", 1)]);
+    let total = back.elapsed();
+    eprintln!(
+        "empty store back: every replica `ok` after {refilled:?}, r1's tunnel listed everywhere after {total:?} (lease TTL {LEASE_TTL:?})"
+    );
+    assert!(
+        total <= REFILL,
+        "the directory took {total:?} to refill (listed in {listed:?})"
+    );
+    via_r2
+        .get(&host, "/", &[])
+        .expect_status(200, "via r2 after the store came back empty");
+    // The lease died with the old store: a new one, and everything republished under it; the
+    // new store's revisions start over, so every copy was read again whole.
+    let r1 = cluster.scrape(1);
+    r1.assert_at_least("edgemux_cluster_lease_grants_total", &[], 2.0);
+    let r2 = cluster.scrape(2);
+    r2.assert_at_least("edgemux_cluster_resyncs_total", &[("reason", "gap")], 1.0);
+}
+
+/// What replica `n`'s tunnel list says of its copy of the directory.
+fn freshness(cluster: &Cluster, n: usize) -> Option<String> {
+    cluster.tunnels(n)["directory"].as_str().map(str::to_owned)
+}
