@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
@@ -14,7 +17,8 @@ use super::select::{self, Candidate, Target};
 use super::store::{Lookup, ReplicaId, ReplicaState, RouteEntry};
 use crate::config::Spread;
 use crate::tunnels::{
-    Directory, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey, Visitor,
+    Directory, Finding, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey,
+    Visitor,
 };
 
 /// Ids of other replicas' member groups have the top bit set, so they never meet a local
@@ -22,14 +26,31 @@ use crate::tunnels::{
 const REMOTE_ID_BIT: MemberId = 1 << 63;
 /// Remote member groups remembered before the ones whose routes have gone are swept.
 const SWEEP_AT: usize = 4096;
+/// While the store does not answer, where other replicas said a host is held is reused this
+/// long, so a burst of requests for one host asks once.
+const LOOKUP_TTL: Duration = Duration::from_secs(2);
+/// And that no replica holds it, this long: a tunnel registered a moment later is found soon.
+const MISSING_TTL: Duration = Duration::from_millis(500);
+/// Lookups remembered at most; past this they are all forgotten.
+const LOOKUPS_KEPT: usize = 4096;
+/// Lookups asked around at once: more find nothing (404) until one ends, so a flood of random
+/// hosts while the store is down costs at most this many times the replicas in peer streams.
+const MAX_LOOKUPS: usize = 16;
+
+/// What other replicas answered a lookup for one pool, and when.
+type Answers = (Instant, Vec<(ReplicaId, RouteEntry)>);
 
 /// This replica's members first-hand, other replicas' through the store's copy and the peer link.
 pub(crate) struct ClusterDirectory {
     local: Arc<dyn Directory>,
     lookup: Lookup,
     me: ReplicaId,
-    peers: PeerClient,
+    peers: Arc<PeerClient>,
     spread: Spread,
+    /// Bounds a lookup asked around (twice the peer connect timeout).
+    lookup_timeout: Duration,
+    looked_up: Mutex<HashMap<TunnelKey, Answers>>,
+    lookups: Arc<Semaphore>,
     /// The address visitors reached (the public port), for the peer header.
     destination: SocketAddr,
     turn: AtomicU64,
@@ -42,7 +63,7 @@ impl ClusterDirectory {
     pub(crate) fn new(
         local: Arc<dyn Directory>,
         (lookup, me): (Lookup, ReplicaId),
-        peers: PeerClient,
+        (peers, connect_timeout): (PeerClient, Duration),
         spread: Spread,
         public_port: u16,
     ) -> Self {
@@ -50,8 +71,11 @@ impl ClusterDirectory {
             local,
             lookup,
             me,
-            peers,
+            peers: Arc::new(peers),
             spread,
+            lookup_timeout: connect_timeout * 2,
+            looked_up: Mutex::new(HashMap::new()),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
             destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
             turn: AtomicU64::new(0),
             ids: AtomicU64::new(0),
@@ -122,16 +146,17 @@ fn members_for(entry: &RouteEntry, route: Route) -> u32 {
     }
 }
 
-impl Directory for ClusterDirectory {
-    fn members(&self, key: &TunnelKey) -> Vec<Reach> {
-        let local = self.local.members(key);
+impl ClusterDirectory {
+    /// `local` (this replica's members of `key`) and the members `routes` say other replicas
+    /// hold, in the order to try.
+    fn spread(&self, key: &TunnelKey, local: Vec<Reach>, routes: Vec<(ReplicaId, RouteEntry)>) -> Vec<Reach> {
         let mut remote = HashMap::new();
         let mut candidates = vec![Candidate {
             target: Target::Local,
             members: u32::try_from(local.len()).unwrap_or(u32::MAX),
             draining: false,
         }];
-        for (rid, entry) in self.lookup.routes(&key.host) {
+        for (rid, entry) in routes {
             let members = members_for(&entry, key.route);
             if rid == self.me || members == 0 {
                 continue;
@@ -159,6 +184,76 @@ impl Directory for ClusterDirectory {
             }
         }
         out
+    }
+
+    /// Asks every other replica in the copy whether it holds `key` (op `lookup`), all at once and
+    /// within `lookup_timeout`; answers are kept [`LOOKUP_TTL`] ([`MISSING_TTL`] when none holds it). For when the store does not
+    /// answer, so a tunnel registered meanwhile is not in the copy.
+    async fn ask_around(&self, key: &TunnelKey) -> Vec<(ReplicaId, RouteEntry)> {
+        if let Some((at, found)) = self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+            let ttl = if found.is_empty() { MISSING_TTL } else { LOOKUP_TTL };
+            if at.elapsed() < ttl {
+                return found.clone();
+            }
+        }
+        let Ok(_turn) = self.lookups.clone().try_acquire_owned() else {
+            tracing::info!(host = %key.host, "too many lookups in flight; not asking the other replicas");
+            return Vec::new();
+        };
+        let port = match key.route {
+            Route::Http => 0,
+            Route::Tcp(port) => u16::try_from(port).unwrap_or(0),
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (rid, record) in self.lookup.replicas() {
+            let Ok(req) = PeerRequest::dial(Op::Lookup, &key.host, port, self.destination, self.destination)
+            else {
+                return Vec::new();
+            };
+            let peers = self.peers.clone();
+            asks.spawn(async move {
+                let answer = peers.command(record.peer_addr, rid.as_str(), req).await;
+                (rid, answer)
+            });
+        }
+        let mut found = Vec::new();
+        let collect = async {
+            while let Some(done) = asks.join_next().await {
+                let Ok((rid, Ok(json))) = done else { continue };
+                match self.lookup.decode_route(&key.host, json.as_bytes()) {
+                    Ok(entry) => found.push((rid, entry)),
+                    Err(e) => {
+                        tracing::info!(replica = %rid, host = %key.host, error = %e, "a lookup answer was refused")
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.lookup_timeout, collect).await;
+        tracing::info!(host = %key.host, holders = found.len(), "the cluster store does not answer; asked the other replicas");
+        let mut kept = self.looked_up.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() >= LOOKUPS_KEPT {
+            kept.clear();
+        }
+        kept.insert(key.clone(), (Instant::now(), found.clone()));
+        found
+    }
+}
+
+impl Directory for ClusterDirectory {
+    fn members(&self, key: &TunnelKey) -> Vec<Reach> {
+        let local = self.local.members(key);
+        self.spread(key, local, self.lookup.routes(&key.host))
+    }
+
+    fn find<'a>(&'a self, key: &'a TunnelKey) -> Finding<'a> {
+        Box::pin(async move {
+            let found = self.members(key);
+            if !found.is_empty() || self.lookup.store_up() {
+                return found;
+            }
+            let answers = self.ask_around(key).await;
+            self.spread(key, Vec::new(), answers)
+        })
     }
 
     fn open<'a>(&'a self, member: &'a Reach, visitor: Visitor<'a>) -> Opening<'a> {

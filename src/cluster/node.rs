@@ -107,7 +107,8 @@ impl Cluster {
         let owner = Arc::new(OwnerSide::new((tunnels.clone(), local.clone()), open_timeout));
         let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
         let lookup = store.lookup();
-        let directory = ClusterDirectory::new(local, (lookup.clone(), rid), client, cfg.spread, public_port);
+        let peers = (client, cfg.peer_connect_timeout);
+        let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
         let directory = Arc::new(directory);
         tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
         let cluster = Self {

@@ -5,12 +5,14 @@
 //! passed on to a third replica; a host not held here is `NO_ROUTE` and the dialer tries the
 //! next candidate.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::peer::codec::{Op, PeerRequest};
-use super::peer::link::server::{Dialing, Killing, PeerHandler};
+use super::peer::link::server::{Dialing, Killing, Looking, PeerHandler};
 use super::peer::status::Status;
+use super::store::{encode_route, LocalRoutes};
 use crate::io::ClientKey;
 use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey, Tunnels, Visitor};
 
@@ -36,13 +38,9 @@ impl OwnerSide {
 impl PeerHandler for OwnerSide {
     fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a> {
         Box::pin(async move {
-            let route = match req.op() {
-                Op::DialHttp => Route::Http,
-                _ => Route::Tcp(u32::from(req.port())),
-            };
             let key = TunnelKey {
                 host: req.host().to_owned(),
-                route,
+                route: route_of(req),
             };
             tracing::debug!(
                 sender = req.sender(),
@@ -81,6 +79,28 @@ impl PeerHandler for OwnerSide {
         })
     }
 
+    fn lookup<'a>(&'a self, req: &'a PeerRequest) -> Looking<'a> {
+        Box::pin(async move {
+            let hosts = HashSet::from([req.host().to_owned()]);
+            let held = self.tunnels.routes(&hosts).remove(req.host());
+            // Only the route asked for: the answer stays far below a reply's 512 bytes.
+            let route = held.and_then(|mut entry| {
+                match route_of(req) {
+                    Route::Http => entry.tcp.clear(),
+                    Route::Tcp(port) => {
+                        entry.http = 0;
+                        entry.tcp.retain(|p, _| *p == port);
+                    }
+                }
+                (entry.http > 0 || !entry.tcp.is_empty()).then_some(entry)
+            });
+            let no_route = || (Status::NoRoute, "no tunnel for this host here".to_owned());
+            let entry = route.ok_or_else(no_route)?;
+            let json = encode_route(&entry).map_err(|e| (Status::OpenFailed, e.to_string()))?;
+            String::from_utf8(json).map_err(|_| no_route())
+        })
+    }
+
     fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {
         Box::pin(async move {
             let doomed: Vec<_> = self
@@ -101,5 +121,13 @@ impl PeerHandler for OwnerSide {
             }
             Ok(u32::try_from(doomed.len()).unwrap_or(u32::MAX))
         })
+    }
+}
+
+/// The route a request names: HTTP for `dial_http` (and a lookup of port 0), else the TCP port.
+fn route_of(req: &PeerRequest) -> Route {
+    match (req.op(), req.port()) {
+        (Op::DialHttp, _) | (Op::Lookup, 0) => Route::Http,
+        (_, port) => Route::Tcp(u32::from(port)),
     }
 }

@@ -289,7 +289,7 @@ async fn route(
         host: host.clone(),
         route: Route::Http,
     };
-    let members = ctx.directory.members(&key);
+    let members = ctx.directory.find(&key).await;
     if members.is_empty() {
         return Err(ProxyError::NoTunnel(host));
     }

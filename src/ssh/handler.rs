@@ -310,10 +310,10 @@ impl russh::server::Handler for Handler {
             host,
             route: Route::for_port(port_to_connect),
         });
-        let members = target
-            .as_ref()
-            .map(|k| self.ctx.directory.members(k))
-            .unwrap_or_default();
+        let members = match &target {
+            Some(k) => self.ctx.directory.find(k).await,
+            None => Vec::new(),
+        };
         // HTTP tunnels too: a channel straight into one skips the proxy's header rewriting, so
         // only keys that may reach a private tunnel of the owner get one.
         let allowed = members

@@ -136,10 +136,20 @@ pub(crate) struct Opened {
     pub(crate) slot: Option<Weak<ChannelSlot>>,
 }
 
+/// A future that finds members, boxed so the trait can be used as `dyn Directory`.
+pub(crate) type Finding<'a> = Pin<Box<dyn Future<Output = Vec<Reach>> + Send + 'a>>;
+
 /// Where tunnels are, and how to reach them.
 pub(crate) trait Directory: Send + Sync {
-    /// Where the members serving `key` are, in the order to try them.
+    /// Where the members serving `key` are, in the order to try them, from what this process
+    /// knows now.
     fn members(&self, key: &TunnelKey) -> Vec<Reach>;
+
+    /// [`Directory::members`], or when those are none and what this process knows may be behind
+    /// (a cluster whose store does not answer), what asking around finds, bounded in time.
+    fn find<'a>(&'a self, key: &'a TunnelKey) -> Finding<'a> {
+        Box::pin(std::future::ready(self.members(key)))
+    }
 
     /// Opens a channel to `member` for `visitor`, charged to it: within the member's channel
     /// limit, the visitor's share of it, and the visitor's share of the buffer budget. `None`:

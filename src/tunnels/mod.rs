@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use crate::names::KeyFingerprint;
 
 pub(crate) use directory::{
-    first_member, Directory, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Visitor, WeakReach,
+    first_member, Directory, Finding, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Visitor, WeakReach,
 };
 pub(crate) use member::{ChannelSlot, Member, MemberId, Refused};
 pub(crate) use owners::KeyOwners;

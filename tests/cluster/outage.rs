@@ -1,5 +1,6 @@
 //! The store goes away (SCALEOUT T10, in part): routing runs from each replica's copy, so a
-//! frozen etcd stops nothing that was already known; readiness never depends on the store; the
+//! frozen etcd stops nothing that was already known, and a tunnel registered meanwhile is found
+//! by asking the other replicas; readiness never depends on the store; the
 //! tunnel lists say the copy is `stale` meanwhile; and a store that comes back empty (its data
 //! dir wiped) is filled again by the replicas, each republishing what it serves.
 
@@ -60,6 +61,20 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         Some(1),
         "r2 still lists r1's tunnel from its copy"
     );
+
+    // A tunnel registered on r1 while the store is frozen is in no copy: r2 asks the other
+    // replicas over the peer link (op `lookup`) and finds it.
+    let late_spec = format!("late:80:127.0.0.1:{}", http_backend("beta"));
+    let _late_owner = cluster.ssh(&key, Via::Replica(1)).remote_forward(&late_spec);
+    let late = key.host("late");
+    let registered = Instant::now();
+    let found = until(
+        "the tunnel registered during the outage, via r2",
+        Duration::from_secs(10),
+        || via_r2.get(&late, "/", &[]).status == 200,
+        || format!("{:?}", cluster.tunnels(2)),
+    );
+    eprintln!("a tunnel registered on r1 during the outage served via r2 {found:?} after its ssh -R returned ({:?} since)", registered.elapsed());
 
     // Wiped: a new etcd with an empty data dir at the same address.
     cluster.etcd.restart_empty();

@@ -90,6 +90,12 @@ impl Cache {
         }
     }
 
+    /// Reads a route another replica answered for `host` (a lookup over the peer link), with the
+    /// checks an entry read from the store passes.
+    pub(crate) fn decode_route(&self, host: &str, value: &[u8]) -> Result<RouteEntry, EntryError> {
+        decode_route(host, value, self.reserved.as_ref())
+    }
+
     /// An empty cache like this one (same replica, keys, check and cap) that carries on its
     /// drop counts: a resync fills it while this one still answers lookups, then replaces it.
     pub(crate) fn fresh(&self) -> Self {

@@ -161,6 +161,12 @@ impl Lookup {
         self.0.cache().replicas()
     }
 
+    /// Reads a route another replica answered for `host`, with the checks of an entry from the
+    /// store (size, JSON, the key id in the host or a reserve).
+    pub fn decode_route(&self, host: &str, value: &[u8]) -> Result<RouteEntry, super::EntryError> {
+        self.0.cache().decode_route(host, value)
+    }
+
     /// Whether the store serves this replica now (lease kept alive, watch following): when not,
     /// the copy may be stale.
     pub fn store_up(&self) -> bool {

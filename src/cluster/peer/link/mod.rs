@@ -31,7 +31,7 @@ mod tests {
 
     use super::client::{PeerClient, PeerError};
     use super::frame::{now_ms, read_frame};
-    use super::server::{Dialing, Killing, PeerHandler, PeerServer};
+    use super::server::{Dialing, Killing, Looking, PeerHandler, PeerServer};
     use crate::cluster::peer::codec::{self, Op, PeerRequest};
     use crate::cluster::peer::secret::{ClusterSecret, Label};
     use crate::cluster::peer::status::{self, Reply, Status, MAX_REPLY};
@@ -73,6 +73,16 @@ mod tests {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 // Nothing to close is not an error: the connections may have left already.
                 Ok(if req.host() == MISSING { 0 } else { 2 })
+            })
+        }
+
+        fn lookup<'a>(&'a self, req: &'a PeerRequest) -> Looking<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                match req.host() {
+                    MISSING => Err((Status::NoRoute, "no tunnel for this host here".to_owned())),
+                    host => Ok(format!("route of {host}")),
+                }
             })
         }
     }
@@ -417,7 +427,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_kill_is_answered_with_the_count_and_no_stream() {
+    async fn a_kill_and_a_lookup_are_answered_with_no_stream() {
         recorded();
         let (addr, handler) = owner().await;
         let client = replica("r2.b");
@@ -429,6 +439,15 @@ mod tests {
         assert_eq!(closed, "2");
         assert_eq!(client.command(addr, OWNER, kill(MISSING)).await.unwrap(), "0");
         assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
+        let lookup = |host: &str| {
+            let visitor = "10.0.0.9:0".parse().unwrap();
+            PeerRequest::dial(Op::Lookup, host, 0, visitor, visitor).unwrap()
+        };
+        let route = client.command(addr, OWNER, lookup("app.gw.test")).await.unwrap();
+        assert_eq!(route, "route of app.gw.test");
+        let err = client.command(addr, OWNER, lookup(MISSING)).await.unwrap_err();
+        assert!(matches!(err, PeerError::NoRoute(_)), "{err}");
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 4);
         // A kill signed with another key never reaches the handler.
         let forger = dialer(&PeerTls::derived(&secret(1), "r3.c").unwrap(), &secret(3));
         let err = forger
@@ -436,7 +455,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, PeerError::Auth(_)), "{err}");
-        assert_eq!(handler.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]

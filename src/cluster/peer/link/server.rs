@@ -39,6 +39,8 @@ pub(crate) type Dialing<'a> = Pin<Box<dyn Future<Output = Result<BoxStream, (Sta
 
 /// A handler's answer to a kill: how many SSH connections it closed, or the status and a reason.
 pub(crate) type Killing<'a> = Pin<Box<dyn Future<Output = Result<u32, (Status, String)>> + Send + 'a>>;
+/// A handler's answer to a lookup: the route it holds for the host, as the directory's JSON.
+pub(crate) type Looking<'a> = Pin<Box<dyn Future<Output = Result<String, (Status, String)>> + Send + 'a>>;
 
 /// What the owner replica does with an authenticated dial: open a stream to the tunnel `req`
 /// names (a `forwarded-tcpip` channel whose originator is `req.source()`); and with a kill
@@ -53,6 +55,10 @@ pub(crate) trait PeerHandler: Send + Sync {
     fn dial<'a>(&'a self, req: &'a PeerRequest) -> Dialing<'a>;
 
     fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a>;
+
+    /// The route this replica holds for `req.host()` (its route kind and port), for a dialer
+    /// whose store does not answer; `NO_ROUTE` when it holds none.
+    fn lookup<'a>(&'a self, req: &'a PeerRequest) -> Looking<'a>;
 }
 
 /// The owner's end: authenticates every stream before a handler sees it.
@@ -138,6 +144,12 @@ impl PeerServer {
                 Err(_) => refuse(tls, Status::OpenFailed, "the kill did not finish in time").await,
             };
         }
+        if req.op() == Op::Lookup {
+            return match self.handler.lookup(&req).await {
+                Ok(route) => answer(tls, Status::Ok, &route).await,
+                Err((status, reason)) => refuse(tls, status, &reason).await,
+            };
+        }
         let mut upstream = match self.dial(&req).await {
             Ok(upstream) => upstream,
             Err(Refused::Silently(outcome)) => return outcome,
@@ -187,7 +199,7 @@ impl PeerServer {
             Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
             Err(stale) => return Err(Refused::auth(stale.reason())),
         }
-        if !(req.op().is_dial() || req.op() == Op::Kill) {
+        if !(req.op().is_dial() || matches!(req.op(), Op::Kill | Op::Lookup)) {
             let reason = format!("op {} is not served by this version", req.op().label());
             return Err(Refused::Answer(Status::BadRequest, reason));
         }
