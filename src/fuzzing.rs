@@ -152,3 +152,31 @@ pub fn peer_header(data: &[u8]) {
         }
     }
 }
+
+/// Directory keys and values as another replica (or a store an attacker wrote to) may hand
+/// them over: the input is `host\nvalue`. Nothing panics; a value over the size bound is refused;
+/// a route or replica record that decodes re-encodes to one that decodes the same.
+pub fn directory_value(data: &[u8]) {
+    use crate::cluster::store::{
+        decode_replica, decode_route, encode_replica, encode_route, EntryError, Keys,
+    };
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let (host, value) = (
+        String::from_utf8_lossy(&data[..split]),
+        data.get(split + 1..).unwrap_or_default(),
+    );
+    let reserved = |h: &str, _: &crate::names::KeyFingerprint| h == "reserved.example.com";
+    match decode_route(&host, value, &reserved) {
+        Ok(entry) => {
+            let again = encode_route(&entry).expect("a decoded route encodes");
+            assert_eq!(decode_route(&host, &again, &reserved), Ok(entry));
+        }
+        Err(EntryError::TooLarge) => assert!(value.len() > 1024),
+        Err(_) => {}
+    }
+    if let Ok(record) = decode_replica(value) {
+        let again = encode_replica(&record).expect("a decoded record encodes");
+        assert_eq!(decode_replica(&again).ok(), Some(record));
+    }
+    let _ = Keys::new("fuzz").parse(data);
+}

@@ -52,3 +52,8 @@ fn client_hello_corpus() {
 fn peer_header_corpus() {
     replay("peer_header", edgemux::fuzzing::peer_header);
 }
+
+#[test]
+fn directory_value_corpus() {
+    replay("directory_value", edgemux::fuzzing::directory_value);
+}

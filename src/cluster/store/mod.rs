@@ -20,6 +20,7 @@ mod lease;
 mod local;
 
 pub use cache::Snapshot;
+pub(crate) use entry::{decode_replica, decode_route, encode_replica};
 pub use entry::{encode_route, EntryError, Keys, ReplicaEntry, ReplicaId, ReplicaState, RouteEntry};
 #[cfg(feature = "etcd")]
 pub use etcd::{Lookup, Marker, Store, StoreError};
