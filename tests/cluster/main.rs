@@ -10,12 +10,14 @@
 //! - `pool`: one pool with members on two replicas.
 //! - `failover`: a replica killed, a replica stopped.
 //! - `peer_port`: the peer listener speaks only mutual TLS.
+//! - `drift`: a replica with other authorized keys is flagged on every replica and named.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod drift;
 mod failover;
 mod peer_port;
 mod pool;
