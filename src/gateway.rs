@@ -101,7 +101,7 @@ type ClusterPart = std::convert::Infallible;
 #[cfg(feature = "etcd")]
 fn start_cluster(
     config: &Config,
-    tunnels: &Arc<Tunnels>,
+    (tunnels, policy): (&Arc<Tunnels>, &KeyPolicy),
     local: Arc<dyn Directory>,
 ) -> Result<(Option<ClusterPart>, Arc<dyn Directory>), BuildError> {
     let Some(cfg) = &config.cluster else {
@@ -111,16 +111,23 @@ fn start_cluster(
         cfg,
         (tunnels, local),
         config.ssh.reserved.clone(),
-        config.limits.tunnel_open_timeout,
-        config.public_port,
+        (config.limits.tunnel_open_timeout, config.public_port),
+        config_hash(config, &config.limits, policy),
     )?;
     Ok((Some(cluster), directory))
+}
+
+/// The hash every replica publishes and compares (`cluster::drift`): `config`'s settings (those
+/// that change only at a restart), the `limits` in force, and the keys `policy` allows now.
+#[cfg(feature = "etcd")]
+fn config_hash(config: &Config, limits: &Limits, policy: &KeyPolicy) -> String {
+    crate::cluster::drift::config_hash(config, limits, policy.keys().as_deref())
 }
 
 #[cfg(not(feature = "etcd"))]
 fn start_cluster(
     config: &Config,
-    _tunnels: &Arc<Tunnels>,
+    _: (&Arc<Tunnels>, &KeyPolicy),
     local: Arc<dyn Directory>,
 ) -> Result<(Option<ClusterPart>, Arc<dyn Directory>), BuildError> {
     match config.cluster {
@@ -174,7 +181,7 @@ impl Gateway {
             config.ssh.channel_buffer,
             budget.clone(),
         ));
-        let (cluster, directory) = start_cluster(&config, &tunnels, directory)?;
+        let (cluster, directory) = start_cluster(&config, (&tunnels, &policy), directory)?;
         let challenges = Arc::new(Challenges::default());
         let acme = config.acme.clone().map(|a| {
             AcmeManager::new(
@@ -228,8 +235,10 @@ impl Gateway {
     }
 
     /// SIGHUP: re-read certificates and authorized keys, and apply `new`'s limits. A broken file
-    /// keeps the old state in force. Settings that need a restart are named in the log.
-    pub fn reload(&self, new: Option<&Config>) {
+    /// keeps the old state in force. Settings that need a restart are named in the log. With
+    /// `[cluster]`, the config hash of what is now in force is published (bounded by
+    /// `cluster.store_timeout`).
+    pub async fn reload(&self, new: Option<&Config>) {
         if let Some(new) = new {
             self.limits.store(Arc::new(new.limits.clone()));
             tracing::info!("limits reloaded");
@@ -247,6 +256,11 @@ impl Gateway {
             }
         }
         self.ssh.policy.reload();
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            let hash = config_hash(&self.config, &self.limits.load(), &self.ssh.policy);
+            cluster.set_config_hash(hash).await;
+        }
     }
 
     pub fn config(&self) -> &Config {

@@ -215,7 +215,7 @@ async fn signals(gw: std::sync::Arc<Gateway>, reload_from: Option<PathBuf>, shut
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&gw, reload_from.as_deref()),
+            _ = hup.recv() => reload(&gw, reload_from.as_deref()).await,
         }
     }
     tracing::info!("shutting down");
@@ -223,13 +223,13 @@ async fn signals(gw: std::sync::Arc<Gateway>, reload_from: Option<PathBuf>, shut
 }
 
 /// SIGHUP: a new config that does not validate is refused whole, with every problem logged.
-fn reload(gw: &Gateway, path: Option<&Path>) {
+async fn reload(gw: &Gateway, path: Option<&Path>) {
     tracing::info!("SIGHUP: reloading");
     let Some(path) = path else {
-        return gw.reload(None);
+        return gw.reload(None).await;
     };
     match config::load(path) {
-        Ok(new) => gw.reload(Some(&new)),
+        Ok(new) => gw.reload(Some(&new)).await,
         Err(e) => {
             for line in e.to_string().lines() {
                 tracing::error!(

@@ -34,6 +34,7 @@ pub const CLUSTER_LEASE_RENEWALS: &str = "edgemux_cluster_lease_renewals_total";
 pub const CLUSTER_DIRECTORY_HEARD: &str = "edgemux_cluster_directory_heard_timestamp_seconds";
 pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
+pub const CLUSTER_CONFIG_MISMATCH: &str = "edgemux_cluster_config_mismatch";
 pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
 pub const PEER_STREAMS: &str = "edgemux_peer_streams_total";
 pub const PEER_OPEN_DURATION: &str = "edgemux_peer_open_seconds";
@@ -153,6 +154,12 @@ fn describe() {
         CLUSTER_DROPPED_ENTRIES,
         "Directory entries not taken, by reason (too_large, bad_key, malformed, key_id_mismatch, \
          not_reserved, over_capacity)"
+    );
+    describe_gauge!(
+        CLUSTER_CONFIG_MISMATCH,
+        "1 while another replica (serving or draining) publishes a config hash other than this \
+         replica's: domain, public_port, authorized keys, grants, reserves, spread or routing \
+         limits differ; the log names the replica"
     );
     describe_counter!(
         PEER_AUTH_FAILURES,
@@ -334,6 +341,10 @@ pub fn cluster_resync(reason: &'static str) {
 
 pub fn cluster_dropped_entry(reason: &'static str) {
     counter!(CLUSTER_DROPPED_ENTRIES, "reason" => reason).increment(1);
+}
+
+pub fn cluster_config_mismatch(mismatch: bool) {
+    gauge!(CLUSTER_CONFIG_MISMATCH).set(if mismatch { 1.0 } else { 0.0 });
 }
 
 /// A peer link stream refused as unauthenticated; `reason` is tls, hmac, clock or replay.

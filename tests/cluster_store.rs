@@ -88,7 +88,8 @@ impl Replica {
     fn start(cfg: &ClusterConfig) -> Replica {
         let local = Arc::new(Local::default());
         let reserved = |host: &str, key: &KeyFingerprint| host == "vanity.example.com" && *key == OWNER;
-        let store = Store::start(cfg, local.clone(), reserved).unwrap();
+        let config_hash = format!("hash-at-start-{}", cfg.replica_name);
+        let store = Store::start(cfg, local.clone(), reserved, config_hash).unwrap();
         Replica { store, local }
     }
 
@@ -234,6 +235,27 @@ async fn a_clean_stop_drains_then_removes_every_route_at_once() {
          from the other {:?} after the stop began",
         stopping.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_hash_is_published_at_start_and_again_when_it_changes() {
+    let etcd = Etcd::start();
+    let (a, b) = pair(&etcd, Duration::from_secs(10)).await;
+    let seen_by_b = || b.store.lookup().replica(a.store.rid()).map(|r| r.config_hash);
+    assert_eq!(seen_by_b().as_deref(), Some("hash-at-start-a"));
+    let mut changes = a.store.lookup().changes();
+    changes.borrow_and_update();
+    assert!(a.store.set_config_hash("hash-after-reload".into()).await);
+    assert!(
+        changes.has_changed().unwrap(),
+        "followers of A's changes hear of its own new hash"
+    );
+    assert_eq!(a.store.lookup().config_hash(), "hash-after-reload");
+    let t = until("B sees A's new hash", PROPAGATION, || {
+        seen_by_b().as_deref() == Some("hash-after-reload")
+    })
+    .await;
+    println!("a changed config hash reached the other replica in {t:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

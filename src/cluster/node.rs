@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use super::directory::ClusterDirectory;
+use super::drift::{drifted, Told};
 use super::owner::OwnerSide;
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
@@ -54,6 +55,40 @@ async fn retire_stale(
     }
 }
 
+/// Compares this replica's config hash with every other replica's, on every change of the
+/// store's copy, until `stop`: sets `edgemux_cluster_config_mismatch` and logs each difference
+/// once, naming the replica.
+async fn watch_drift(
+    lookup: Lookup,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    let mut told = Told::default();
+    let mut mismatch = false;
+    loop {
+        let ours = lookup.config_hash();
+        let now = drifted(&ours, &lookup.replicas());
+        for d in told.news(&ours, &now) {
+            tracing::warn!(
+                replica = %d.replica,
+                config_hash = %d.theirs,
+                ours = %ours,
+                "another replica's config hash differs from this replica's: domain, public_port, \
+                 authorized keys, grants, reserves, spread or routing limits differ"
+            );
+        }
+        if mismatch && now.is_empty() {
+            tracing::info!(config_hash = %ours, "every replica's config hash agrees again");
+        }
+        mismatch = !now.is_empty();
+        crate::metrics::cluster_config_mismatch(mismatch);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// This replica in the cluster.
 pub(crate) struct Cluster {
     store: tokio::sync::Mutex<Option<Store>>,
@@ -63,6 +98,8 @@ pub(crate) struct Cluster {
     /// For the admin API's kills on other replicas.
     client: Arc<PeerClient>,
     destination: SocketAddr,
+    /// Ends the drift watch with the cluster part.
+    _drift: DropGuard,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -75,19 +112,19 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// Starts the directory tasks and builds both ends of the peer link. Returns the directory
-    /// the HTTP proxy and `ssh -L` use: `local`'s members, then other replicas'. Must be called
-    /// within a Tokio runtime.
+    /// the HTTP proxy and `ssh -L` use: `local`'s members, then other replicas'. `config_hash`
+    /// is published in the replica record and compared with the others'. Must be called within
+    /// a Tokio runtime.
     pub(crate) fn start(
         cfg: &ClusterConfig,
         (tunnels, local): (&Arc<Tunnels>, Arc<dyn Directory>),
         reserved: HashMap<String, KeyFingerprint>,
-        open_timeout: Duration,
-        public_port: u16,
+        (open_timeout, public_port): (Duration, u16),
+        config_hash: String,
     ) -> Result<(Self, Arc<dyn Directory>), ClusterError> {
         let secret = ClusterSecret::load(&cfg.secret_file)?;
-        let store = Store::start(cfg, tunnels.clone(), move |host, key| {
-            reserved.get(host) == Some(key)
-        })?;
+        let reserved = move |host: &str, key: &KeyFingerprint| reserved.get(host) == Some(key);
+        let store = Store::start(cfg, tunnels.clone(), reserved, config_hash)?;
         let marker = store.marker();
         tunnels.set_observer(Box::new(move |key| marker.mark(&key.host)));
         let rid = store.rid().clone();
@@ -111,6 +148,8 @@ impl Cluster {
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
         let directory = Arc::new(directory);
         tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
+        let drift = CancellationToken::new();
+        tokio::spawn(watch_drift(lookup.clone(), lookup.changes(), drift.clone()));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
@@ -118,6 +157,7 @@ impl Cluster {
             me: rid_for_kill,
             client: kill_client,
             destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
+            _drift: drift.drop_guard(),
         };
         Ok((cluster, directory))
     }
@@ -169,6 +209,19 @@ impl Cluster {
         if let Some(store) = self.store.lock().await.as_ref() {
             if !store.set_draining().await {
                 tracing::warn!("the cluster store was not told that this replica drains");
+            }
+        }
+    }
+
+    /// After SIGHUP: publish the config hash of what is in force now (written even when it did
+    /// not change, so a reload also repairs a record the store missed).
+    pub(crate) async fn set_config_hash(&self, hash: String) {
+        if self.lookup.config_hash() != hash {
+            tracing::info!(config_hash = %hash, "the reload changed this replica's config hash");
+        }
+        if let Some(store) = self.store.lock().await.as_ref() {
+            if !store.set_config_hash(hash).await {
+                tracing::warn!("the cluster store was not told this replica's new config hash");
             }
         }
     }

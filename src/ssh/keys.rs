@@ -137,6 +137,11 @@ impl AuthorizedKeys {
         self.refresh(false);
         self.state.load().1.contains(key)
     }
+
+    /// The keys in force (as last read; no re-read).
+    pub fn keys(&self) -> Arc<HashSet<KeyFingerprint>> {
+        self.state.load().1.clone()
+    }
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -154,6 +159,14 @@ impl KeyPolicy {
     pub fn reload(&self) {
         if let Self::File(keys) = self {
             keys.refresh(true);
+        }
+    }
+
+    /// The keys allowed now; `None` in open mode (any key).
+    pub fn keys(&self) -> Option<Arc<HashSet<KeyFingerprint>>> {
+        match self {
+            Self::Open => None,
+            Self::File(keys) => Some(keys.keys()),
         }
     }
 }

@@ -11,12 +11,14 @@
 //! - `failover`: a replica killed, a replica stopped.
 //! - `peer_port`: the peer listener speaks only mutual TLS.
 //! - `outage`: the store frozen, then back empty.
+//! - `drift`: a replica with other authorized keys is flagged on every replica and named.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod drift;
 mod failover;
 mod outage;
 mod peer_port;

@@ -68,9 +68,9 @@ impl Drop for Slot {
     }
 }
 
-/// What a test adds to every replica's config (access rules, limits); the cluster part is the
+/// What a test adds to replica N's config (access rules, limits); the cluster part is the
 /// harness's.
-type Configure = Box<dyn Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync>;
+type Configure = Box<dyn Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync>;
 
 /// What every replica's config is made from.
 struct Recipe {
@@ -88,8 +88,12 @@ impl Recipe {
         let certs = env.path().join(format!("r{n}-certs"));
         fs::create_dir_all(&certs).expect("replica certs dir");
         let listener = Listener::bind(&public).proxy_protocol(ProxyProtocol::Required, &["127.0.0.1/32"]);
-        let builder = (self.configure)(env.gateway())
+        // Every replica shows one public port in tunnel URLs, as a fleet behind one balancer
+        // does; left to default, each would show the port it bound, and the config hashes
+        // (which cover public_port) would differ.
+        let builder = (self.configure)(n, env.gateway())
             .listeners(&[listener])
+            .set("public_port", 443)
             .set("tls.certs_dir", certs.display().to_string())
             .set("ssh.host_key", self.host_key.display().to_string())
             .set("admin.bind", admin)
@@ -126,6 +130,15 @@ impl Cluster {
     pub fn start(
         env: TestEnv,
         configure: impl Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
+    ) -> Cluster {
+        Cluster::start_each(env, move |_, c| configure(c))
+    }
+
+    /// `start`, with `configure` given the replica's number (1 to 3) too: for a test that
+    /// configures one replica differently.
+    pub fn start_each(
+        env: TestEnv,
+        configure: impl Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
     ) -> Cluster {
         let slot = Slot::take();
         let started = Instant::now();

@@ -371,6 +371,7 @@ mod tests {
             version: "1".into(),
             state,
             started: 1,
+            config_hash: String::new(),
         })
         .unwrap()
     }

@@ -3,7 +3,7 @@
 //! by it.
 //!
 //! ```text
-//! <prefix><cluster>/replicas/<rid>       {"peer_addr","version","state","started"}
+//! <prefix><cluster>/replicas/<rid>       {"peer_addr","version","state","started","config_hash"}
 //! <prefix><cluster>/routes/<host>/<rid>  {"key","http","tcp":{"5432":n},"since"}
 //! ```
 //!
@@ -120,6 +120,10 @@ pub struct ReplicaEntry {
     pub state: ReplicaState,
     /// Unix seconds of this start.
     pub started: u64,
+    /// The hash of the settings every replica must agree on (`cluster::drift`). Empty in the
+    /// record of a replica older than hashes, which never counts as a difference.
+    #[serde(default)]
+    pub config_hash: String,
 }
 
 /// `routes/<host>/<rid>`: what one replica serves under one host. Counts are pool members.
@@ -430,6 +434,7 @@ mod tests {
             version: "0.1.0".into(),
             state: ReplicaState::Draining,
             started: 1,
+            config_hash: "0123456789abcdef0123456789abcdef".into(),
         };
         let value = encode_replica(&entry).unwrap();
         assert!(String::from_utf8(value.clone()).unwrap().contains("\"draining\""));
@@ -437,6 +442,14 @@ mod tests {
         assert_eq!(
             decode_replica(br#"{"peer_addr":"nowhere","version":"1","state":"serving","started":1}"#),
             Err(EntryError::Malformed)
+        );
+        let older = decode_replica(
+            br#"{"peer_addr":"10.0.0.5:7443","version":"0.1.0","state":"serving","started":1}"#,
+        );
+        assert_eq!(
+            older.map(|e| e.config_hash),
+            Ok(String::new()),
+            "a record without a hash still parses"
         );
     }
 

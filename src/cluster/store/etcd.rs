@@ -83,12 +83,13 @@ struct Shared {
     /// The watcher got through: a lease retry need not wait out its backoff.
     store_back: Notify,
     resyncs: Mutex<BTreeMap<&'static str, u64>>,
-    /// Bumped after every change to the cache (events applied, a full read put in place).
+    /// Bumped after every change to the cache (events applied, a full read put in place) and to
+    /// this replica's record.
     changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
-    /// Tells the [`Lookup::changes`] followers that the cache changed.
+    /// Tells the [`Lookup::changes`] followers that the cache (or this replica's record) changed.
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -173,9 +174,15 @@ impl Lookup {
         self.0.health().up()
     }
 
-    /// Changes whenever the cache does: for those who act on replicas leaving or draining.
+    /// Changes whenever the cache does, or this replica's own record: for those who act on
+    /// replicas leaving or draining, or compare config hashes.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.changes.subscribe()
+    }
+
+    /// This replica's config hash, as its record carries it.
+    pub fn config_hash(&self) -> String {
+        self.0.replica().config_hash.clone()
     }
 
     /// Everything in the cache, this replica's own entries included.
@@ -216,13 +223,15 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Starts this replica's directory tasks: connect (retrying while the store is down),
-    /// grant a lease, publish the replica record and every route of `local`, follow everyone's
-    /// entries. `reserved` admits vanity hosts (`[[ssh.reserve]]`) on read. Must be called within
-    /// a Tokio runtime. Errors are about config files only.
+    /// grant a lease, publish the replica record (with `config_hash`, see `cluster::drift`) and
+    /// every route of `local`, follow everyone's entries. `reserved` admits vanity hosts
+    /// (`[[ssh.reserve]]`) on read. Must be called within a Tokio runtime. Errors are about
+    /// config files only.
     pub fn start(
         cfg: &ClusterConfig,
         local: Arc<dyn LocalRoutes>,
         reserved: impl Fn(&str, &KeyFingerprint) -> bool + Send + Sync + 'static,
+        config_hash: String,
     ) -> Result<Self, StoreError> {
         let options = connect_options(cfg)?;
         let keys = Keys::new(&cfg.name);
@@ -242,6 +251,7 @@ impl Store {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 state: ReplicaState::Serving,
                 started: unix_now(),
+                config_hash,
             }),
             lease: tokio::sync::watch::Sender::new(None),
             health: Mutex::new(Health::default()),
@@ -316,11 +326,25 @@ impl Store {
     /// later republish. `false`: the store could not be told now (no lease, or no answer in
     /// `store_timeout`).
     pub async fn set_draining(&self) -> bool {
+        self.put_record(|r| r.state = ReplicaState::Draining).await
+    }
+
+    /// Sets the config hash in this replica's record (after a reload changed what it covers),
+    /// now and in every later republish. `false` as for [`Self::set_draining`]; the store then
+    /// learns it with the next lease.
+    pub async fn set_config_hash(&self, hash: String) -> bool {
+        self.put_record(|r| r.config_hash = hash).await
+    }
+
+    /// Changes this replica's record and writes it under the lease. [`Lookup::changes`]
+    /// followers hear of it at once, without waiting for the store to echo it.
+    async fn put_record(&self, change: impl FnOnce(&mut ReplicaEntry)) -> bool {
         let record = {
             let mut replica = self.shared.replica();
-            replica.state = ReplicaState::Draining;
+            change(&mut replica);
             encode_replica(&replica)
         };
+        self.shared.changed();
         let (Some(client), Some(lease), Ok(value)) = (self.client.get(), self.shared.lease(), record) else {
             return false;
         };

@@ -310,9 +310,10 @@ mod tests {
             "{err}"
         );
         assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
-        // The owner counts the stream once its reply is out, so maybe just after the dialer read it.
+        // The owner counts the stream once its reply is out, so maybe just after the dialer read it
+        // (other tests here count refusals too: at least ours).
         eventually("the refusal counted", || {
-            counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}") == before + 1
+            counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}") > before
         })
         .await;
         // Ops reserved for later are refused before the handler.
