@@ -51,6 +51,7 @@ async fn retire_stale(
             return;
         };
         directory.retire_stale();
+        directory.report_peers();
     }
 }
 
