@@ -86,6 +86,15 @@ impl ClusterDirectory {
             Change::Ejected(backoff) => {
                 tracing::warn!(replica = %rid, ?backoff, "peer unreachable; its members come last until the backoff is over");
                 crate::metrics::cluster_peer_ejection(rid.replica_name());
+                // Streams kept alive into it may be stalled as well: none is reused, and new
+                // handles (new streams) are made once it answers again.
+                let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+                remotes.retain(|(r, _), handle| {
+                    if r == rid {
+                        handle.retire();
+                    }
+                    r != rid
+                });
             }
             Change::Recovered => tracing::info!(replica = %rid, "peer reachable again"),
         }

@@ -10,6 +10,7 @@
 //! - `pool`: one pool with members on two replicas.
 //! - `failover`: a replica killed, a replica stopped.
 //! - `peer_port`: the peer listener speaks only mutual TLS.
+//! - `partition`: r1 cut from its peers only; ejection, fast 502s, recovery.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,6 +18,7 @@
 mod common;
 
 mod failover;
+mod partition;
 mod peer_port;
 mod pool;
 mod private;

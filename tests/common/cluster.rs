@@ -71,6 +71,9 @@ impl Drop for Slot {
 /// What a test adds to every replica's config (access rules, limits); the cluster part is the
 /// harness's.
 type Configure = Box<dyn Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync>;
+/// What a test changes in replica N's config after the harness's cluster part (its peer
+/// listener, say).
+type ConfigureEach = Box<dyn Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync>;
 
 /// What every replica's config is made from.
 struct Recipe {
@@ -78,6 +81,7 @@ struct Recipe {
     secret: PathBuf,
     host_key: PathBuf,
     configure: Configure,
+    each: ConfigureEach,
 }
 
 impl Recipe {
@@ -99,6 +103,7 @@ impl Recipe {
             .set("cluster.secret_file", self.secret.display().to_string())
             .set("cluster.lease_ttl", format!("{}s", LEASE_TTL.as_secs()))
             .set("cluster.peer.bind", "127.0.0.1:0");
+        let builder = (self.each)(n, builder);
         let path = env.path().join(format!("r{n}-{}.toml", rand::random::<u32>()));
         fs::write(&path, builder.render()).expect("write replica config");
         path
@@ -127,6 +132,15 @@ impl Cluster {
         env: TestEnv,
         configure: impl Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
     ) -> Cluster {
+        Cluster::start_each(env, configure, |_, c| c)
+    }
+
+    /// `start`, with `each(n, config)` applied last to replica `n`'s config.
+    pub fn start_each(
+        env: TestEnv,
+        configure: impl Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
+        each: impl Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
+    ) -> Cluster {
         let slot = Slot::take();
         let started = Instant::now();
         let etcd = Etcd::start();
@@ -135,6 +149,7 @@ impl Cluster {
             secret: shared_secret(&env),
             host_key: shared_host_key(&env),
             configure: Box::new(configure),
+            each: Box::new(each),
         };
         let configs: Vec<PathBuf> = (1..=REPLICAS).map(|n| recipe.write(&env, n, None)).collect();
         let replicas: Vec<Gateway> = thread::scope(|s| {
