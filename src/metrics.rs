@@ -35,6 +35,8 @@ pub const CLUSTER_DIRECTORY_HEARD: &str = "edgemux_cluster_directory_heard_times
 pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
 pub const CLUSTER_CONFIG_MISMATCH: &str = "edgemux_cluster_config_mismatch";
+pub const CLUSTER_PEER_UP: &str = "edgemux_cluster_peer_up";
+pub const CLUSTER_PEER_EJECTIONS: &str = "edgemux_cluster_peer_ejections_total";
 pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
 pub const PEER_STREAMS: &str = "edgemux_peer_streams_total";
 pub const PEER_OPEN_DURATION: &str = "edgemux_peer_open_seconds";
@@ -166,6 +168,17 @@ fn describe() {
         "Peer link streams refused as unauthenticated, by reason (tls: the handshake failed, e.g. \
          no client certificate or one from another CA; hmac; clock: a timestamp outside the \
          window; replay: a nonce seen before)"
+    );
+    describe_gauge!(
+        CLUSTER_PEER_UP,
+        "Whether another replica can be reached over the peer link (0: ejected after failed \
+         dials, until it answers again), by replica name; 0 also for a replica that left the \
+         directory"
+    );
+    describe_counter!(
+        CLUSTER_PEER_EJECTIONS,
+        "Times another replica was ejected (its members put last) after failed dials, by \
+         replica name"
     );
     describe_counter!(
         PEER_STREAMS,
@@ -345,6 +358,15 @@ pub fn cluster_dropped_entry(reason: &'static str) {
 
 pub fn cluster_config_mismatch(mismatch: bool) {
     gauge!(CLUSTER_CONFIG_MISMATCH).set(if mismatch { 1.0 } else { 0.0 });
+}
+
+/// `peer` is a replica name (bounded by the fleet), never an incarnation.
+pub fn cluster_peer_up(peer: &str, up: bool) {
+    gauge!(CLUSTER_PEER_UP, "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_peer_ejection(peer: &str) {
+    counter!(CLUSTER_PEER_EJECTIONS, "peer" => peer.to_owned()).increment(1);
 }
 
 /// A peer link stream refused as unauthenticated; `reason` is tls, hmac, clock or replay.

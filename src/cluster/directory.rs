@@ -4,6 +4,7 @@
 //! the owner splices to a `forwarded-tcpip` channel of its own. Routing never waits on the store.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::eject::{Change, Ejections, Outcome};
 use super::peer::codec::{Op, PeerRequest};
-use super::peer::link::client::PeerClient;
+use super::peer::link::client::{PeerClient, PeerError};
 use super::select::{self, Candidate, Target};
 use super::store::{Lookup, ReplicaId, ReplicaState, RouteEntry};
 use crate::config::Spread;
@@ -57,6 +59,14 @@ pub(crate) struct ClusterDirectory {
     ids: AtomicU64,
     /// One stable handle per (replica, pool), so kept-alive streams are pooled by it.
     remotes: Mutex<HashMap<(ReplicaId, TunnelKey), Arc<RemoteMembers>>>,
+    health: Mutex<Health>,
+}
+
+/// Which peers cannot be reached, and the replica names `edgemux_cluster_peer_up` reports.
+#[derive(Default)]
+struct Health {
+    ejections: Ejections,
+    reported: HashSet<String>,
 }
 
 impl ClusterDirectory {
@@ -80,7 +90,61 @@ impl ClusterDirectory {
             turn: AtomicU64::new(0),
             ids: AtomicU64::new(0),
             remotes: Mutex::new(HashMap::new()),
+            health: Mutex::default(),
         }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what a dial of `rid` showed; an ejection or a recovery is counted and reported.
+    fn record(&self, rid: &ReplicaId, outcome: Outcome) {
+        let change = self
+            .health()
+            .ejections
+            .record(rid.as_str(), outcome, Instant::now());
+        match change {
+            Change::None => return,
+            Change::Ejected(backoff) => {
+                tracing::warn!(replica = %rid, ?backoff, "peer unreachable; its members come last until the backoff is over");
+                crate::metrics::cluster_peer_ejection(rid.replica_name());
+                // Streams kept alive into it may be stalled as well: none is reused, and new
+                // handles (new streams) are made once it answers again.
+                let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+                remotes.retain(|(r, _), handle| {
+                    if r == rid {
+                        handle.retire();
+                    }
+                    r != rid
+                });
+            }
+            Change::Recovered => tracing::info!(replica = %rid, "peer reachable again"),
+        }
+        self.report_peers();
+    }
+
+    /// Sets `edgemux_cluster_peer_up` for every other replica in the directory (a name is up
+    /// when one of its incarnations is), and to 0 for names that left it; forgets the records
+    /// of replicas that left. Labels are replica names: bounded by the fleet.
+    pub(crate) fn report_peers(&self) {
+        let replicas = self.lookup.replicas();
+        let mut health = self.health();
+        health
+            .ejections
+            .retain(|rid| replicas.iter().any(|(r, _)| r.as_str() == rid));
+        let mut up: HashMap<String, bool> = HashMap::new();
+        for (rid, _) in replicas.iter().filter(|(rid, _)| *rid != self.me) {
+            let this = health.ejections.is_up(rid.as_str());
+            *up.entry(rid.replica_name().to_owned()).or_default() |= this;
+        }
+        for name in health.reported.iter().filter(|n| !up.contains_key(*n)) {
+            crate::metrics::cluster_peer_up(name, false);
+        }
+        for (name, &is_up) in &up {
+            crate::metrics::cluster_peer_up(name, is_up);
+        }
+        health.reported.extend(up.into_keys());
     }
 
     /// The stable handle of `rid`'s members of `key`.
@@ -138,6 +202,29 @@ impl ClusterDirectory {
     }
 }
 
+/// What a dial showed about the peer: a status (OK or a refusal) is an answer; a failure of TCP,
+/// TLS or the connection before the status is a failure to reach it; the rest (our own bad
+/// request, a tunnel client slow to open its channel, a malformed answer) says nothing.
+fn outcome<T>(opened: &Result<T, PeerError>) -> Outcome {
+    match opened {
+        Ok(_) => Outcome::Answered,
+        Err(PeerError::Connect(_) | PeerError::Tls(_) | PeerError::Io(_) | PeerError::Timeout("connect")) => {
+            Outcome::Unreachable
+        }
+        Err(
+            PeerError::NoRoute(_)
+            | PeerError::OpenFailed(_)
+            | PeerError::Busy(_)
+            | PeerError::Draining(_)
+            | PeerError::Auth(_)
+            | PeerError::BadRequest(_),
+        ) => Outcome::Answered,
+        Err(
+            PeerError::Request(_) | PeerError::WrongPeer(_) | PeerError::Timeout(_) | PeerError::Protocol(_),
+        ) => Outcome::Unknown,
+    }
+}
+
 /// Members of `route` in a replica's entry.
 fn members_for(entry: &RouteEntry, route: Route) -> u32 {
     match route {
@@ -154,7 +241,7 @@ impl ClusterDirectory {
         let mut candidates = vec![Candidate {
             target: Target::Local,
             members: u32::try_from(local.len()).unwrap_or(u32::MAX),
-            draining: false,
+            last: false,
         }];
         for (rid, entry) in routes {
             let members = members_for(&entry, key.route);
@@ -165,10 +252,11 @@ impl ClusterDirectory {
             let Some(replica) = self.lookup.replica(&rid) else {
                 continue;
             };
+            let ejected = self.health().ejections.is_ejected(rid.as_str(), Instant::now());
             candidates.push(Candidate {
                 target: Target::Remote(rid.to_string()),
                 members,
-                draining: replica.state == ReplicaState::Draining,
+                last: replica.state == ReplicaState::Draining || ejected,
             });
             remote.insert(rid.to_string(), self.remote(&rid, key, &entry));
         }
@@ -278,7 +366,9 @@ impl Directory for ClusterDirectory {
             if let Some(key) = visitor.key {
                 req = req.on_behalf_of(key);
             }
-            match self.peers.open(replica.peer_addr, rid.as_str(), req).await {
+            let opened = self.peers.open(replica.peer_addr, rid.as_str(), req).await;
+            self.record(&rid, outcome(&opened));
+            match opened {
                 Ok(stream) => Some(Opened { stream, slot: None }),
                 Err(e) => {
                     tracing::info!(replica = %rid, host = %r.host, error = %e, "peer stream not opened; trying the next member");

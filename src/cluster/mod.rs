@@ -2,8 +2,9 @@
 //! which tunnel (`store`, etcd), and an authenticated private link between replicas that opens
 //! a channel on the owner's side for a visitor who landed elsewhere (`peer`). `directory` is the
 //! cluster's answer to "where are this host's members", `owner` the owner's answer to a peer
-//! dial, `select` the spread of a pool over replicas, `drift` the settings replicas must agree
-//! on, `node` starts and stops it all. Nothing here runs without a `[cluster]` section.
+//! dial, `select` the spread of a pool over replicas, `eject` which replicas cannot be reached,
+//! `drift` the settings replicas must agree on, `node` starts and stops it all. Nothing here
+//! runs without a `[cluster]` section.
 
 // Without a store backend there is no cluster to run: only the pure pieces are built, for tests.
 #![cfg_attr(not(feature = "etcd"), allow(dead_code))]
@@ -11,6 +12,7 @@
 #[cfg(feature = "etcd")]
 mod directory;
 pub(crate) mod drift;
+pub(crate) mod eject;
 #[cfg(feature = "etcd")]
 mod node;
 mod owner;

@@ -52,6 +52,7 @@ async fn retire_stale(
             return;
         };
         directory.retire_stale();
+        directory.report_peers();
     }
 }
 

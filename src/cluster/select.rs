@@ -17,18 +17,18 @@ pub(crate) struct Candidate {
     pub(crate) target: Target,
     /// Members there (weights the share, so every member gets an equal one).
     pub(crate) members: u32,
-    /// A draining replica is tried only when nothing else is left.
-    pub(crate) draining: bool,
+    /// A replica that drains, or is ejected (`eject`), is tried only when nothing else is left.
+    pub(crate) last: bool,
 }
 
 /// The candidates in the order to try for turn `turn`. With [`Spread::Even`] the first one is
 /// picked so that over consecutive turns each candidate leads in proportion to its members; with
 /// [`Spread::LocalFirst`] local members lead whenever there are any. The rest follow (the
-/// fallbacks, tried only when the first refuses before any byte went upstream); draining
-/// replicas and empty candidates come last.
+/// fallbacks, tried only when the first refuses before any byte went upstream); draining or
+/// ejected replicas and empty candidates come last.
 pub(crate) fn order(candidates: &[Candidate], turn: u64, spread: Spread) -> Vec<Target> {
     let (mut live, mut last): (Vec<&Candidate>, Vec<&Candidate>) =
-        candidates.iter().partition(|c| !c.draining && c.members > 0);
+        candidates.iter().partition(|c| !c.last && c.members > 0);
     if live.is_empty() {
         std::mem::swap(&mut live, &mut last);
     }
@@ -69,11 +69,11 @@ fn weighted_pick(live: &[&Candidate], turn: u64) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn cand(target: Target, members: u32, draining: bool) -> Candidate {
+    fn cand(target: Target, members: u32, last: bool) -> Candidate {
         Candidate {
             target,
             members,
-            draining,
+            last,
         }
     }
 
@@ -109,7 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn draining_replicas_come_last_and_serve_when_nothing_else_is_left() {
+    fn draining_or_ejected_replicas_come_last_and_serve_when_nothing_else_is_left() {
         let c = [cand(remote("r1"), 3, true), cand(remote("r3"), 1, false)];
         for t in 0..8 {
             assert_eq!(order(&c, t, Spread::Even), [remote("r3"), remote("r1")]);

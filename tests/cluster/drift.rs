@@ -36,10 +36,14 @@ fn a_replica_with_other_authorized_keys_is_flagged_on_every_replica_and_named() 
     fs::write(&r3_keys, &alice_and_bob).unwrap();
     let r3_path = r3_keys.display().to_string();
     let started = Instant::now();
-    let cluster = Cluster::start_each(env, move |n, c| match n {
-        3 => c.set("ssh.authorized_keys", r3_path.clone()),
-        _ => c.authorized_keys(&[&alice]),
-    });
+    let cluster = Cluster::start_each(
+        env,
+        |c| c,
+        move |n, c| match n {
+            3 => c.set("ssh.authorized_keys", r3_path.clone()),
+            _ => c.authorized_keys(&[&alice]),
+        },
+    );
 
     let formed = started.elapsed();
     let all_are = |v: f64| gauges(&cluster) == vec![Some(v); REPLICAS];

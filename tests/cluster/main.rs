@@ -12,6 +12,7 @@
 //! - `peer_port`: the peer listener speaks only mutual TLS.
 //! - `outage`: the store frozen, then back empty.
 //! - `drift`: a replica with other authorized keys is flagged on every replica and named.
+//! - `partition`: r1 cut from its peers only; ejection, fast 502s, recovery.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -21,6 +22,7 @@ mod common;
 mod drift;
 mod failover;
 mod outage;
+mod partition;
 mod peer_port;
 mod pool;
 mod private;

@@ -70,7 +70,10 @@ impl Drop for Slot {
 
 /// What a test adds to replica N's config (access rules, limits); the cluster part is the
 /// harness's.
-type Configure = Box<dyn Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync>;
+type Configure = Box<dyn Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync>;
+/// What a test changes in replica N's config after the harness's cluster part (its peer
+/// listener, say).
+type ConfigureEach = Box<dyn Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync>;
 
 /// What every replica's config is made from.
 struct Recipe {
@@ -78,6 +81,7 @@ struct Recipe {
     secret: PathBuf,
     host_key: PathBuf,
     configure: Configure,
+    each: ConfigureEach,
 }
 
 impl Recipe {
@@ -91,7 +95,7 @@ impl Recipe {
         // Every replica shows one public port in tunnel URLs, as a fleet behind one balancer
         // does; left to default, each would show the port it bound, and the config hashes
         // (which cover public_port) would differ.
-        let builder = (self.configure)(n, env.gateway())
+        let builder = (self.configure)(env.gateway())
             .listeners(&[listener])
             .set("public_port", 443)
             .set("tls.certs_dir", certs.display().to_string())
@@ -103,6 +107,7 @@ impl Recipe {
             .set("cluster.secret_file", self.secret.display().to_string())
             .set("cluster.lease_ttl", format!("{}s", LEASE_TTL.as_secs()))
             .set("cluster.peer.bind", "127.0.0.1:0");
+        let builder = (self.each)(n, builder);
         let path = env.path().join(format!("r{n}-{}.toml", rand::random::<u32>()));
         fs::write(&path, builder.render()).expect("write replica config");
         path
@@ -131,14 +136,14 @@ impl Cluster {
         env: TestEnv,
         configure: impl Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
     ) -> Cluster {
-        Cluster::start_each(env, move |_, c| configure(c))
+        Cluster::start_each(env, configure, |_, c| c)
     }
 
-    /// `start`, with `configure` given the replica's number (1 to 3) too: for a test that
-    /// configures one replica differently.
+    /// `start`, with `each(n, config)` applied last to replica `n`'s config.
     pub fn start_each(
         env: TestEnv,
-        configure: impl Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
+        configure: impl Fn(GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
+        each: impl Fn(usize, GatewayBuilder) -> GatewayBuilder + Send + Sync + 'static,
     ) -> Cluster {
         let slot = Slot::take();
         let started = Instant::now();
@@ -148,6 +153,7 @@ impl Cluster {
             secret: shared_secret(&env),
             host_key: shared_host_key(&env),
             configure: Box::new(configure),
+            each: Box::new(each),
         };
         let configs: Vec<PathBuf> = (1..=REPLICAS).map(|n| recipe.write(&env, n, None)).collect();
         let replicas: Vec<Gateway> = thread::scope(|s| {

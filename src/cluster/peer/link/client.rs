@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
@@ -224,13 +225,26 @@ impl PeerClient {
         req: PeerRequest,
     ) -> Result<(BoxStream, String), PeerError> {
         let asked = match self.take_warm(addr, rid) {
-            Some(tls) => match self.ask(tls, req.clone()).await {
-                Err(e @ (PeerError::Io(_) | PeerError::Tls(_))) => {
-                    tracing::debug!(peer = rid, error = %e, "a warm peer connection was dead; dialing anew");
-                    None
+            Some(tls) => {
+                // The replacement is dialed now, not after the answer: its handshake shows within
+                // the connect timeout whether the peer can still be reached, where the warm
+                // connection to a peer cut off (no RST, packets dropped) would wait the whole
+                // open timeout for a status the owner cannot send.
+                let mut reachable = self.dial_warm(addr, rid);
+                let ask = self.ask(tls, req.clone());
+                tokio::pin!(ask);
+                let done = tokio::select! {
+                    done = &mut ask => done,
+                    Ok(Err(unreachable)) = &mut reachable => return Err(unreachable),
+                };
+                match done {
+                    Err(e @ (PeerError::Io(_) | PeerError::Tls(_))) => {
+                        tracing::debug!(peer = rid, error = %e, "a warm peer connection was dead; dialing anew");
+                        None
+                    }
+                    done => Some(done),
                 }
-                done => Some(done),
-            },
+            }
             None => None,
         };
         let done = match asked {
@@ -287,26 +301,41 @@ impl PeerClient {
 
     /// Tops up `rid`'s warm connections in the background.
     fn refill(&self, addr: SocketAddr, rid: &str) {
-        let key = (addr, rid.to_owned());
         let missing = {
             let mut pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
-            let ready = pool.entry(key.clone()).or_default();
+            let ready = pool.entry((addr, rid.to_owned())).or_default();
             let missing = WARM_PER_PEER.saturating_sub(ready.conns.len() + ready.pending);
             ready.pending += missing;
             missing
         };
         for _ in 0..missing {
-            let (connector, warm, key) = (self.connector.clone(), Arc::downgrade(&self.warm), key.clone());
-            tokio::spawn(async move {
-                let dialed = connector.connect(key.0, &key.1).await;
-                let Some(warm) = warm.upgrade() else { return };
-                let mut pool = warm.lock().unwrap_or_else(|p| p.into_inner());
-                let ready = pool.entry(key).or_default();
-                ready.pending = ready.pending.saturating_sub(1);
-                if let Ok(tls) = dialed {
-                    ready.conns.push((Instant::now(), tls));
-                }
-            });
+            drop(self.spawn_dial(addr, rid));
         }
+    }
+
+    /// Dials one warm connection to `rid` at `addr` in the background; the receiver learns
+    /// whether TCP and TLS got through (the connection itself goes to the pool).
+    fn dial_warm(&self, addr: SocketAddr, rid: &str) -> oneshot::Receiver<Result<(), PeerError>> {
+        {
+            let mut pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+            pool.entry((addr, rid.to_owned())).or_default().pending += 1;
+        }
+        self.spawn_dial(addr, rid)
+    }
+
+    /// The dial of [`PeerClient::dial_warm`], counted as pending by the caller.
+    fn spawn_dial(&self, addr: SocketAddr, rid: &str) -> oneshot::Receiver<Result<(), PeerError>> {
+        let key = (addr, rid.to_owned());
+        let (tell, told) = oneshot::channel();
+        let (connector, warm) = (self.connector.clone(), Arc::downgrade(&self.warm));
+        tokio::spawn(async move {
+            let dialed = connector.connect(key.0, &key.1).await;
+            let Some(warm) = warm.upgrade() else { return };
+            let mut pool = warm.lock().unwrap_or_else(|p| p.into_inner());
+            let ready = pool.entry(key).or_default();
+            ready.pending = ready.pending.saturating_sub(1);
+            let _ = tell.send(dialed.map(|tls| ready.conns.push((Instant::now(), tls))));
+        });
+        told
     }
 }

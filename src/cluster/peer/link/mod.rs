@@ -8,7 +8,9 @@
 //! the handler opens the stream, the owner answers OK and splices bytes both ways, each
 //! direction closed on its own (a FIN, sent as TLS close_notify, is a channel EOF).
 //!
-//! There is no pool of pre-opened connections yet: a stream costs a TCP and TLS 1.3 handshake.
+//! The dialer keeps a few connections per peer with TCP and TLS done (warm); a stream taken
+//! from them dials its replacement at once, and a replacement that cannot get through within
+//! the connect timeout fails the stream too, so a peer cut off never holds a visitor for longer.
 
 pub(crate) mod client;
 mod frame;
@@ -58,11 +60,13 @@ mod tests {
                 }
                 let (near, far) = tokio::io::duplex(64 * 1024);
                 let greeting = format!("hello {} from {}\n", req.host(), req.source());
+                // Errors end the echo: the dialer may have given up on the stream (a test that
+                // cuts the link leaves some behind).
                 tokio::spawn(async move {
                     let (mut rd, mut wr) = tokio::io::split(far);
-                    wr.write_all(greeting.as_bytes()).await.unwrap();
-                    tokio::io::copy(&mut rd, &mut wr).await.unwrap();
-                    wr.shutdown().await.unwrap();
+                    wr.write_all(greeting.as_bytes()).await?;
+                    tokio::io::copy(&mut rd, &mut wr).await?;
+                    wr.shutdown().await
                 });
                 Ok(Box::new(near) as BoxStream)
             })
@@ -354,6 +358,72 @@ mod tests {
         drop(stream);
         assert_eq!(second.calls.load(Ordering::SeqCst), 1, "the new owner served it");
         assert_eq!(first.calls.load(Ordering::SeqCst), calls);
+    }
+
+    /// A TCP relay to `target` that a test can cut like a partition: while `cut` holds, new
+    /// connections are accepted and held, and bytes on the old ones stop moving (nothing is
+    /// closed, so no side sees a FIN or a RST).
+    async fn relay(target: SocketAddr, cut: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            mut cut: tokio::sync::watch::Receiver<bool>,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                if cut.wait_for(|cut| !cut).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((near, _)) = listener.accept().await {
+                if *cut.borrow() {
+                    held.push(near);
+                    continue;
+                }
+                let far = tokio::net::TcpStream::connect(target).await.unwrap();
+                let ((nr, nw), (fr, fw)) = (near.into_split(), far.into_split());
+                tokio::spawn(pump(nr, fw, cut.clone()));
+                tokio::spawn(pump(fr, nw, cut.clone()));
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_cut_off_fails_within_the_connect_timeout_even_on_a_warm_connection() {
+        recorded();
+        let (owner_addr, _handler) = owner().await;
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let addr = relay(owner_addr, cut_rx).await;
+        let connect_timeout = Duration::from_millis(300);
+        let client = PeerClient::new(
+            &PeerTls::derived(&secret(1), "r2.b").unwrap(),
+            &secret(1),
+            connect_timeout,
+            Duration::from_secs(5),
+        );
+        drop(client.open(addr, OWNER, request("app.gw.test")).await.unwrap());
+        eventually("two warm connections", || client.warm(addr, OWNER) == 2).await;
+        cut.send(true).unwrap();
+        // Two opens take the warm connections, whose status never comes; the third dials.
+        for round in ["warm", "warm", "fresh"] {
+            let started = Instant::now();
+            let e = refused(&client, addr, OWNER, request("app.gw.test")).await;
+            let took = started.elapsed();
+            eprintln!("open on a {round} connection to a cut-off peer: {e} after {took:?}");
+            assert!(matches!(e, PeerError::Timeout("connect")), "{round}: {e}");
+            assert!(
+                took < connect_timeout + Duration::from_millis(200),
+                "{round}: {took:?}"
+            );
+        }
+        cut.send(false).unwrap();
+        drop(client.open(addr, OWNER, request("app.gw.test")).await.unwrap());
     }
 
     /// A CA of the operator's and two leaves it signs (named as the operator likes), and one
