@@ -83,14 +83,7 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-if [ -n "${EDGEMUX_BIN:-}" ]; then
-  BIN=$EDGEMUX_BIN   # a binary built elsewhere: no build
-else
-  hdr "build: cargo build --release --locked"
-  (cd "$REPO" && cargo build --release --locked 2>&1 | tail -3) || die "build failed"
-  BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/edgemux
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
+build_edgemux
 
 for p in $ETCD_PORT $ETCD_PEER_PORT $BACKEND_PORT; do
   listening "$p" && die "port 127.0.0.1:$p is in use (set ETCD_PORT / ETCD_PEER_PORT / BACKEND_PORT)"

@@ -42,3 +42,14 @@ to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
     else if (v ~ /ms$/) {sub(/ms$/,"",v); printf "%.2f", v}
     else if (v ~ /s$/) {sub(/s$/,"",v); printf "%.1f", v*1000} else printf "?" }'
 }
+
+build_edgemux() { # sets BIN: $EDGEMUX_BIN as given, else a release build of $REPO
+  if [ -n "${EDGEMUX_BIN:-}" ]; then
+    BIN=$EDGEMUX_BIN   # a binary built elsewhere: no build
+  else
+    hdr "build: cargo build --release --locked"
+    (cd "$REPO" && cargo build --release --locked 2>&1 | tail -3) || die "build failed"
+    BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/edgemux
+  fi
+  [ -x "$BIN" ] || die "no binary at $BIN"
+}

@@ -67,14 +67,7 @@ trap 'exit 130' INT TERM
 die() { echo "run: $*" >&2; exit 1; }
 
 # ------------------------------------------------------------------ build, chain, edgemux
-if [ -n "${EDGEMUX_BIN:-}" ]; then
-  BIN=$EDGEMUX_BIN   # a binary built elsewhere: no build
-else
-  hdr "build: cargo build --release --locked"
-  (cd "$REPO" && cargo build --release --locked 2>&1 | tail -3) || die "build failed"
-  BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/edgemux
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
+build_edgemux
 
 for p in $EDGEMUX_PORT $ADMIN_PORT $SINK_PORT; do
   listening "$p" && die "port 127.0.0.1:$p is in use (set EDGEMUX_PORT / ADMIN_PORT / SINK_PORT)"

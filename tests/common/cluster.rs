@@ -24,7 +24,7 @@ use super::haproxy::{self, Haproxy};
 use super::http::Visitor;
 use super::process::{poll_until, send_signal, Proc};
 use super::prom::{Admin, Scrape};
-use super::ssh::{SshClient, SshKey, Transport};
+use super::ssh::{KeyKind, SshClient, SshKey, Transport};
 use super::{edgemux, Gateway, TestEnv, SETUP};
 
 pub const REPLICAS: usize = 3;
@@ -373,18 +373,7 @@ fn shared_secret(env: &TestEnv) -> PathBuf {
 /// One SSH host key for every replica, as a fleet is deployed: a client that lands on another
 /// replica meets the same server.
 fn shared_host_key(env: &TestEnv) -> PathBuf {
-    let path = env.path().join("ssh_host_ed25519_key");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "edgemux", "-f"])
-        .arg(&path)
-        .output()
-        .expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+    SshKey::generate(env.path(), "ssh_host_ed25519_key", KeyKind::Ed25519).private
 }
 
 /// `cmd` as one line of shell, every word single-quoted.
