@@ -142,9 +142,13 @@ impl Cluster {
             open_timeout,
         ));
         let rid_for_kill = rid.clone();
-        let owner = Arc::new(OwnerSide::new((tunnels.clone(), local.clone()), open_timeout));
-        let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
         let lookup = store.lookup();
+        let store_up = {
+            let lookup = lookup.clone();
+            Box::new(move || lookup.store_up())
+        };
+        let owner = OwnerSide::new((tunnels.clone(), local.clone()), open_timeout, store_up);
+        let server = Arc::new(PeerServer::new(&tls, &secret, Arc::new(owner), open_timeout));
         let peers = (client, cfg.peer_connect_timeout);
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
         let directory = Arc::new(directory);
