@@ -300,9 +300,20 @@ impl Gateway {
         self.admin_token.as_deref()
     }
 
-    /// Listeners are serving and certificates are loaded.
+    /// Listeners are serving and certificates are loaded, and this replica has not fenced
+    /// itself (`cluster::fence`; kept apart from draining, which only ends with the process).
     pub(crate) fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.fenced()
+    }
+
+    #[cfg(feature = "etcd")]
+    fn fenced(&self) -> bool {
+        self.cluster.as_ref().is_some_and(crate::cluster::Cluster::fenced)
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn fenced(&self) -> bool {
+        false
     }
 
     pub(crate) fn challenges(&self) -> &Challenges {

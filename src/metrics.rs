@@ -35,6 +35,7 @@ pub const CLUSTER_DIRECTORY_HEARD: &str = "edgemux_cluster_directory_heard_times
 pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
 pub const CLUSTER_CONFIG_MISMATCH: &str = "edgemux_cluster_config_mismatch";
+pub const CLUSTER_FENCED: &str = "edgemux_cluster_fenced";
 pub const CLUSTER_PEER_UP: &str = "edgemux_cluster_peer_up";
 pub const CLUSTER_PEER_EJECTIONS: &str = "edgemux_cluster_peer_ejections_total";
 pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
@@ -162,6 +163,11 @@ fn describe() {
         "1 while another replica (serving or draining) publishes a config hash other than this \
          replica's: domain, public_port, authorized keys, grants, reserves, spread or routing \
          limits differ; the log names the replica"
+    );
+    describe_gauge!(
+        CLUSTER_FENCED,
+        "1 while this replica is fenced: the cluster store has not served it for fence_after while \
+         another replica's store answered; /readyz answers 503 and SSH clients are told to reconnect"
     );
     describe_counter!(
         PEER_AUTH_FAILURES,
@@ -358,6 +364,10 @@ pub fn cluster_dropped_entry(reason: &'static str) {
 
 pub fn cluster_config_mismatch(mismatch: bool) {
     gauge!(CLUSTER_CONFIG_MISMATCH).set(if mismatch { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_fenced(fenced: bool) {
+    gauge!(CLUSTER_FENCED).set(if fenced { 1.0 } else { 0.0 });
 }
 
 /// `peer` is a replica name (bounded by the fleet), never an incarnation.

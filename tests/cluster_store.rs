@@ -76,6 +76,7 @@ fn config(endpoint: &str, name: &str, lease_ttl: Duration) -> ClusterConfig {
         lease_ttl,
         keepalive_interval: lease_ttl / 3,
         store_timeout: Duration::from_secs(1),
+        fence_after: None,
         spread: Spread::Even,
         peer_bind: peer,
         peer_advertise: peer,

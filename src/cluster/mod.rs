@@ -3,7 +3,8 @@
 //! a channel on the owner's side for a visitor who landed elsewhere (`peer`). `directory` is the
 //! cluster's answer to "where are this host's members", `owner` the owner's answer to a peer
 //! dial, `select` the spread of a pool over replicas, `eject` which replicas cannot be reached,
-//! `drift` the settings replicas must agree on, `node` starts and stops it all. Nothing here
+//! `drift` the settings replicas must agree on, `fence` when a replica cut from the store takes
+//! itself out of service, `node` starts and stops it all. Nothing here
 //! runs without a `[cluster]` section.
 
 // Without a store backend there is no cluster to run: only the pure pieces are built, for tests.
@@ -13,6 +14,7 @@
 mod directory;
 pub(crate) mod drift;
 pub(crate) mod eject;
+pub(crate) mod fence;
 #[cfg(feature = "etcd")]
 mod node;
 mod owner;

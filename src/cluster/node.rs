@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -14,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::directory::ClusterDirectory;
 use super::drift::{drifted, Told};
+use super::fence::{decide, wants_answers, Answers, Decision, Inputs};
 use super::owner::OwnerSide;
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
@@ -29,6 +31,17 @@ use crate::tunnels::{Directory, Tunnels};
 /// Peer streams one replica serves at once: each holds a channel on a tunnel client, which
 /// `limits.channels_per_tunnel` bounds per member again.
 const MAX_PEER_STREAMS: usize = 16_384;
+
+/// The fence watch looks at the store's health this often, and asks the peers at most this
+/// often while it wants their answers (each round takes at most twice the connect timeout).
+const FENCE_CHECK: Duration = Duration::from_secs(1);
+/// Peers pinged in one round: the fleet, bounded as the lookups are.
+const MAX_PINGS: usize = 16;
+/// A ping names a host, as every peer request does; nobody serves this one.
+const PING_HOST: &str = "ping.edgemux.invalid";
+/// What a fenced replica's SSH clients are told; their reconnect loop re-homes them through the
+/// load balancer, which no longer sends flows here (`/readyz` is 503).
+const FENCE_MESSAGE: &str = "this replica lost its cluster store; reconnect to continue";
 
 /// Why the cluster part could not start; each names the setting to fix.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +103,115 @@ async fn watch_drift(
     }
 }
 
+/// What the fence watch needs: the store's health and the peers from the copy, a client to ping
+/// them, the tunnels to close, and the flag `/readyz` reads.
+struct FenceWatch {
+    lookup: Lookup,
+    client: Arc<PeerClient>,
+    connect_timeout: Duration,
+    destination: SocketAddr,
+    fence_after: Option<Duration>,
+    tunnels: Arc<Tunnels>,
+    fenced: Arc<AtomicBool>,
+}
+
+impl FenceWatch {
+    /// Until `stop`: measures how long the store has not served this replica, asks the peers
+    /// once that is past `fence_after`, and applies [`decide`] (`cluster::fence`).
+    async fn run(self, stop: CancellationToken) {
+        let mut down_since: Option<Instant> = None;
+        let mut ticks = tokio::time::interval(FENCE_CHECK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = Instant::now();
+            down_since = if self.lookup.store_up() {
+                None
+            } else {
+                Some(down_since.unwrap_or(now))
+            };
+            let store_down_for = down_since.map(|since| now.duration_since(since));
+            let fenced = self.fenced.load(Ordering::Acquire);
+            let answers = if wants_answers(store_down_for, self.fence_after, fenced) {
+                Some(self.ping_peers().await)
+            } else {
+                None
+            };
+            let inputs = Inputs {
+                store_down_for,
+                fence_after: self.fence_after,
+                answers,
+                fenced,
+            };
+            match decide(inputs) {
+                Decision::Fence => {
+                    tracing::warn!(
+                        down_for = ?store_down_for,
+                        ?answers,
+                        "fenced: the cluster store does not serve this replica while another \
+                         replica's does; /readyz answers 503 and SSH clients are told to reconnect"
+                    );
+                    self.fenced.store(true, Ordering::Release);
+                    crate::metrics::cluster_fenced(true);
+                    self.disconnect_all();
+                }
+                Decision::Unfence => {
+                    tracing::info!("un-fenced: the cluster store serves this replica again");
+                    self.fenced.store(false, Ordering::Release);
+                    crate::metrics::cluster_fenced(false);
+                }
+                // Connections that came while fenced are sent away too: tunnels are not served
+                // from a fenced replica.
+                Decision::Stay if fenced => self.disconnect_all(),
+                Decision::Stay => {}
+            }
+        }
+    }
+
+    /// Pings the other replicas in the copy, all at once, each within twice the connect timeout.
+    async fn ping_peers(&self) -> Answers {
+        let mut pings = tokio::task::JoinSet::new();
+        let bound = self.connect_timeout * 2;
+        for (rid, record) in self.lookup.replicas().into_iter().take(MAX_PINGS) {
+            let client = self.client.clone();
+            let req = PeerRequest::dial(Op::Ping, PING_HOST, 0, self.destination, self.destination);
+            pings.spawn(async move {
+                let req = req.ok()?;
+                let asked = client.command(record.peer_addr, rid.as_str(), req);
+                tokio::time::timeout(bound, asked).await.ok()?.ok()
+            });
+        }
+        let mut answers = Answers::default();
+        while let Some(done) = pings.join_next().await {
+            match done.ok().flatten().as_deref() {
+                Some("store=up") => answers.up += 1,
+                Some("store=down") => answers.down += 1,
+                _ => answers.silent += 1,
+            }
+        }
+        answers
+    }
+
+    /// Tells every SSH connection that serves a tunnel here to reconnect.
+    fn disconnect_all(&self) {
+        let mut told = std::collections::HashSet::new();
+        for member in self
+            .tunnels
+            .snapshot()
+            .into_iter()
+            .flat_map(|(_, members)| members)
+        {
+            if told.insert(member.conn) {
+                tracing::info!(conn = member.conn, "fenced: tunnel client told to reconnect");
+                tokio::spawn(async move { crate::ssh::disconnect(&member.handle, FENCE_MESSAGE).await });
+            }
+        }
+    }
+}
+
 /// This replica in the cluster.
 pub(crate) struct Cluster {
     store: tokio::sync::Mutex<Option<Store>>,
@@ -99,8 +221,10 @@ pub(crate) struct Cluster {
     /// For the admin API's kills on other replicas.
     client: Arc<PeerClient>,
     destination: SocketAddr,
-    /// Ends the drift watch with the cluster part.
-    _drift: DropGuard,
+    /// Set while fenced (`cluster::fence`): `/readyz` answers 503.
+    fenced: Arc<AtomicBool>,
+    /// Ends the drift and fence watches with the cluster part.
+    _watches: DropGuard,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -142,23 +266,41 @@ impl Cluster {
             open_timeout,
         ));
         let rid_for_kill = rid.clone();
-        let owner = Arc::new(OwnerSide::new((tunnels.clone(), local.clone()), open_timeout));
-        let server = Arc::new(PeerServer::new(&tls, &secret, owner, open_timeout));
         let lookup = store.lookup();
+        let store_up = {
+            let lookup = lookup.clone();
+            Box::new(move || lookup.store_up())
+        };
+        let owner = OwnerSide::new((tunnels.clone(), local.clone()), open_timeout, store_up);
+        let server = Arc::new(PeerServer::new(&tls, &secret, Arc::new(owner), open_timeout));
         let peers = (client, cfg.peer_connect_timeout);
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
         let directory = Arc::new(directory);
         tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
-        let drift = CancellationToken::new();
-        tokio::spawn(watch_drift(lookup.clone(), lookup.changes(), drift.clone()));
+        let watches = CancellationToken::new();
+        tokio::spawn(watch_drift(lookup.clone(), lookup.changes(), watches.clone()));
+        let destination = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port);
+        let fenced = Arc::new(AtomicBool::new(false));
+        crate::metrics::cluster_fenced(false);
+        let fence = FenceWatch {
+            lookup: lookup.clone(),
+            client: kill_client.clone(),
+            connect_timeout: cfg.peer_connect_timeout,
+            destination,
+            fence_after: cfg.fence_after,
+            tunnels: tunnels.clone(),
+            fenced: fenced.clone(),
+        };
+        tokio::spawn(fence.run(watches.clone()));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
             server,
             me: rid_for_kill,
             client: kill_client,
-            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
-            _drift: drift.drop_guard(),
+            destination,
+            fenced,
+            _watches: watches.drop_guard(),
         };
         Ok((cluster, directory))
     }
@@ -203,6 +345,11 @@ impl Cluster {
         }
         out.sort_by(|a, b| a.replica.cmp(&b.replica));
         out
+    }
+
+    /// Whether this replica fenced itself (`cluster::fence`): `/readyz` answers 503.
+    pub(crate) fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
     }
 
     /// SIGTERM: other replicas put this one last in their pools from now on.

@@ -21,16 +21,23 @@ pub(crate) struct OwnerSide {
     tunnels: Arc<Tunnels>,
     local: Arc<dyn Directory>,
     open_timeout: Duration,
+    /// Whether the store serves this replica (for a ping).
+    store_up: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl OwnerSide {
     /// `local` must be the local directory (hop limit 1); `open_timeout` bounds each member's
-    /// channel open, as for a visitor who landed here.
-    pub(crate) fn new((tunnels, local): (Arc<Tunnels>, Arc<dyn Directory>), open_timeout: Duration) -> Self {
+    /// channel open, as for a visitor who landed here; `store_up` answers pings.
+    pub(crate) fn new(
+        (tunnels, local): (Arc<Tunnels>, Arc<dyn Directory>),
+        open_timeout: Duration,
+        store_up: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
         Self {
             tunnels,
             local,
             open_timeout,
+            store_up,
         }
     }
 }
@@ -99,6 +106,10 @@ impl PeerHandler for OwnerSide {
             let json = encode_route(&entry).map_err(|e| (Status::OpenFailed, e.to_string()))?;
             String::from_utf8(json).map_err(|_| no_route())
         })
+    }
+
+    fn store_up(&self) -> bool {
+        (self.store_up)()
     }
 
     fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {

@@ -20,6 +20,9 @@ pub mod cluster_defaults {
     pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     /// A store request that takes longer counts as the store being down.
     pub const STORE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// A replica cut from the store fences itself after this: past a default lease (10 s) its
+    /// routes have left the other replicas, so its tunnel clients are better served elsewhere.
+    pub const FENCE_AFTER: Duration = Duration::from_secs(15);
     pub const PREFIX: &str = "/edgemux/v1/";
     /// The shortest secret accepted: 256 bits.
     pub const MIN_SECRET_BYTES: usize = 32;
@@ -42,6 +45,9 @@ pub struct RawCluster {
     pub lease_ttl: Option<String>,
     pub keepalive_interval: Option<String>,
     pub store_timeout: Option<String>,
+    /// How long the store may be unreachable from here, while a peer still reaches it, before
+    /// this replica fences itself; `"off"` or `"0"` never.
+    pub fence_after: Option<String>,
     /// `even` (every member of a pool gets an equal share) or `local-first`.
     pub spread: Option<String>,
     pub peer: RawPeer,
@@ -106,6 +112,8 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     pub keepalive_interval: Duration,
     pub store_timeout: Duration,
+    /// `None`: never fence (see `cluster::fence`).
+    pub fence_after: Option<Duration>,
     pub spread: Spread,
     pub peer_bind: SocketAddr,
     pub peer_advertise: SocketAddr,
@@ -210,6 +218,11 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
         raw.store_timeout.as_deref(),
         cluster_defaults::STORE_TIMEOUT,
     );
+    let fence_after = match raw.fence_after.as_deref() {
+        Some("off" | "0") => None,
+        other => Some(c.duration(&at("fence_after"), other, cluster_defaults::FENCE_AFTER))
+            .filter(|d| !d.is_zero()),
+    };
     let spread = match raw.spread.as_deref() {
         None | Some("even") => Spread::Even,
         Some("local-first") => Spread::LocalFirst,
@@ -276,6 +289,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
         lease_ttl,
         keepalive_interval,
         store_timeout,
+        fence_after,
         spread,
         peer_bind: peer_bind?,
         peer_advertise: peer_advertise?,
@@ -312,9 +326,29 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_secs(10));
         assert_eq!(c.keepalive_interval, c.lease_ttl / 3);
         assert_eq!(c.spread, Spread::Even);
+        assert_eq!(c.fence_after, Some(Duration::from_secs(15)));
         assert_eq!(c.peer_advertise, c.peer_bind);
         assert!(c.peer_tls.is_none(), "derived from the secret by default");
         assert!(crate::config::parse(&text.replace("[cluster]", "[clusterx]")).is_err());
+    }
+
+    #[test]
+    fn fencing_can_be_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "00").unwrap();
+        let fence = |value: &str| {
+            let section = format!(
+                "replica_name = \"r1\"\nfence_after = {value:?}\n[cluster.peer]\nbind = \"10.0.0.5:7443\"\n"
+            );
+            crate::config::parse(&with_cluster(&secret, &section)).map(|c| c.cluster.unwrap().fence_after)
+        };
+        assert_eq!(fence("3s").unwrap(), Some(Duration::from_secs(3)));
+        assert_eq!(fence("off").unwrap(), None);
+        assert_eq!(fence("0s").unwrap(), None);
+        assert_eq!(fence("0").unwrap(), None);
+        let err = fence("soon").unwrap_err();
+        assert!(err.iter().any(|p| p.path == "cluster.fence_after"), "{err:?}");
     }
 
     #[test]

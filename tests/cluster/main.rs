@@ -21,6 +21,7 @@ mod common;
 
 mod drift;
 mod failover;
+mod fence;
 mod outage;
 mod partition;
 mod peer_port;

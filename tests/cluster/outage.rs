@@ -1,6 +1,7 @@
 //! The store goes away (SCALEOUT T10, in part): routing runs from each replica's copy, so a
 //! frozen etcd stops nothing that was already known, and a tunnel registered meanwhile is found
-//! by asking the other replicas; readiness never depends on the store; the
+//! by asking the other replicas; readiness never depends on the store, and no replica fences
+//! itself (every peer says `store=down`: no evidence that the fault is its own); the
 //! tunnel lists say the copy is `stale` meanwhile; and a store that comes back empty (its data
 //! dir wiped) is filled again by the replicas, each republishing what it serves.
 
@@ -12,8 +13,11 @@ use crate::common::ssh::KeyKind;
 use crate::common::TestEnv;
 use crate::{settle, until};
 
-/// How long the frozen store is watched: past a whole lease TTL, so nothing hangs on the lease.
-const FROZEN_FOR: Duration = Duration::from_secs(5);
+/// How long the frozen store is watched: past a whole lease TTL, so nothing hangs on the lease,
+/// and past the store's detected fall (keepalive, `store_timeout`) plus [`FENCE_AFTER`].
+const FROZEN_FOR: Duration = Duration::from_secs(6);
+/// Short, so the peers are asked (and say `store=down`) well within [`FROZEN_FOR`].
+const FENCE_AFTER: &str = "1s";
 /// A wiped store is complete again within a lease TTL plus a resync (the goal), with slack for
 /// a loaded machine.
 const REFILL: Duration = Duration::from_secs(10);
@@ -22,7 +26,7 @@ const REFILL: Duration = Duration::from_secs(10);
 fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
     let env = TestEnv::new();
     let key = env.key("owner", KeyKind::Ed25519);
-    let mut cluster = Cluster::start(env, |c| c);
+    let mut cluster = Cluster::start(env, |c| c.set("cluster.fence_after", FENCE_AFTER));
     let spec = format!("app:80:127.0.0.1:{}", http_backend("alpha"));
     let _owner = cluster.ssh(&key, Via::Replica(1)).remote_forward(&spec);
     let host = key.host("app");
@@ -52,9 +56,11 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         for n in 1..=REPLICAS {
             let ready = cluster.admin(n).request("GET", "/readyz");
             assert_eq!(ready.status, 200, "r{n} /readyz with the store frozen");
+            let fenced = cluster.scrape(n).sum("edgemux_cluster_fenced", &[]);
+            assert_eq!(fenced, Some(0.0), "r{n} fenced in a store-wide outage");
         }
     }
-    eprintln!("{served} requests via r2 served while the store was frozen for {FROZEN_FOR:?}; /readyz 200 on every replica throughout");
+    eprintln!("{served} requests via r2 served while the store was frozen for {FROZEN_FOR:?}; /readyz 200 and edgemux_cluster_fenced 0 on every replica throughout (fence_after {FENCE_AFTER})");
     let listed = cluster.placement(2, &host);
     assert_eq!(
         listed.map(|(_, n)| n),
@@ -75,6 +81,15 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         || format!("{:?}", cluster.tunnels(2)),
     );
     eprintln!("a tunnel registered on r1 during the outage served via r2 {found:?} after its ssh -R returned ({:?} since)", registered.elapsed());
+    for n in 1..=REPLICAS {
+        let fenced = cluster.scrape(n).sum("edgemux_cluster_fenced", &[]);
+        assert_eq!(
+            fenced,
+            Some(0.0),
+            "r{n} fenced in a store-wide outage ({:?} frozen)",
+            frozen.elapsed()
+        );
+    }
 
     // Wiped: a new etcd with an empty data dir at the same address.
     cluster.etcd.restart_empty();

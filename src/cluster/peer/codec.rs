@@ -12,7 +12,7 @@
 //!     TLV 0x02 AUTHORITY  the target host (a DNS name, ≤ 253 bytes)
 //!     TLV 0xEA AWS        optional: 0x01 + the VPC endpoint id the visitor came through
 //!     TLV 0xE7 EDGEMUX    sub-TLVs (type u8, length u16, value):
-//!         0x01 op u8      1 dial-http, 2 dial-tcp (3 lookup, 4 list, 5 kill, 6 ping: reserved)
+//!         0x01 op u8      1 dial-http, 2 dial-tcp, 3 lookup, 5 kill, 6 ping (4 list: reserved)
 //!         0x02 port u16
 //!         0x03 on-behalf key: the 32-byte SHA-256 key fingerprint (optional)
 //!         0x04 sender replica id (1..=128 bytes, a DNS name)
@@ -102,13 +102,13 @@ impl CodecError {
 pub(crate) enum Op {
     DialHttp,
     DialTcp,
-    /// Reserved: find a host when the store is down.
+    /// Find a host when the store is down.
     Lookup,
     /// Reserved: list a key's tunnels.
     List,
-    /// Reserved: close a host's tunnels (admin).
+    /// Close a host's tunnels (admin).
     Kill,
-    /// Reserved: liveness and store health.
+    /// Liveness and the owner's store health (`store=up` | `store=down`), for fencing.
     Ping,
 }
 

@@ -495,6 +495,7 @@ mod tests {
             lease_ttl: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(3),
             store_timeout: Duration::from_secs(2),
+            fence_after: None,
             spread: crate::config::Spread::Even,
             peer_bind: "127.0.0.1:7443".parse().unwrap(),
             peer_advertise: "127.0.0.1:7443".parse().unwrap(),

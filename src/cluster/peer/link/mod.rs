@@ -89,6 +89,10 @@ mod tests {
                 }
             })
         }
+
+        fn store_up(&self) -> bool {
+            true
+        }
     }
 
     /// A running owner: its address and its handler.
@@ -322,12 +326,17 @@ mod tests {
         .await;
         // Ops reserved for later are refused before the handler.
         let visitor = "198.51.100.7:1".parse().unwrap();
-        let ping = PeerRequest::dial(Op::Ping, "app.gw.test", 0, visitor, visitor).unwrap();
-        let err = refused(&client, addr, OWNER, ping).await;
+        let list = PeerRequest::dial(Op::List, "app.gw.test", 0, visitor, visitor).unwrap();
+        let err = refused(&client, addr, OWNER, list).await;
         assert!(
-            matches!(&err, PeerError::BadRequest(reason) if reason.contains("ping")),
+            matches!(&err, PeerError::BadRequest(reason) if reason.contains("list")),
             "{err}"
         );
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+        // A ping is answered with the owner's store health, without the handler's dial.
+        let ping = PeerRequest::dial(Op::Ping, "app.gw.test", 0, visitor, visitor).unwrap();
+        let health = client.command(addr, OWNER, ping).await.unwrap();
+        assert_eq!(health, "store=up");
         assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
     }
 

@@ -59,6 +59,10 @@ pub(crate) trait PeerHandler: Send + Sync {
     /// The route this replica holds for `req.host()` (its route kind and port), for a dialer
     /// whose store does not answer; `NO_ROUTE` when it holds none.
     fn lookup<'a>(&'a self, req: &'a PeerRequest) -> Looking<'a>;
+
+    /// Whether the store serves this replica now: a ping's answer, `store=up` or `store=down`,
+    /// which a replica cut from the store takes as evidence that the store itself is fine.
+    fn store_up(&self) -> bool;
 }
 
 /// The owner's end: authenticates every stream before a handler sees it.
@@ -144,6 +148,14 @@ impl PeerServer {
                 Err(_) => refuse(tls, Status::OpenFailed, "the kill did not finish in time").await,
             };
         }
+        if req.op() == Op::Ping {
+            let health = if self.handler.store_up() {
+                "store=up"
+            } else {
+                "store=down"
+            };
+            return answer(tls, Status::Ok, health).await;
+        }
         if req.op() == Op::Lookup {
             return match self.handler.lookup(&req).await {
                 Ok(route) => answer(tls, Status::Ok, &route).await,
@@ -199,7 +211,7 @@ impl PeerServer {
             Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
             Err(stale) => return Err(Refused::auth(stale.reason())),
         }
-        if !(req.op().is_dial() || matches!(req.op(), Op::Kill | Op::Lookup)) {
+        if !(req.op().is_dial() || matches!(req.op(), Op::Kill | Op::Lookup | Op::Ping)) {
             let reason = format!("op {} is not served by this version", req.op().label());
             return Err(Refused::Answer(Status::BadRequest, reason));
         }
