@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use super::frame::{now_ms, read_frame, rustls_error, write_all, FrameError};
+use super::frame::{now_ms, read_frame, rustls_error, tune, write_all, FrameError};
 use crate::cluster::peer::codec::{self, CodecError, PeerRequest, NONCE_LEN};
 use crate::cluster::peer::secret::{ClusterSecret, Label};
 use crate::cluster::peer::status::{self, Status, MAX_REPLY};
@@ -130,7 +130,7 @@ impl Connector {
         let name = tls::server_name(rid).ok_or(PeerError::Request(CodecError::Field("replica id")))?;
         let connect = async {
             let tcp = TcpStream::connect(addr).await.map_err(PeerError::Connect)?;
-            let _ = tcp.set_nodelay(true);
+            tune(&tcp);
             self.tls.connect(name, tcp).await.map_err(PeerError::from_tls)
         };
         timeout(self.connect_timeout, connect)

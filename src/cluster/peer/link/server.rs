@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::client::WARM_IDLE;
-use super::frame::{now_ms, read_frame, rustls_error, write_all, FrameError};
+use super::frame::{now_ms, read_frame, rustls_error, tune, write_all, FrameError};
 use crate::cluster::peer::codec::{self, CodecError, Op, PeerRequest, MAX_PEER_HEADER};
 use crate::cluster::peer::replay::{NonceCache, Stale};
 use crate::cluster::peer::secret::{ClusterSecret, Label};
@@ -119,7 +119,7 @@ impl PeerServer {
     /// One stream, from handshake to splice; its outcome as a metric label.
     async fn stream(&self, tcp: TcpStream, shutdown: &CancellationToken) -> &'static str {
         let started = Instant::now();
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         let mut tls = match timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) if rustls_error(&e).is_some() => {
