@@ -80,7 +80,7 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         || via_r2.get(&late, "/", &[]).status == 200,
         || format!("{:?}", cluster.tunnels(2)),
     );
-    eprintln!("a tunnel registered on r1 during the outage served via r2 {found:?} after its ssh -R returned ({:?} since)", registered.elapsed());
+    eprintln!("a tunnel registered on r1 during the outage served via r2 {found:?} after its ssh -R was started ({:?} since)", registered.elapsed());
     for n in 1..=REPLICAS {
         let fenced = cluster.scrape(n).sum("edgemux_cluster_fenced", &[]);
         assert_eq!(
