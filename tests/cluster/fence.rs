@@ -9,15 +9,12 @@
 //! port of the test's, which forwards to etcd and can be switched to hold new connections and
 //! stall the old ones (a blackhole: no FIN, no RST), and back.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::{Cluster, Via, LEASE_TTL};
 use crate::common::http::http_backend;
+use crate::common::relay::Relay;
 use crate::common::ssh::KeyKind;
 use crate::common::TestEnv;
 use crate::{settle, until};
@@ -26,62 +23,6 @@ const FENCE_AFTER: Duration = Duration::from_secs(3);
 /// Beyond the TTL: the keepalive that finds the cut, and the peers' watch delivering the deletes.
 const MARGIN: Duration = Duration::from_secs(3);
 const FENCED: &str = "edgemux_cluster_fenced";
-
-/// The relay in front of etcd, for r1 only. A connection accepted before the target is known
-/// (r1 starts with the rest) or while cut waits, then is forwarded.
-struct Relay {
-    addr: SocketAddr,
-    target: Arc<OnceLock<SocketAddr>>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        let addr = listener.local_addr().expect("relay address");
-        let (target, cut) = (
-            Arc::new(OnceLock::<SocketAddr>::new()),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (to, blackhole) = (target.clone(), cut.clone());
-        thread::spawn(move || {
-            for near in listener.incoming() {
-                let Ok(near) = near else { return };
-                let (to, cut) = (to.clone(), blackhole.clone());
-                thread::spawn(move || {
-                    let target = loop {
-                        match to.get() {
-                            Some(t) if !cut.load(Ordering::SeqCst) => break *t,
-                            _ => thread::sleep(Duration::from_millis(10)),
-                        }
-                    };
-                    let Ok(far) = TcpStream::connect(target) else {
-                        return;
-                    };
-                    let (near2, far2) = (near.try_clone().unwrap(), far.try_clone().unwrap());
-                    let c2 = cut.clone();
-                    thread::spawn(move || pump(far2, near2, &c2));
-                    pump(near, far, &cut);
-                });
-            }
-        });
-        Relay { addr, target, cut }
-    }
-}
-
-/// Copies `from` to `to`; while the link is cut, bytes read wait (the connection stays open).
-fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf) {
-        while cut.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(5));
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            return;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
 
 fn fenced(cluster: &Cluster, n: usize) -> Option<f64> {
     cluster.scrape(n).sum(FENCED, &[])
@@ -130,7 +71,7 @@ fn r1_cut_from_the_store_fences_itself_its_client_rehomes_and_it_unfences_on_hea
     }
 
     let t0 = Instant::now();
-    relay.cut.store(true, Ordering::SeqCst);
+    relay.cut();
     let left = until(
         "r1's route leaves r2 and r3",
         LEASE_TTL + MARGIN,
@@ -179,7 +120,7 @@ fn r1_cut_from_the_store_fences_itself_its_client_rehomes_and_it_unfences_on_hea
     assert!(!lists_r1(&cluster, 2, &host), "the client re-homed away from r1");
 
     let healed = Instant::now();
-    relay.cut.store(false, Ordering::SeqCst);
+    relay.heal();
     settle(
         "r1 un-fenced after the heal",
         || fenced(&cluster, 1) == Some(0.0) && readyz(&cluster, 1) == 200,

@@ -8,16 +8,16 @@
 //! which forwards to r1's real peer listener and can be switched to hold new connections and
 //! stall the old ones (a blackhole: no FIN, no RST), and back.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::{Cluster, Via};
 use crate::common::http::http_backend;
 use crate::common::process::poll_until;
+use crate::common::relay::Relay;
 use crate::common::ssh::KeyKind;
 use crate::common::{TestEnv, SETUP};
 use crate::settle;
@@ -26,58 +26,6 @@ use crate::settle;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a 502 may take beyond the connect timeout: curl, HAProxy and the gateway's own work.
 const EPSILON: Duration = Duration::from_millis(500);
-
-/// The relay in front of r1's peer listener.
-struct Relay {
-    addr: SocketAddr,
-    target: Arc<OnceLock<SocketAddr>>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        let addr = listener.local_addr().expect("relay address");
-        let (target, cut) = (
-            Arc::new(OnceLock::<SocketAddr>::new()),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (to, blackhole) = (target.clone(), cut.clone());
-        thread::spawn(move || {
-            let mut held = Vec::new();
-            for near in listener.incoming() {
-                let Ok(near) = near else { return };
-                match to.get() {
-                    Some(target) if !blackhole.load(Ordering::SeqCst) => {
-                        let Ok(far) = TcpStream::connect(target) else {
-                            continue;
-                        };
-                        let (near2, far2) = (near.try_clone().unwrap(), far.try_clone().unwrap());
-                        let (c1, c2) = (blackhole.clone(), blackhole.clone());
-                        thread::spawn(move || pump(near, far, &c1));
-                        thread::spawn(move || pump(far2, near2, &c2));
-                    }
-                    _ => held.push(near),
-                }
-            }
-        });
-        Relay { addr, target, cut }
-    }
-}
-
-/// Copies `from` to `to`; while the link is cut, bytes read wait (the connection stays open).
-fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf) {
-        while cut.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(5));
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            return;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
 
 /// `edgemux_cluster_peer_up{peer="r1"}` on r2, if exported.
 fn r1_up_on_r2(cluster: &Cluster) -> Option<f64> {
@@ -142,7 +90,7 @@ fn r1_cut_from_its_peers_gives_fast_502s_for_its_own_hosts_and_recovers_without_
 
     let t0 = Instant::now();
     let ms = move || t0.elapsed().as_millis() as i64;
-    relay.cut.store(true, Ordering::SeqCst);
+    relay.cut();
     let log = Mutex::new(Vec::<Logged>::new());
     let (stop, ejected_at) = (AtomicBool::new(false), Mutex::new(None::<i64>));
     thread::scope(|s| {
@@ -184,7 +132,7 @@ fn r1_cut_from_its_peers_gives_fast_502s_for_its_own_hosts_and_recovers_without_
         poll_until(SETUP, || (after(&log.lock().unwrap(), at) >= 40).then_some(()));
         stop.store(true, Ordering::Relaxed);
         // Requests stuck in r1 at the cut finish once the link heals.
-        relay.cut.store(false, Ordering::SeqCst);
+        relay.heal();
     });
     let healed = Instant::now();
     let ejected = ejected_at.lock().unwrap().expect("ejection seen");

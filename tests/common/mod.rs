@@ -16,6 +16,7 @@ pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod prom;
+pub mod relay;
 pub mod russh_client;
 pub mod ssh;
 
