@@ -73,7 +73,7 @@ impl ClusterDirectory {
     pub(crate) fn new(
         local: Arc<dyn Directory>,
         (lookup, me): (Lookup, ReplicaId),
-        (peers, connect_timeout): (PeerClient, Duration),
+        (peers, connect_timeout): (Arc<PeerClient>, Duration),
         spread: Spread,
         public_port: u16,
     ) -> Self {
@@ -81,7 +81,7 @@ impl ClusterDirectory {
             local,
             lookup,
             me,
-            peers: Arc::new(peers),
+            peers,
             spread,
             lookup_timeout: connect_timeout * 2,
             looked_up: Mutex::new(HashMap::new()),

@@ -258,14 +258,14 @@ impl Cluster {
             None => PeerTls::derived(&secret, rid.as_str()),
         };
         let tls = tls.map_err(|e| ClusterError::PeerTls(e.to_string()))?;
-        let client = PeerClient::new(&tls, &secret, cfg.peer_connect_timeout, open_timeout);
-        let kill_client = Arc::new(PeerClient::new(
+        // One dialer for streams, lookups, kills and pings: one warm pool per peer.
+        let client = Arc::new(PeerClient::new(
             &tls,
             &secret,
             cfg.peer_connect_timeout,
             open_timeout,
         ));
-        let rid_for_kill = rid.clone();
+        let me = rid.clone();
         let lookup = store.lookup();
         let store_up = {
             let lookup = lookup.clone();
@@ -273,7 +273,7 @@ impl Cluster {
         };
         let owner = OwnerSide::new((tunnels.clone(), local.clone()), open_timeout, store_up);
         let server = Arc::new(PeerServer::new(&tls, &secret, Arc::new(owner), open_timeout));
-        let peers = (client, cfg.peer_connect_timeout);
+        let peers = (client.clone(), cfg.peer_connect_timeout);
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
         let directory = Arc::new(directory);
         tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
@@ -284,7 +284,7 @@ impl Cluster {
         crate::metrics::cluster_fenced(false);
         let fence = FenceWatch {
             lookup: lookup.clone(),
-            client: kill_client.clone(),
+            client: client.clone(),
             connect_timeout: cfg.peer_connect_timeout,
             destination,
             fence_after: cfg.fence_after,
@@ -296,8 +296,8 @@ impl Cluster {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
             server,
-            me: rid_for_kill,
-            client: kill_client,
+            me,
+            client,
             destination,
             fenced,
             _watches: watches.drop_guard(),
