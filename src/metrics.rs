@@ -36,6 +36,8 @@ pub const CLUSTER_RESYNCS: &str = "edgemux_cluster_resyncs_total";
 pub const CLUSTER_DROPPED_ENTRIES: &str = "edgemux_cluster_dropped_entries_total";
 pub const CLUSTER_CONFIG_MISMATCH: &str = "edgemux_cluster_config_mismatch";
 pub const CLUSTER_FENCED: &str = "edgemux_cluster_fenced";
+pub const CLUSTER_FENCE_ANSWERS: &str = "edgemux_cluster_fence_answers_total";
+pub const CLUSTER_DIRECTORY_STALE: &str = "edgemux_cluster_directory_stale";
 pub const CLUSTER_PEER_UP: &str = "edgemux_cluster_peer_up";
 pub const CLUSTER_PEER_EJECTIONS: &str = "edgemux_cluster_peer_ejections_total";
 pub const PEER_AUTH_FAILURES: &str = "edgemux_peer_auth_failures_total";
@@ -168,6 +170,16 @@ fn describe() {
         CLUSTER_FENCED,
         "1 while this replica is fenced: the cluster store has not served it for fence_after while \
          another replica's store answered; /readyz answers 503 and SSH clients are told to reconnect"
+    );
+    describe_counter!(
+        CLUSTER_FENCE_ANSWERS,
+        "Answers to the pings a replica cut from the store sends before fencing, by answer (up: \
+         that peer's store serves it, the evidence to fence; down: a store-wide outage; silent)"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_STALE,
+        "1 while this replica's copy of the directory may be stale because the store does not \
+         serve it; lists say \"directory\": \"stale\" and lookups of unknown hosts ask the peers"
     );
     describe_counter!(
         PEER_AUTH_FAILURES,
@@ -331,8 +343,11 @@ pub fn acme_order(result: &'static str) {
     counter!(ACME_ORDERS, "result" => result).increment(1);
 }
 
+/// The copy is stale exactly while the store does not serve this replica (the rule the lists
+/// follow too), so one call sets both gauges.
 pub fn cluster_store_up(up: bool) {
     gauge!(CLUSTER_STORE_UP).set(if up { 1.0 } else { 0.0 });
+    gauge!(CLUSTER_DIRECTORY_STALE).set(if up { 0.0 } else { 1.0 });
 }
 
 pub fn cluster_lease_grant(reason: &'static str) {
@@ -364,6 +379,11 @@ pub fn cluster_dropped_entry(reason: &'static str) {
 
 pub fn cluster_config_mismatch(mismatch: bool) {
     gauge!(CLUSTER_CONFIG_MISMATCH).set(if mismatch { 1.0 } else { 0.0 });
+}
+
+/// `answer`: `up`, `down` or `silent`.
+pub fn cluster_fence_answers(answer: &'static str, count: usize) {
+    counter!(CLUSTER_FENCE_ANSWERS, "answer" => answer).increment(count as u64);
 }
 
 pub fn cluster_fenced(fenced: bool) {

@@ -192,6 +192,9 @@ impl FenceWatch {
                 _ => answers.silent += 1,
             }
         }
+        crate::metrics::cluster_fence_answers("up", answers.up);
+        crate::metrics::cluster_fence_answers("down", answers.down);
+        crate::metrics::cluster_fence_answers("silent", answers.silent);
         answers
     }
 

@@ -97,6 +97,14 @@ fn r1_cut_from_the_store_fences_itself_its_client_rehomes_and_it_unfences_on_hea
         fenced_at >= FENCE_AFTER,
         "fenced before fence_after: {fenced_in:?}"
     );
+    // The evidence: the peers said their store serves them.
+    let up = cluster
+        .scrape(1)
+        .sum("edgemux_cluster_fence_answers_total", &[("answer", "up")]);
+    assert!(
+        up.unwrap_or(0.0) >= 1.0,
+        "r1 fenced on a peer's `store=up`: {up:?}"
+    );
     for n in [2, 3] {
         assert_eq!(fenced(&cluster, n), Some(0.0), "r{n} must not fence");
         assert_eq!(readyz(&cluster, n), 200, "r{n} stays ready");

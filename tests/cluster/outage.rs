@@ -61,6 +61,19 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         }
     }
     eprintln!("{served} requests via r2 served while the store was frozen for {FROZEN_FOR:?}; /readyz 200 and edgemux_cluster_fenced 0 on every replica throughout (fence_after {FENCE_AFTER})");
+    // Not fenced because asked: each replica pinged its peers and heard `store=down`.
+    for n in 1..=REPLICAS {
+        let scrape = cluster.scrape(n);
+        let down = scrape.sum("edgemux_cluster_fence_answers_total", &[("answer", "down")]);
+        let up = scrape.sum("edgemux_cluster_fence_answers_total", &[("answer", "up")]);
+        assert!(
+            down.unwrap_or(0.0) >= 1.0,
+            "r{n} asked its peers and heard store=down: {down:?}"
+        );
+        assert_eq!(up.unwrap_or(0.0), 0.0, "no peer of r{n} had the store");
+        let stale = scrape.sum("edgemux_cluster_directory_stale", &[]);
+        assert_eq!(stale, Some(1.0), "r{n} says its copy is stale");
+    }
     let listed = cluster.placement(2, &host);
     assert_eq!(
         listed.map(|(_, n)| n),
@@ -122,6 +135,10 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
     r1.assert_at_least("edgemux_cluster_lease_grants_total", &[], 2.0);
     let r2 = cluster.scrape(2);
     r2.assert_at_least("edgemux_cluster_resyncs_total", &[("reason", "gap")], 1.0);
+    for n in 1..=REPLICAS {
+        let stale = cluster.scrape(n).sum("edgemux_cluster_directory_stale", &[]);
+        assert_eq!(stale, Some(0.0), "r{n}'s copy is fresh again");
+    }
 }
 
 /// What replica `n`'s tunnel list says of its copy of the directory.
