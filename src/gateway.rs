@@ -27,6 +27,10 @@ use crate::tunnels::{Directory, KeyOwners, Registry, Route, TunnelKey, Tunnels};
 
 /// Under `certs_dir`: which full key owns each short key id (see `tunnels::KeyOwners`).
 const KEY_OWNERS_FILE: &str = "key-owners";
+/// How often a replica re-checks the authorized keys it publishes in its config hash: the file
+/// is re-read at logins too, without a SIGHUP, and the hash must follow the keys in force.
+#[cfg(feature = "etcd")]
+const CONFIG_HASH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -260,6 +264,28 @@ impl Gateway {
         if let Some(cluster) = &self.cluster {
             let hash = config_hash(&self.config, &self.limits.load(), &self.ssh.policy);
             cluster.set_config_hash(hash).await;
+        }
+    }
+
+    /// With `[cluster]`, until `stop`: publishes a new config hash whenever the authorized keys
+    /// in force change without a reload (an edited file is re-read at the next login, or here).
+    #[cfg(feature = "etcd")]
+    pub(crate) async fn follow_config_hash(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let mut ticks = tokio::time::interval(CONFIG_HASH_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            self.ssh.policy.refresh();
+            let hash = config_hash(&self.config, &self.limits.load(), &self.ssh.policy);
+            if hash != cluster.config_hash() {
+                cluster.set_config_hash(hash).await;
+            }
         }
     }
 

@@ -92,6 +92,8 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     }
     serve_peers(&gw, listeners.peer, &tasks);
     tokio::spawn(gw.http().sweep_idle());
+    #[cfg(feature = "etcd")]
+    tokio::spawn(gw.clone().follow_config_hash(shutdown.clone()));
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
     }

@@ -366,9 +366,14 @@ impl Cluster {
 
     /// After SIGHUP: publish the config hash of what is in force now (written even when it did
     /// not change, so a reload also repairs a record the store missed).
+    /// The config hash this replica publishes now.
+    pub(crate) fn config_hash(&self) -> String {
+        self.lookup.config_hash()
+    }
+
     pub(crate) async fn set_config_hash(&self, hash: String) {
         if self.lookup.config_hash() != hash {
-            tracing::info!(config_hash = %hash, "the reload changed this replica's config hash");
+            tracing::info!(config_hash = %hash, "this replica's config hash changed");
         }
         if let Some(store) = self.store.lock().await.as_ref() {
             if !store.set_config_hash(hash).await {

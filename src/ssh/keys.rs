@@ -156,6 +156,14 @@ impl KeyPolicy {
         }
     }
 
+    /// Re-reads the file if it changed (checked at most every couple of seconds), as a login
+    /// does: for those who follow the keys in force without a login.
+    pub fn refresh(&self) {
+        if let Self::File(keys) = self {
+            keys.refresh(false);
+        }
+    }
+
     pub fn reload(&self) {
         if let Self::File(keys) = self {
             keys.refresh(true);

@@ -1,7 +1,8 @@
 //! Config drift (issue "Cluster under faults"): r3 starts with other authorized keys than r1 and
 //! r2. `edgemux_cluster_config_mismatch` becomes 1 on all three and r1's or r2's log names r3.
 //! Then r3's file is given the same keys and r3 gets SIGHUP: it republishes its hash, and the
-//! gauge is 0 on all three. r3's file has another path than the others' from the start, so the
+//! gauge is 0 on all three. Changed again without a SIGHUP, r3's file is re-read on its own
+//! and the gauge is 1 again. r3's file has another path than the others' from the start, so the
 //! agreement also shows that keys are compared by content, not by path.
 
 use std::fs;
@@ -17,6 +18,8 @@ const MISMATCH: &str = "edgemux_cluster_config_mismatch";
 /// Every replica reads every record as the store writes it ("well under a second"); a reload's
 /// republish is one write.
 const NOTICED: Duration = Duration::from_secs(5);
+/// A replica re-checks its authorized keys for its hash every 5 s.
+const KEYS_FOLLOWED: Duration = Duration::from_secs(5);
 
 /// The gauge on every replica, `None` where it is not exported.
 fn gauges(cluster: &Cluster) -> Vec<Option<f64>> {
@@ -91,4 +94,15 @@ fn a_replica_with_other_authorized_keys_is_flagged_on_every_replica_and_named() 
     );
     println!("r3 given the same keys and SIGHUP: mismatch 0 on all three after {t:?}");
     cluster.replica(1).wait_log(&["config hash agrees again"]);
+
+    // No SIGHUP this time: r3 re-reads its keys file on its own (as at a login) and
+    // republishes its hash.
+    fs::write(&r3_keys, &alice_and_bob).unwrap();
+    let t = until(
+        "the mismatch gauge is 1 again after r3's file changed, without a reload",
+        NOTICED + KEYS_FOLLOWED,
+        || all_are(1.0),
+        || format!("{MISMATCH} on r1..r3: {:?}", gauges(&cluster)),
+    );
+    println!("r3's keys file changed without SIGHUP: mismatch 1 on all three after {t:?}");
 }
