@@ -183,3 +183,19 @@ pub fn directory_value(data: &[u8]) {
     }
     let _ = Keys::new("fuzz").parse(data);
 }
+
+/// A peer's answer to `list` (`cluster::listing::parse`): `host SP route-JSON` lines. Nothing
+/// panics; every route taken is one line's, decodes as the store's checks say, and taken plus
+/// refused lines are all the non-empty lines.
+pub fn peer_list(data: &[u8]) {
+    use crate::cluster::listing::parse;
+    use crate::cluster::store::{decode_route, encode_route};
+    let reserved = |h: &str, _: &crate::names::KeyFingerprint| h == "reserved.example.com";
+    let (routes, dropped) = parse(data, |h, v| decode_route(h, v, &reserved));
+    let lines = data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+    assert_eq!(routes.len() + dropped, lines);
+    for (host, entry) in routes {
+        let again = encode_route(&entry).unwrap_or_default();
+        assert_eq!(decode_route(&host, &again, &reserved), Ok(entry));
+    }
+}

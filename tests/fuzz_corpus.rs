@@ -57,3 +57,8 @@ fn peer_header_corpus() {
 fn directory_value_corpus() {
     replay("directory_value", edgemux::fuzzing::directory_value);
 }
+
+#[test]
+fn peer_list_corpus() {
+    replay("peer_list", edgemux::fuzzing::peer_list);
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::eject::{Change, Ejections, Outcome};
+use super::listing::Listed;
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::{PeerClient, PeerError};
 use super::select::{self, Candidate, Target};
@@ -60,6 +61,8 @@ pub(crate) struct ClusterDirectory {
     /// One stable handle per (replica, pool), so kept-alive streams are pooled by it.
     remotes: Mutex<HashMap<(ReplicaId, TunnelKey), Arc<RemoteMembers>>>,
     health: Mutex<Health>,
+    /// Other replicas' answers to `list` while the store is down, for the lists.
+    listed: Arc<Listed>,
 }
 
 /// Which peers cannot be reached, and the replica names `edgemux_cluster_peer_up` reports.
@@ -91,7 +94,13 @@ impl ClusterDirectory {
             ids: AtomicU64::new(0),
             remotes: Mutex::new(HashMap::new()),
             health: Mutex::default(),
+            listed: Arc::default(),
         }
+    }
+
+    /// What the lists show of other replicas while the store is down (`Listed::poll` fills it).
+    pub(crate) fn listed(&self) -> Arc<Listed> {
+        self.listed.clone()
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -379,9 +388,9 @@ impl Directory for ClusterDirectory {
     }
 
     fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
-        let snapshot = self.lookup.snapshot();
+        let routes = self.listed.merge(self.lookup.snapshot().routes);
         let mut out = Vec::new();
-        for (host, rid, entry) in snapshot.routes {
+        for (host, rid, entry) in routes {
             if rid == self.me {
                 continue;
             }

@@ -4,7 +4,7 @@
 //! cluster's answer to "where are this host's members", `owner` the owner's answer to a peer
 //! dial, `select` the spread of a pool over replicas, `eject` which replicas cannot be reached,
 //! `drift` the settings replicas must agree on, `fence` when a replica cut from the store takes
-//! itself out of service, `node` starts and stops it all. Nothing here
+//! itself out of service, `listing` the lists while the store is down, `node` starts and stops it all. Nothing here
 //! runs without a `[cluster]` section.
 
 // Without a store backend there is no cluster to run: only the pure pieces are built, for tests.
@@ -15,6 +15,7 @@ mod directory;
 pub(crate) mod drift;
 pub(crate) mod eject;
 pub(crate) mod fence;
+pub(crate) mod listing;
 #[cfg(feature = "etcd")]
 mod node;
 mod owner;

@@ -295,6 +295,8 @@ impl Cluster {
             fenced: fenced.clone(),
         };
         tokio::spawn(fence.run(watches.clone()));
+        let listing = (client.clone(), destination);
+        tokio::spawn(directory.listed().poll(lookup.clone(), listing, watches.clone()));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::peer::codec::{Op, PeerRequest};
-use super::peer::link::server::{Dialing, Killing, Looking, PeerHandler};
+use super::peer::link::server::{Dialing, Killing, Looking, PeerHandler, MAX_LIST};
 use super::peer::status::Status;
 use super::store::{encode_route, LocalRoutes};
 use crate::io::ClientKey;
@@ -110,6 +110,24 @@ impl PeerHandler for OwnerSide {
 
     fn store_up(&self) -> bool {
         (self.store_up)()
+    }
+
+    fn list(&self) -> Vec<u8> {
+        let mut routes: Vec<_> = self.tunnels.all().into_iter().collect();
+        routes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut body = Vec::new();
+        for (host, entry) in routes {
+            let Ok(json) = encode_route(&entry) else { continue };
+            if body.len() + host.len() + json.len() + 2 > MAX_LIST {
+                tracing::warn!(bytes = MAX_LIST, "a peer's list is cut at its size limit");
+                break;
+            }
+            body.extend_from_slice(host.as_bytes());
+            body.push(b' ');
+            body.extend_from_slice(&json);
+            body.push(b'\n');
+        }
+        body
     }
 
     fn kill<'a>(&'a self, req: &'a PeerRequest) -> Killing<'a> {

@@ -2,7 +2,8 @@
 //! frozen etcd stops nothing that was already known, and a tunnel registered meanwhile is found
 //! by asking the other replicas; readiness never depends on the store, and no replica fences
 //! itself (every peer says `store=down`: no evidence that the fault is its own); the
-//! tunnel lists say the copy is `stale` meanwhile; and a store that comes back empty (its data
+//! tunnel lists say the copy is `stale` meanwhile and show other replicas' tunnels as they
+//! answer (op `list`), not as the copy has them; and a store that comes back empty (its data
 //! dir wiped) is filled again by the replicas, each republishing what it serves.
 
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ const FENCE_AFTER: &str = "1s";
 /// A wiped store is complete again within a lease TTL plus a resync (the goal), with slack for
 /// a loaded machine.
 const REFILL: Duration = Duration::from_secs(10);
+/// Lists follow the other replicas within a round of `list` (every 2 s), with slack.
+const LISTED: Duration = Duration::from_secs(6);
 
 #[test]
 fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
@@ -84,7 +87,7 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
     // A tunnel registered on r1 while the store is frozen is in no copy: r2 asks the other
     // replicas over the peer link (op `lookup`) and finds it.
     let late_spec = format!("late:80:127.0.0.1:{}", http_backend("beta"));
-    let _late_owner = cluster.ssh(&key, Via::Replica(1)).remote_forward(&late_spec);
+    let late_owner = cluster.ssh(&key, Via::Replica(1)).remote_forward(&late_spec);
     let late = key.host("late");
     let registered = Instant::now();
     let found = until(
@@ -94,6 +97,24 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         || format!("{:?}", cluster.tunnels(2)),
     );
     eprintln!("a tunnel registered on r1 during the outage served via r2 {found:?} after its ssh -R was started ({:?} since)", registered.elapsed());
+    // r2's list shows it too, and stops showing it once it closes: r2 asks the other replicas
+    // for their routes (op `list`) while the store is down.
+    let listed = until(
+        "r2 lists the tunnel registered during the outage",
+        LISTED,
+        || cluster.placement(2, &late).is_some_and(|(_, n)| n == 1),
+        || format!("{:?}", cluster.tunnels(2)),
+    );
+    drop(late_owner);
+    let closed = Instant::now();
+    until(
+        "r2 no longer lists the tunnel closed during the outage",
+        LISTED,
+        || cluster.placement(2, &late).is_none(),
+        || format!("{:?}", cluster.tunnels(2)),
+    );
+    eprintln!("during the outage r2 listed the late tunnel {listed:?} after it served, and dropped it {:?} after it closed", closed.elapsed());
+    assert_eq!(freshness(&cluster, 2).as_deref(), Some("stale"));
     for n in 1..=REPLICAS {
         let fenced = cluster.scrape(n).sum("edgemux_cluster_fenced", &[]);
         assert_eq!(

@@ -104,7 +104,7 @@ pub(crate) enum Op {
     DialTcp,
     /// Find a host when the store is down.
     Lookup,
-    /// Reserved: list a key's tunnels.
+    /// Every route the owner holds, when the store is down.
     List,
     /// Close a host's tunnels (admin).
     Kill,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -202,6 +203,38 @@ impl PeerClient {
         req: PeerRequest,
     ) -> Result<String, PeerError> {
         let done = self.exchange(addr, rid, req).await.map(|(_, reason)| reason);
+        let outcome = done.as_ref().map_or_else(PeerError::reason, |_| "ok");
+        crate::metrics::peer_stream("out", outcome);
+        done
+    }
+
+    /// Sends `req` (a list) to replica `rid` at `addr` and reads the body after the OK to its
+    /// end: at most `limit` bytes, within the open timeout.
+    pub(crate) async fn fetch(
+        &self,
+        addr: SocketAddr,
+        rid: &str,
+        req: PeerRequest,
+        limit: usize,
+    ) -> Result<Vec<u8>, PeerError> {
+        let read = async {
+            let (stream, _) = self.exchange(addr, rid, req).await?;
+            let mut body = Vec::new();
+            let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+            stream
+                .take(cap)
+                .read_to_end(&mut body)
+                .await
+                .map_err(PeerError::Io)?;
+            if body.len() > limit {
+                return Err(PeerError::Protocol(CodecError::TooLong));
+            }
+            Ok(body)
+        };
+        let done = match timeout(self.open_timeout * 2, read).await {
+            Ok(done) => done,
+            Err(_) => Err(PeerError::Timeout("list")),
+        };
         let outcome = done.as_ref().map_or_else(PeerError::reason, |_| "ok");
         crate::metrics::peer_stream("out", outcome);
         done

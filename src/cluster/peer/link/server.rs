@@ -42,6 +42,10 @@ pub(crate) type Killing<'a> = Pin<Box<dyn Future<Output = Result<u32, (Status, S
 /// A handler's answer to a lookup: the route it holds for the host, as the directory's JSON.
 pub(crate) type Looking<'a> = Pin<Box<dyn Future<Output = Result<String, (Status, String)>> + Send + 'a>>;
 
+/// The longest `list` body an owner sends and a dialer reads: lines of about 200 bytes, so some
+/// twenty thousand hosts on one replica.
+pub(crate) const MAX_LIST: usize = 4 * 1024 * 1024;
+
 /// What the owner replica does with an authenticated dial: open a stream to the tunnel `req`
 /// names (a `forwarded-tcpip` channel whose originator is `req.source()`); and with a kill
 /// (the admin API's `DELETE /tunnels/{host}` on another replica): close the connections serving
@@ -63,6 +67,10 @@ pub(crate) trait PeerHandler: Send + Sync {
     /// Whether the store serves this replica now: a ping's answer, `store=up` or `store=down`,
     /// which a replica cut from the store takes as evidence that the store itself is fine.
     fn store_up(&self) -> bool;
+
+    /// Every route this replica holds, one `host SP route-JSON` line each, at most [`MAX_LIST`]
+    /// bytes: for a dialer whose store does not answer, so its lists stay right.
+    fn list(&self) -> Vec<u8>;
 }
 
 /// The owner's end: authenticates every stream before a handler sees it.
@@ -156,6 +164,17 @@ impl PeerServer {
             };
             return answer(tls, Status::Ok, health).await;
         }
+        if req.op() == Op::List {
+            let body = self.handler.list();
+            let ok = status::encode_reply(Status::Ok, "");
+            let sent = timeout(self.open_timeout, async {
+                write_all(&mut tls, &ok).await?;
+                write_all(&mut tls, &body).await?;
+                tls.shutdown().await
+            })
+            .await;
+            return if matches!(sent, Ok(Ok(()))) { "ok" } else { "io" };
+        }
         if req.op() == Op::Lookup {
             return match self.handler.lookup(&req).await {
                 Ok(route) => answer(tls, Status::Ok, &route).await,
@@ -211,7 +230,7 @@ impl PeerServer {
             Err(Stale::Full) => return Err(Refused::Answer(Status::Busy, "too many recent streams".into())),
             Err(stale) => return Err(Refused::auth(stale.reason())),
         }
-        if !(req.op().is_dial() || matches!(req.op(), Op::Kill | Op::Lookup | Op::Ping)) {
+        if !(req.op().is_dial() || matches!(req.op(), Op::Kill | Op::Lookup | Op::Ping | Op::List)) {
             let reason = format!("op {} is not served by this version", req.op().label());
             return Err(Refused::Answer(Status::BadRequest, reason));
         }

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::client::{PeerClient, PeerError};
 use super::frame::{now_ms, read_frame};
 use super::server::{Dialing, Killing, Looking, PeerHandler, PeerServer};
-use crate::cluster::peer::codec::{self, Op, PeerRequest};
+use crate::cluster::peer::codec::{self, CodecError, Op, PeerRequest};
 use crate::cluster::peer::secret::{ClusterSecret, Label};
 use crate::cluster::peer::status::{self, Reply, Status, MAX_REPLY};
 use crate::cluster::peer::tls::tests::{impostor, secret};
@@ -73,6 +73,11 @@ impl PeerHandler for Echo {
 
     fn store_up(&self) -> bool {
         true
+    }
+
+    fn list(&self) -> Vec<u8> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        b"a.gw.test {}\nb.gw.test {}\n".to_vec()
     }
 }
 
@@ -305,20 +310,20 @@ async fn a_refusal_reaches_the_dialer_before_any_byte_is_sent() {
         counter("edgemux_peer_streams_total{side=\"in\",outcome=\"no_route\"}") > before
     })
     .await;
-    // Ops reserved for later are refused before the handler.
+    // A list is answered with the handler's lines after the OK, read to the end, and refused
+    // by a dialer whose limit it passes.
     let visitor = "198.51.100.7:1".parse().unwrap();
-    let list = PeerRequest::dial(Op::List, "app.gw.test", 0, visitor, visitor).unwrap();
-    let err = refused(&client, addr, OWNER, list).await;
-    assert!(
-        matches!(&err, PeerError::BadRequest(reason) if reason.contains("list")),
-        "{err}"
-    );
-    assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    let list = || PeerRequest::dial(Op::List, "app.gw.test", 0, visitor, visitor).unwrap();
+    let body = client.fetch(addr, OWNER, list(), 1024).await.unwrap();
+    assert_eq!(body, b"a.gw.test {}\nb.gw.test {}\n");
+    let err = client.fetch(addr, OWNER, list(), 10).await.unwrap_err();
+    assert!(matches!(err, PeerError::Protocol(CodecError::TooLong)), "{err}");
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
     // A ping is answered with the owner's store health, without the handler's dial.
     let ping = PeerRequest::dial(Op::Ping, "app.gw.test", 0, visitor, visitor).unwrap();
     let health = client.command(addr, OWNER, ping).await.unwrap();
     assert_eq!(health, "store=up");
-    assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
