@@ -116,7 +116,7 @@ fn start_cluster(
         (tunnels, local),
         config.ssh.reserved.clone(),
         (config.limits.tunnel_open_timeout, config.public_port),
-        config_hash(config, &config.limits, policy),
+        (config_hash(config, &config.limits, policy), &config.certs_dir),
     )?;
     Ok((Some(cluster), directory))
 }

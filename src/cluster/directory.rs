@@ -77,7 +77,7 @@ impl ClusterDirectory {
         local: Arc<dyn Directory>,
         (lookup, me): (Lookup, ReplicaId),
         (peers, connect_timeout): (Arc<PeerClient>, Duration),
-        spread: Spread,
+        (spread, listed): (Spread, Arc<Listed>),
         public_port: u16,
     ) -> Self {
         Self {
@@ -94,13 +94,22 @@ impl ClusterDirectory {
             ids: AtomicU64::new(0),
             remotes: Mutex::new(HashMap::new()),
             health: Mutex::default(),
-            listed: Arc::default(),
+            listed,
         }
     }
 
-    /// What the lists show of other replicas while the store is down (`Listed::poll` fills it).
-    pub(crate) fn listed(&self) -> Arc<Listed> {
-        self.listed.clone()
+    /// Where replica `rid` listens and whether it serves: its record in the copy, or (while the
+    /// store is down) the address where it answered a list.
+    fn reach(&self, rid: &ReplicaId) -> Option<(SocketAddr, ReplicaState)> {
+        match self.lookup.replica(rid) {
+            Some(r) => Some((r.peer_addr, r.state)),
+            None => self.listed.address(rid).map(|at| (at, ReplicaState::Serving)),
+        }
+    }
+
+    /// The copy's address of replica `rid`.
+    fn copy_addr(&self) -> impl Fn(&ReplicaId) -> Option<SocketAddr> + '_ {
+        |rid| self.lookup.replica(rid).map(|r| r.peer_addr)
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -258,14 +267,14 @@ impl ClusterDirectory {
                 continue;
             }
             // A replica whose record is not (yet) known has no address to dial.
-            let Some(replica) = self.lookup.replica(&rid) else {
+            let Some((_, state)) = self.reach(&rid) else {
                 continue;
             };
             let ejected = self.health().ejections.is_ejected(rid.as_str(), Instant::now());
             candidates.push(Candidate {
                 target: Target::Remote(rid.to_string()),
                 members,
-                last: replica.state == ReplicaState::Draining || ejected,
+                last: state == ReplicaState::Draining || ejected,
             });
             remote.insert(rid.to_string(), self.remote(&rid, key, &entry));
         }
@@ -339,7 +348,10 @@ impl ClusterDirectory {
 impl Directory for ClusterDirectory {
     fn members(&self, key: &TunnelKey) -> Vec<Reach> {
         let local = self.local.members(key);
-        self.spread(key, local, self.lookup.routes(&key.host))
+        let routes = self
+            .listed
+            .routes(&key.host, self.lookup.routes(&key.host), self.copy_addr());
+        self.spread(key, local, routes)
     }
 
     fn find<'a>(&'a self, key: &'a TunnelKey) -> Finding<'a> {
@@ -359,7 +371,7 @@ impl Directory for ClusterDirectory {
         };
         Box::pin(async move {
             let rid = ReplicaId::parse(&r.replica)?;
-            let replica = self.lookup.replica(&rid)?;
+            let (peer_addr, _) = self.reach(&rid)?;
             let (op, port) = match r.route {
                 Route::Http => (Op::DialHttp, 0),
                 Route::Tcp(port) => (Op::DialTcp, u16::try_from(port).ok()?),
@@ -375,7 +387,7 @@ impl Directory for ClusterDirectory {
             if let Some(key) = visitor.key {
                 req = req.on_behalf_of(key);
             }
-            let opened = self.peers.open(replica.peer_addr, rid.as_str(), req).await;
+            let opened = self.peers.open(peer_addr, rid.as_str(), req).await;
             self.record(&rid, outcome(&opened));
             match opened {
                 Ok(stream) => Some(Opened { stream, slot: None }),
@@ -388,7 +400,7 @@ impl Directory for ClusterDirectory {
     }
 
     fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
-        let routes = self.listed.merge(self.lookup.snapshot().routes);
+        let routes = self.listed.merge(self.lookup.snapshot().routes, self.copy_addr());
         let mut out = Vec::new();
         for (host, rid, entry) in routes {
             if rid == self.me {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::directory::ClusterDirectory;
 use super::drift::{drifted, Told};
 use super::fence::{decide, wants_answers, Answers, Decision, Inputs};
+use super::listing::{self, Listed};
 use super::owner::OwnerSide;
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
@@ -34,6 +36,8 @@ const MAX_PEER_STREAMS: usize = 16_384;
 
 /// The fence watch looks at the store's health this often, and asks the peers at most this
 /// often while it wants their answers (each round takes at most twice the connect timeout).
+/// Under the state directory (`certs_dir`): the other replicas' peer addresses, as last seen.
+const PEERS_FILE: &str = "cluster-peers";
 const FENCE_CHECK: Duration = Duration::from_secs(1);
 /// Peers pinged in one round: the fleet, bounded as the lookups are.
 const MAX_PINGS: usize = 16;
@@ -66,6 +70,33 @@ async fn retire_stale(
         };
         directory.retire_stale();
         directory.report_peers();
+    }
+}
+
+/// Remembers the other replicas' peer addresses in `path` whenever they change while the store
+/// serves this replica, until `stop`: a restart with the store down asks them (`listing`).
+async fn remember_peers(lookup: Lookup, path: PathBuf, stop: CancellationToken) {
+    let mut changes = lookup.changes();
+    let mut saved: Vec<SocketAddr> = listing::load_seeds(&path);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        if !lookup.store_up() {
+            continue;
+        }
+        let mut addrs: Vec<SocketAddr> = lookup.replicas().into_iter().map(|(_, r)| r.peer_addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        if addrs != saved {
+            match listing::save_seeds(&path, &addrs) {
+                Ok(()) => saved = addrs,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remember the peer addresses")
+                }
+            }
+        }
     }
 }
 
@@ -241,14 +272,15 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Starts the directory tasks and builds both ends of the peer link. Returns the directory
     /// the HTTP proxy and `ssh -L` use: `local`'s members, then other replicas'. `config_hash`
-    /// is published in the replica record and compared with the others'. Must be called within
+    /// is published in the replica record and compared with the others'; `state_dir` keeps the
+    /// other replicas' addresses for a start with the store down. Must be called within
     /// a Tokio runtime.
     pub(crate) fn start(
         cfg: &ClusterConfig,
         (tunnels, local): (&Arc<Tunnels>, Arc<dyn Directory>),
         reserved: HashMap<String, KeyFingerprint>,
         (open_timeout, public_port): (Duration, u16),
-        config_hash: String,
+        (config_hash, state_dir): (String, &Path),
     ) -> Result<(Self, Arc<dyn Directory>), ClusterError> {
         let secret = ClusterSecret::load(&cfg.secret_file)?;
         let reserved = move |host: &str, key: &KeyFingerprint| reserved.get(host) == Some(key);
@@ -277,7 +309,10 @@ impl Cluster {
         let owner = OwnerSide::new((tunnels.clone(), local.clone()), open_timeout, store_up);
         let server = Arc::new(PeerServer::new(&tls, &secret, Arc::new(owner), open_timeout));
         let peers = (client.clone(), cfg.peer_connect_timeout);
-        let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, cfg.spread, public_port);
+        let seeds_file = state_dir.join(PEERS_FILE);
+        let listed = Arc::new(Listed::new(cfg.peer_advertise, listing::load_seeds(&seeds_file)));
+        let spread = (cfg.spread, listed.clone());
+        let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, spread, public_port);
         let directory = Arc::new(directory);
         tokio::spawn(retire_stale(Arc::downgrade(&directory), lookup.changes()));
         let watches = CancellationToken::new();
@@ -296,7 +331,8 @@ impl Cluster {
         };
         tokio::spawn(fence.run(watches.clone()));
         let listing = (client.clone(), destination);
-        tokio::spawn(directory.listed().poll(lookup.clone(), listing, watches.clone()));
+        tokio::spawn(listed.clone().poll(lookup.clone(), listing, watches.clone()));
+        tokio::spawn(remember_peers(lookup.clone(), seeds_file, watches.clone()));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,

@@ -3,7 +3,8 @@
 //! by asking the other replicas; readiness never depends on the store, and no replica fences
 //! itself (every peer says `store=down`: no evidence that the fault is its own); the
 //! tunnel lists say the copy is `stale` meanwhile and show other replicas' tunnels as they
-//! answer (op `list`), not as the copy has them; and a store that comes back empty (its data
+//! answer (op `list`), not as the copy has them; a replica restarted meanwhile (new id, empty
+//! copy) serves the others' tunnels and its own are served by them; and a store that comes back empty (its data
 //! dir wiped) is filled again by the replicas, each republishing what it serves.
 
 use std::time::{Duration, Instant};
@@ -115,6 +116,44 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
     );
     eprintln!("during the outage r2 listed the late tunnel {listed:?} after it served, and dropped it {:?} after it closed", closed.elapsed());
     assert_eq!(freshness(&cluster, 2).as_deref(), Some("stale"));
+
+    // r3 restarted while the store is frozen: a new id, an empty copy. It is ready at once,
+    // finds r1's tunnel by asking the addresses it remembered, and a tunnel opened on it is
+    // found by r2 at r3's old address under its new id.
+    cluster.kill(3);
+    let took = cluster.restart_alone(3);
+    let restarted = Instant::now();
+    let ready = until(
+        "r3 ready with the store frozen",
+        Duration::from_secs(5),
+        || cluster.admin(3).request("GET", "/readyz").status == 200,
+        || cluster.replica(3).stderr(),
+    );
+    let via_r3 = cluster.visitor(Via::Replica(3));
+    let others = until(
+        "r1's tunnel via r3, restarted during the outage",
+        LISTED,
+        || via_r3.get(&host, "/", &[]).status == 200,
+        || format!("{:?}", cluster.tunnels(3)),
+    );
+    let fresh_spec = format!("fresh:80:127.0.0.1:{}", http_backend("gamma"));
+    let _fresh_owner = cluster.ssh(&key, Via::Replica(3)).remote_forward(&fresh_spec);
+    let fresh = key.host("fresh");
+    let opened = Instant::now();
+    let found_fresh = until(
+        "the tunnel opened on the restarted r3, via r2",
+        LISTED,
+        || via_r2.get(&fresh, "/", &[]).status == 200,
+        || format!("{:?}", cluster.tunnels(2)),
+    );
+    let reply = via_r2.get(&fresh, "/", &[]);
+    assert_eq!(reply.expect_status(200, "r3's new tunnel via r2").text(), "gamma");
+    assert_eq!(
+        cluster.placement(2, &fresh).map(|(r, _)| r),
+        Some(vec![("r3".to_owned(), 1)]),
+        "r2 lists r3's new tunnel"
+    );
+    eprintln!("r3 restarted during the outage: started in {took:?}, /readyz 200 {ready:?} later, served r1's tunnel {others:?} after, and r2 served the tunnel opened on it {found_fresh:?} after its ssh -R (started {:?} after the restart)", restarted.elapsed().saturating_sub(opened.elapsed()));
     for n in 1..=REPLICAS {
         let fenced = cluster.scrape(n).sum("edgemux_cluster_fenced", &[]);
         assert_eq!(

@@ -85,10 +85,12 @@ struct Recipe {
 }
 
 impl Recipe {
-    /// Writes replica `n`'s config: on port 0 at first, on `ports` (public, admin) for a restart.
-    fn write(&self, env: &TestEnv, n: usize, ports: Option<(u16, u16)>) -> PathBuf {
+    /// Writes replica `n`'s config: on port 0 at first, on `ports` (public, admin, peer) for a
+    /// restart, as a replica restarted in place keeps its addresses.
+    fn write(&self, env: &TestEnv, n: usize, ports: Option<(u16, u16, u16)>) -> PathBuf {
         let bind = |port: Option<u16>| format!("127.0.0.1:{}", port.unwrap_or(0));
         let (public, admin) = (bind(ports.map(|p| p.0)), bind(ports.map(|p| p.1)));
+        let peer = bind(ports.map(|p| p.2));
         let certs = env.path().join(format!("r{n}-certs"));
         fs::create_dir_all(&certs).expect("replica certs dir");
         let listener = Listener::bind(&public).proxy_protocol(ProxyProtocol::Required, &["127.0.0.1/32"]);
@@ -106,7 +108,7 @@ impl Recipe {
             .set("cluster.endpoints", vec![self.endpoint.clone()])
             .set("cluster.secret_file", self.secret.display().to_string())
             .set("cluster.lease_ttl", format!("{}s", LEASE_TTL.as_secs()))
-            .set("cluster.peer.bind", "127.0.0.1:0");
+            .set("cluster.peer.bind", peer);
         let builder = (self.each)(n, builder);
         let path = env.path().join(format!("r{n}-{}.toml", rand::random::<u32>()));
         fs::write(&path, builder.render()).expect("write replica config");
@@ -123,7 +125,7 @@ pub struct Cluster {
     pub lb: Haproxy,
     pub etcd: Etcd,
     /// Each replica's public and admin ports, kept for a restart.
-    ports: Vec<(u16, u16)>,
+    ports: Vec<(u16, u16, u16)>,
     recipe: Recipe,
     pub env: TestEnv,
     _slot: Slot,
@@ -167,10 +169,13 @@ impl Cluster {
                 .map(|h| h.join().expect("replica start"))
                 .collect()
         });
-        let ports: Vec<(u16, u16)> = replicas.iter().map(|gw| (gw.port(), gw.admin_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = replicas
+            .iter()
+            .map(|gw| (gw.port(), gw.admin_port(), gw.peer_port()))
+            .collect();
         let backends: Vec<haproxy::Replica> = ports
             .iter()
-            .map(|&(public, admin)| haproxy::Replica { public, admin })
+            .map(|&(public, admin, _)| haproxy::Replica { public, admin })
             .collect();
         let lb = Haproxy::cluster(env.path(), &backends);
         let cluster = Cluster {
@@ -315,6 +320,16 @@ impl Cluster {
         let config = self.recipe.write(&self.env, n, Some(self.ports[n - 1]));
         self.replicas[n - 1] = Some(Gateway::start(&self.env, &config));
         self.wait_knows_all(n);
+        started.elapsed()
+    }
+
+    /// Starts replica `n` again like [`Self::restart`], but returns once it is ready, without
+    /// waiting for the store: for a restart while the store is down.
+    pub fn restart_alone(&mut self, n: usize) -> Duration {
+        let started = Instant::now();
+        assert!(self.replicas[n - 1].is_none(), "r{n} still runs: stop it first");
+        let config = self.recipe.write(&self.env, n, Some(self.ports[n - 1]));
+        self.replicas[n - 1] = Some(Gateway::start(&self.env, &config));
         started.elapsed()
     }
 

@@ -117,6 +117,10 @@ pub(crate) struct PeerTls {
     rid: String,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// Dials that take whichever replica of the cluster answers at an address (the chain is
+    /// checked, not the name): a list while the store is down, which must reach a replica
+    /// restarted meanwhile under a new id.
+    client_any: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -176,24 +180,30 @@ impl PeerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let chain_only = Arc::new(AnyName(
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?,
+        ));
         let client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?;
         let client = match names {
             Names::Replica => client.with_root_certificates(roots),
-            Names::Operator => {
-                let chain_only =
-                    AnyName(WebPkiServerVerifier::builder_with_provider(roots, provider).build()?);
-                client
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(chain_only))
-            }
+            Names::Operator => client
+                .dangerous()
+                .with_custom_certificate_verifier(chain_only.clone()),
         };
-        let mut client = client.with_client_auth_cert(chain, key)?;
+        let mut client = client.with_client_auth_cert(chain.clone(), key.clone_key())?;
         client.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let mut client_any = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(chain_only)
+            .with_client_auth_cert(chain, key)?;
+        client_any.alpn_protocols = vec![ALPN_PEER.to_vec()];
         Ok(Self {
             rid: rid.to_owned(),
             server: Arc::new(server),
             client: Arc::new(client),
+            client_any: Arc::new(client_any),
         })
     }
 
@@ -208,6 +218,11 @@ impl PeerTls {
 
     pub(crate) fn client_config(&self) -> Arc<ClientConfig> {
         self.client.clone()
+    }
+
+    /// For dials that take any replica of the cluster (see `client_any`).
+    pub(crate) fn any_replica_config(&self) -> Arc<ClientConfig> {
+        self.client_any.clone()
     }
 }
 
@@ -252,6 +267,11 @@ fn issue(
 /// `<rid>.peer.edgemux.invalid`: the name in replica `rid`'s certificate.
 fn peer_name(rid: &str) -> Option<String> {
     is_replica_id(rid).then(|| format!("{rid}.{PEER_DOMAIN}"))
+}
+
+/// The name a dialer gives when any replica will do; no certificate holds it.
+pub(crate) fn any_replica_name() -> Option<ServerName<'static>> {
+    ServerName::try_from(format!("any.{PEER_DOMAIN}")).ok()
 }
 
 /// The name a dialer expects the server to present when it dials replica `rid`.

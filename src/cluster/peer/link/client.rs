@@ -123,16 +123,23 @@ struct Ready {
 #[derive(Clone)]
 struct Connector {
     tls: TlsConnector,
+    /// For [`PeerClient::fetch_any`]: checks the chain, not the name.
+    any: TlsConnector,
     connect_timeout: Duration,
 }
 
 impl Connector {
-    async fn connect(&self, addr: SocketAddr, rid: &str) -> Result<Tls, PeerError> {
-        let name = tls::server_name(rid).ok_or(PeerError::Request(CodecError::Field("replica id")))?;
+    /// To replica `rid` at `addr`, or (`None`) whichever replica of the cluster is there.
+    async fn connect(&self, addr: SocketAddr, rid: Option<&str>) -> Result<Tls, PeerError> {
+        let (tls, name) = match rid {
+            Some(rid) => (&self.tls, tls::server_name(rid)),
+            None => (&self.any, tls::any_replica_name()),
+        };
+        let name = name.ok_or(PeerError::Request(CodecError::Field("replica id")))?;
         let connect = async {
             let tcp = TcpStream::connect(addr).await.map_err(PeerError::Connect)?;
             tune(&tcp);
-            self.tls.connect(name, tcp).await.map_err(PeerError::from_tls)
+            tls.connect(name, tcp).await.map_err(PeerError::from_tls)
         };
         timeout(self.connect_timeout, connect)
             .await
@@ -162,6 +169,7 @@ impl PeerClient {
         Self {
             connector: Connector {
                 tls: TlsConnector::from(tls.client_config()),
+                any: TlsConnector::from(tls.any_replica_config()),
                 connect_timeout,
             },
             hmac: codec::hmac_key(&secret.derive(Label::PeerHmac)),
@@ -208,17 +216,19 @@ impl PeerClient {
         done
     }
 
-    /// Sends `req` (a list) to replica `rid` at `addr` and reads the body after the OK to its
-    /// end: at most `limit` bytes, within the open timeout.
-    pub(crate) async fn fetch(
+    /// Sends `req` (a list) to whichever replica of the cluster listens at `addr` (one
+    /// restarted under a new id included) and reads the body after the OK to its end: at most
+    /// `limit` bytes, within twice the open timeout. Returns the id the owner gave in its OK
+    /// and the body. No warm connection is used or kept.
+    pub(crate) async fn fetch_any(
         &self,
         addr: SocketAddr,
-        rid: &str,
         req: PeerRequest,
         limit: usize,
-    ) -> Result<Vec<u8>, PeerError> {
+    ) -> Result<(String, Vec<u8>), PeerError> {
         let read = async {
-            let (stream, _) = self.exchange(addr, rid, req).await?;
+            let tls = self.connector.connect(addr, None).await?;
+            let (stream, rid) = self.ask(tls, req).await?;
             let mut body = Vec::new();
             let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
             stream
@@ -229,7 +239,7 @@ impl PeerClient {
             if body.len() > limit {
                 return Err(PeerError::Protocol(CodecError::TooLong));
             }
-            Ok(body)
+            Ok((rid, body))
         };
         let done = match timeout(self.open_timeout * 2, read).await {
             Ok(done) => done,
@@ -283,7 +293,7 @@ impl PeerClient {
         let done = match asked {
             Some(done) => done,
             None => {
-                let tls = self.connector.connect(addr, rid).await?;
+                let tls = self.connector.connect(addr, Some(rid)).await?;
                 self.ask(tls, req).await
             }
         };
@@ -362,7 +372,7 @@ impl PeerClient {
         let (tell, told) = oneshot::channel();
         let (connector, warm) = (self.connector.clone(), Arc::downgrade(&self.warm));
         tokio::spawn(async move {
-            let dialed = connector.connect(key.0, &key.1).await;
+            let dialed = connector.connect(key.0, Some(&key.1)).await;
             let Some(warm) = warm.upgrade() else { return };
             let mut pool = warm.lock().unwrap_or_else(|p| p.into_inner());
             let ready = pool.entry(key).or_default();

@@ -69,7 +69,8 @@ pub(crate) trait PeerHandler: Send + Sync {
     fn store_up(&self) -> bool;
 
     /// Every route this replica holds, one `host SP route-JSON` line each, at most [`MAX_LIST`]
-    /// bytes: for a dialer whose store does not answer, so its lists stay right.
+    /// bytes: for a dialer whose store does not answer, so its lists stay right. The server
+    /// sends it after an OK that names this replica.
     fn list(&self) -> Vec<u8>;
 }
 
@@ -80,6 +81,8 @@ pub(crate) struct PeerServer {
     nonces: Mutex<NonceCache>,
     handler: Arc<dyn PeerHandler>,
     open_timeout: Duration,
+    /// This replica's id, as its certificate names it.
+    rid: String,
 }
 
 impl PeerServer {
@@ -97,6 +100,7 @@ impl PeerServer {
             nonces: Mutex::new(NonceCache::default()),
             handler,
             open_timeout,
+            rid: tls.rid().to_owned(),
         }
     }
 
@@ -166,7 +170,8 @@ impl PeerServer {
         }
         if req.op() == Op::List {
             let body = self.handler.list();
-            let ok = status::encode_reply(Status::Ok, "");
+            // The dialer may have taken any replica at this address: the OK says which.
+            let ok = status::encode_reply(Status::Ok, &self.rid);
             let sent = timeout(self.open_timeout, async {
                 write_all(&mut tls, &ok).await?;
                 write_all(&mut tls, &body).await?;

@@ -314,9 +314,12 @@ async fn a_refusal_reaches_the_dialer_before_any_byte_is_sent() {
     // by a dialer whose limit it passes.
     let visitor = "198.51.100.7:1".parse().unwrap();
     let list = || PeerRequest::dial(Op::List, "app.gw.test", 0, visitor, visitor).unwrap();
-    let body = client.fetch(addr, OWNER, list(), 1024).await.unwrap();
-    assert_eq!(body, b"a.gw.test {}\nb.gw.test {}\n");
-    let err = client.fetch(addr, OWNER, list(), 10).await.unwrap_err();
+    let (rid, body) = client.fetch_any(addr, list(), 1024).await.unwrap();
+    assert_eq!(
+        (rid.as_str(), &body[..]),
+        (OWNER, &b"a.gw.test {}\nb.gw.test {}\n"[..])
+    );
+    let err = client.fetch_any(addr, list(), 10).await.unwrap_err();
     assert!(matches!(err, PeerError::Protocol(CodecError::TooLong)), "{err}");
     assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
     // A ping is answered with the owner's store health, without the handler's dial.
