@@ -57,3 +57,8 @@ fn peer_header_corpus() {
 fn directory_value_corpus() {
     replay("directory_value", edgemux::fuzzing::directory_value);
 }
+
+#[test]
+fn acme_value_corpus() {
+    replay("acme_value", edgemux::fuzzing::acme_value);
+}

@@ -162,9 +162,12 @@ pub(crate) fn next_counter(
         Some(Ok(c)) => c.count,
         Some(Err(_)) => return None,
     };
-    (usize::try_from(count).ok()? < limit).then(|| Counter {
+    if usize::try_from(count).ok()? >= limit {
+        return None;
+    }
+    Some(Counter {
         window,
-        count: count + 1,
+        count: count.checked_add(1)?,
     })
 }
 
