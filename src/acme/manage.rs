@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::fleet::{secs, Fleet, Stored};
 use super::schedule;
-use super::shared::{decide, Decision};
+use super::shared::{decide, Decision, LockOutcome, RENEW_DEADLINE};
 use super::{AcmeError, AcmeManager};
 use crate::tls::certs::Issued;
 use crate::tunnels::{Route, TunnelKey};
@@ -23,6 +23,8 @@ const DEFER_RETRY: Duration = Duration::from_secs(60);
 const HOLDER_POLL: Duration = Duration::from_secs(1);
 /// ...for as long as its order may take.
 const HOLDER_WAIT: Duration = Duration::from_secs(190);
+/// How long a replica near expiry keeps asking for the lock before it orders without it.
+const LOCK_GRACE: Duration = Duration::from_secs(15);
 /// A budget that refused is asked again after this.
 const BUDGET_RETRY: Duration = Duration::from_secs(3600);
 
@@ -232,7 +234,15 @@ impl AcmeManager {
             .and_then(|i| i.not_after.duration_since(now).ok())
             .unwrap_or_default();
         let had = current.map_or(0, |i| secs(i.not_after));
-        match decide(fleet.lock(domain).await, left) {
+        let mut lock = fleet.lock(domain).await;
+        let asked = tokio::time::Instant::now();
+        // A store still connecting (a replica just started) or one that blinked is not yet a
+        // reason to order without the lock.
+        while lock == LockOutcome::Unavailable && left < RENEW_DEADLINE && asked.elapsed() < LOCK_GRACE {
+            tokio::time::sleep(HOLDER_POLL).await;
+            lock = fleet.lock(domain).await;
+        }
+        match decide(lock, left) {
             Decision::Order { locked: true } => {
                 if newer_in_store(fleet, domain, had).await {
                     fleet.unlock(domain).await;
