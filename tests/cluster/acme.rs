@@ -11,6 +11,7 @@ use crate::common::cluster::{Cluster, Via, REPLICAS};
 use crate::common::config::{Listener, ProxyProtocol};
 use crate::common::haproxy::Haproxy;
 use crate::common::pebble::{self, Challenge, Pebble, ServedCert};
+use crate::common::prom::promtool_check;
 use crate::common::{TestEnv, DOMAIN};
 use crate::until;
 
@@ -152,6 +153,19 @@ fn tls_alpn_01_one_order_fleet_wide_any_replica_answers_and_a_restart_orders_not
          one order (by r{orderer}), validation answered by {answered:?} through the round robin"
     );
     assert!(!answered.is_empty(), "no replica logged the validation");
+    let scrape = fleet.cluster.scrape(orderer);
+    let check = promtool_check(fleet.cluster.env.path(), &scrape.text);
+    assert!(
+        check.status.success(),
+        "promtool check metrics:\n{}",
+        check.combined()
+    );
+    scrape.assert_value("edgemux_acme_locks_held", &[("kind", "domain")], 0.0);
+    scrape.assert_value(
+        "edgemux_acme_lock_acquisitions_total",
+        &[("result", "acquired")],
+        1.0,
+    );
 
     // A restart of all three: the certificates come from each replica's disk at once.
     let restarted = Instant::now();
