@@ -260,6 +260,9 @@ impl Pebble {
         cmd.arg("-config").arg(&config_path);
         cmd.args(["-dnsserver", &format!("127.0.0.1:{dns}")]);
         cmd.env("PEBBLE_VA_NOSLEEP", "1");
+        // Every order validates: Pebble would otherwise reuse a valid authorization half the
+        // time, and a renewal would then reach no replica at all.
+        cmd.env("PEBBLE_AUTHZREUSE", "0");
         let mut pebble_proc = Proc::spawn(dir, "pebble", cmd);
         let root = pebble_dir.join(format!("root-{api}.pem"));
         let roots = format!("https://127.0.0.1:{mgmt}/roots/0");
