@@ -199,3 +199,29 @@ pub fn peer_list(data: &[u8]) {
         assert_eq!(decode_route(&host, &again, &reserved), Ok(entry));
     }
 }
+
+/// ACME values as a cluster store (or someone who wrote to it) hands them over: a certificate
+/// record or a budget counter. Nothing panics; an oversized value is refused; what decodes
+/// re-encodes to the same record; a counter never counts past its limit.
+pub fn acme_value(data: &[u8]) {
+    use crate::acme::shared::{
+        decode_cert, decode_counter, encode_cert, encode_counter, next_counter, RecordError, MAX_CERT_VALUE,
+    };
+    match decode_cert(data) {
+        Ok(record) => {
+            let again = encode_cert(&record);
+            assert!(again.is_ok(), "a decoded record encodes: {record:?}");
+            assert_eq!(decode_cert(&again.unwrap_or_default()), Ok(record));
+        }
+        Err(RecordError::TooLarge) => assert!(data.len() > MAX_CERT_VALUE),
+        Err(RecordError::Malformed) => {}
+    }
+    let counter = decode_counter(data);
+    if let Ok(c) = counter {
+        assert_eq!(decode_counter(&encode_counter(&c)), Ok(c));
+        let limit = 3;
+        if let Some(next) = next_counter(Some(Ok(c)), c.window, limit) {
+            assert!(next.count as usize <= limit);
+        }
+    }
+}

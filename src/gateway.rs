@@ -121,6 +121,17 @@ fn start_cluster(
     Ok((Some(cluster), directory))
 }
 
+/// With `[cluster]`, the ACME state is the cluster's (SCALEOUT §7).
+#[cfg(feature = "etcd")]
+fn shared_acme(cluster: Option<&ClusterPart>) -> Option<crate::acme::SharedAcme> {
+    cluster.map(crate::cluster::Cluster::shared_acme)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn shared_acme(_: Option<&ClusterPart>) -> Option<crate::acme::SharedAcme> {
+    None
+}
+
 /// The hash every replica publishes and compares (`cluster::drift`): `config`'s settings (those
 /// that change only at a restart), the `limits` in force, and the keys `policy` allows now.
 #[cfg(feature = "etcd")]
@@ -191,9 +202,9 @@ impl Gateway {
             AcmeManager::new(
                 a,
                 &config.certs_dir,
-                challenges.clone(),
-                resolver.clone(),
+                (challenges.clone(), resolver.clone()),
                 tunnels.clone(),
+                shared_acme(cluster.as_ref()),
             )
         });
         let owners_file = config.certs_dir.join(KEY_OWNERS_FILE);

@@ -26,6 +26,10 @@ pub const TUNNEL_BUFFER_RESERVED: &str = "edgemux_tunnel_buffer_reserved_bytes";
 pub const RESPONSES_CUT: &str = "edgemux_http_responses_cut_total";
 pub const CERT_EXPIRY: &str = "edgemux_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "edgemux_acme_orders_total";
+pub const ACME_LOCK_ACQUISITIONS: &str = "edgemux_acme_lock_acquisitions_total";
+pub const ACME_LOCKS_HELD: &str = "edgemux_acme_locks_held";
+pub const ACME_RENEWALS_DEFERRED: &str = "edgemux_acme_renewals_deferred_total";
+pub const ACME_ADOPTED: &str = "edgemux_acme_certificates_adopted_total";
 pub const BUILD_INFO: &str = "edgemux_build_info";
 pub const CLUSTER_STORE_UP: &str = "edgemux_cluster_store_up";
 pub const CLUSTER_LEASE_GRANTS: &str = "edgemux_cluster_lease_grants_total";
@@ -125,6 +129,22 @@ fn describe() {
         "Expiry of each configured certificate, Unix time, by name"
     );
     describe_counter!(ACME_ORDERS, "ACME certificate orders, by result");
+    describe_counter!(
+        ACME_LOCK_ACQUISITIONS,
+        "Attempts to take a name's ACME lock in the cluster store, by result (acquired, busy: another replica orders, error: the store did not answer)"
+    );
+    describe_gauge!(
+        ACME_LOCKS_HELD,
+        "ACME locks this replica holds now, by kind (domain: acme.domains, on_demand: tunnel hosts)"
+    );
+    describe_counter!(
+        ACME_RENEWALS_DEFERRED,
+        "Renewals not ordered because the cluster store could not grant the lock (retried later)"
+    );
+    describe_counter!(
+        ACME_ADOPTED,
+        "Certificates taken from the cluster store that another replica ordered"
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build");
     describe_gauge!(
         CLUSTER_STORE_UP,
@@ -341,6 +361,29 @@ pub fn cert_expiry(name: &str, unix_secs: i64) {
 
 pub fn acme_order(result: &'static str) {
     counter!(ACME_ORDERS, "result" => result).increment(1);
+}
+
+pub fn acme_lock(result: &'static str) {
+    counter!(ACME_LOCK_ACQUISITIONS, "result" => result).increment(1);
+}
+
+/// One more (or one fewer) ACME lock held here; `on_demand` for a tunnel host.
+pub fn acme_lock_held(on_demand: bool, held: bool) {
+    let kind = if on_demand { "on_demand" } else { "domain" };
+    let gauge = gauge!(ACME_LOCKS_HELD, "kind" => kind);
+    if held {
+        gauge.increment(1.0);
+    } else {
+        gauge.decrement(1.0);
+    }
+}
+
+pub fn acme_renewal_deferred() {
+    counter!(ACME_RENEWALS_DEFERRED).increment(1);
+}
+
+pub fn acme_adopted() {
+    counter!(ACME_ADOPTED).increment(1);
 }
 
 /// The copy is stale exactly while the store does not serve this replica (the rule the lists

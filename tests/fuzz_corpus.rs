@@ -62,3 +62,8 @@ fn directory_value_corpus() {
 fn peer_list_corpus() {
     replay("peer_list", edgemux::fuzzing::peer_list);
 }
+
+#[test]
+fn acme_value_corpus() {
+    replay("acme_value", edgemux::fuzzing::acme_value);
+}

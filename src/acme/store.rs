@@ -7,6 +7,12 @@ use std::time::SystemTime;
 use crate::secret_file::write_secret;
 use crate::tls::certs::{parse_pem, Issued};
 
+/// A short name for an ACME directory URL: 12 hex digits of its SHA-256.
+pub(crate) fn directory_id(directory_url: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, directory_url.as_bytes());
+    data_encoding::HEXLOWER.encode(&digest.as_ref()[..6])
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
     dir: PathBuf,
@@ -20,9 +26,8 @@ impl Store {
     }
 
     fn account_path(&self, directory_url: &str) -> PathBuf {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, directory_url.as_bytes());
-        let id = data_encoding::HEXLOWER.encode(&digest.as_ref()[..6]);
-        self.dir.join(format!("account-{id}.json"))
+        self.dir
+            .join(format!("account-{}.json", directory_id(directory_url)))
     }
 
     pub(crate) fn load_account(&self, directory_url: &str) -> Option<String> {
@@ -48,10 +53,17 @@ impl Store {
 
     /// The stored certificate for `domain`, if it parses and has not expired.
     pub(crate) fn load_cert(&self, domain: &str, now: SystemTime) -> Option<Issued> {
-        let (crt, key) = self.cert_paths(domain);
-        let chain = std::fs::read(crt).ok()?;
-        let key = std::fs::read(key).ok()?;
-        let issued = parse_pem(&chain, &key).ok()?;
+        let (chain, key) = self.load_pem(domain)?;
+        let issued = parse_pem(chain.as_bytes(), key.as_bytes()).ok()?;
         (issued.not_after > now).then_some(issued)
+    }
+
+    /// The chain and key files of `domain`, as text.
+    pub(crate) fn load_pem(&self, domain: &str) -> Option<(String, String)> {
+        let (crt, key) = self.cert_paths(domain);
+        Some((
+            std::fs::read_to_string(crt).ok()?,
+            std::fs::read_to_string(key).ok()?,
+        ))
     }
 }

@@ -4,12 +4,16 @@
 //! cluster's answer to "where are this host's members", `owner` the owner's answer to a peer
 //! dial, `select` the spread of a pool over replicas, `eject` which replicas cannot be reached,
 //! `drift` the settings replicas must agree on, `fence` when a replica cut from the store takes
-//! itself out of service, `listing` the lists while the store is down, `node` starts and stops it all. Nothing here
+//! itself out of service, `listing` other replicas as they answer while the store is down,
+//! `acme_store` the ACME client's shared state in etcd (locks,
+//! certificates, challenge answers, budgets), `node` starts and stops it all. Nothing here
 //! runs without a `[cluster]` section.
 
 // Without a store backend there is no cluster to run: only the pure pieces are built, for tests.
 #![cfg_attr(not(feature = "etcd"), allow(dead_code))]
 
+#[cfg(feature = "etcd")]
+mod acme_store;
 #[cfg(feature = "etcd")]
 mod directory;
 pub(crate) mod drift;

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use super::acme_store::EtcdAcme;
 use super::directory::ClusterDirectory;
 use super::drift::{drifted, Told};
 use super::fence::{decide, wants_answers, Answers, Decision, Inputs};
@@ -22,10 +23,12 @@ use super::owner::OwnerSide;
 use super::peer::codec::{Op, PeerRequest};
 use super::peer::link::client::PeerClient;
 use super::peer::link::server::PeerServer;
-use super::peer::secret::{ClusterSecret, SecretError};
+use super::peer::secret::{ClusterSecret, Label, SecretError};
 use super::peer::tls::PeerTls;
-use super::store::{Lookup, ReplicaId, Store, StoreError};
+use super::store::{Keys, Lookup, ReplicaId, Store, StoreError};
 use super::Killed;
+use crate::acme::shared::SharedStore;
+use crate::acme::SharedAcme;
 use crate::config::ClusterConfig;
 use crate::names::KeyFingerprint;
 use crate::tunnels::{Directory, Tunnels};
@@ -257,6 +260,8 @@ pub(crate) struct Cluster {
     destination: SocketAddr,
     /// Set while fenced (`cluster::fence`): `/readyz` answers 503.
     fenced: Arc<AtomicBool>,
+    /// The ACME state in the store, and the key that seals private keys there.
+    acme: (Arc<dyn SharedStore>, [u8; 32]),
     /// Ends the drift and fence watches with the cluster part.
     _watches: DropGuard,
 }
@@ -286,6 +291,13 @@ impl Cluster {
         let reserved = move |host: &str, key: &KeyFingerprint| reserved.get(host) == Some(key);
         let store = Store::start(cfg, tunnels.clone(), reserved, config_hash)?;
         let marker = store.marker();
+        let acme = EtcdAcme::new(
+            store.session(),
+            Keys::new(&cfg.name).acme(),
+            store.rid().to_string(),
+            cfg.store_timeout,
+        );
+        let acme: (Arc<dyn SharedStore>, _) = (Arc::new(acme), secret.derive(Label::Seal));
         tunnels.set_observer(Box::new(move |key| marker.mark(&key.host)));
         let rid = store.rid().clone();
         let tls = match &cfg.peer_tls {
@@ -341,6 +353,7 @@ impl Cluster {
             client,
             destination,
             fenced,
+            acme,
             _watches: watches.drop_guard(),
         };
         Ok((cluster, directory))
@@ -386,6 +399,14 @@ impl Cluster {
         }
         out.sort_by(|a, b| a.replica.cmp(&b.replica));
         out
+    }
+
+    /// What the ACME client shares with the other replicas (SCALEOUT §7).
+    pub(crate) fn shared_acme(&self) -> SharedAcme {
+        SharedAcme {
+            store: self.acme.0.clone(),
+            seal_key: self.acme.1,
+        }
     }
 
     /// Whether this replica fenced itself (`cluster::fence`): `/readyz` answers 503.

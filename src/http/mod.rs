@@ -280,7 +280,7 @@ async fn route(
 ) -> Result<Response<Body>, ProxyError> {
     let host = host::parse_host(authority(&req).unwrap_or_default())?;
     if !tls {
-        return Ok(redirect(ctx, &req, &host));
+        return Ok(redirect(ctx, &req, &host).await);
     }
     if host == ctx.domain {
         return Ok(apex(req.uri().path()));
@@ -388,10 +388,10 @@ async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::
 }
 
 /// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
-fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
+async fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Response<Body> {
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PREFIX) {
-        return match ctx.challenges.http01(token) {
+        return match ctx.challenges.http01_or_fetch(token).await {
             Some(key_authorization) => {
                 tracing::info!(token, "answered an ACME HTTP-01 validation");
                 text(StatusCode::OK, key_authorization)

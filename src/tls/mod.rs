@@ -130,7 +130,7 @@ async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(
     challenges: &Challenges,
     name: &str,
 ) -> Result<Accepted<S>, TlsError> {
-    let Some(config) = challenges.tls_alpn_config(name) else {
+    let Some(config) = challenges.tls_alpn_config_or_fetch(name).await else {
         tracing::info!(
             name,
             "acme-tls/1 offered but no challenge is pending for this name"

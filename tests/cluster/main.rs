@@ -13,12 +13,15 @@
 //! - `outage`: the store frozen, then back empty.
 //! - `drift`: a replica with other authorized keys is flagged on every replica and named.
 //! - `partition`: r1 cut from its peers only; ejection, fast 502s, recovery.
+//! - `acme`: one ACME order per name fleet-wide, validation answered by any replica, a restart
+//!   orders nothing, a frozen store defers a forced renewal.
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod acme;
 mod drift;
 mod failover;
 mod fence;

@@ -177,6 +177,26 @@ impl Haproxy {
         Haproxy::launch(dir, 1 + replicas.len(), |ports| cluster_config(ports, replicas))
     }
 
+    /// Starts a round-robin frontend on the fixed 127.0.0.1:`port` over `publics` (gateway
+    /// ports, each sent `send-proxy-v2`), as a CA's validation connections reach a fleet through
+    /// its balancer. No health checks; a connection to a server not up yet goes to the next.
+    pub fn round_robin_on(dir: &Path, port: u16, publics: &[u16]) -> Haproxy {
+        let mut lb = Haproxy::launch(dir, 0, |_| {
+            let mut text = frontend("validation", port, "spread");
+            text.push_str("    balance roundrobin\n    retries 3\n    option redispatch\n");
+            for (i, public) in publics.iter().enumerate() {
+                text.push_str(&format!(
+                    "    server r{} 127.0.0.1:{public} send-proxy-v2\n",
+                    i + 1
+                ));
+            }
+            text.push('\n');
+            text
+        });
+        lb.port = port;
+        lb
+    }
+
     /// Starts HAProxy with the config `render` makes for `frontends` free ports (plus the
     /// readiness frontend), retrying on fresh ports when it loses one to another process.
     fn launch(dir: &Path, frontends: usize, render: impl Fn(&[u16]) -> String) -> Haproxy {
@@ -205,8 +225,8 @@ impl Haproxy {
             match outcome {
                 Some(Ok(())) => {
                     return Haproxy {
-                        port: ports[0],
-                        pinned: ports[1..].to_vec(),
+                        port: ports.first().copied().unwrap_or_default(),
+                        pinned: ports.get(1..).unwrap_or_default().to_vec(),
                         proc,
                     }
                 }

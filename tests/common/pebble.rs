@@ -97,6 +97,20 @@ pub fn start(env: &TestEnv, challenge: Challenge, on_demand: bool) -> AcmeSetup 
     panic!("Pebble and the gateway did not start in {START_ATTEMPTS} attempts (ports kept being taken)");
 }
 
+/// Starts Pebble alone, validating on 127.0.0.1:`port` (both HTTP-01 and TLS-ALPN-01, for a
+/// balancer in front of several gateways), retrying on fresh ports for its own listeners.
+pub fn start_validating_on(env: &TestEnv, port: u16) -> Pebble {
+    require_pebble();
+    let api_ca = api_certificate(env.path());
+    for _ in 0..START_ATTEMPTS {
+        let ports = free_ports(4);
+        if let Some(pebble) = Pebble::try_start(env.path(), &api_ca, &ports, port, port) {
+            return pebble;
+        }
+    }
+    panic!("Pebble did not start in {START_ATTEMPTS} attempts (ports kept being taken)");
+}
+
 /// Starts the gateway; `None` when it could not bind its fixed ports (the caller retries).
 fn try_start_gateway(env: &TestEnv, config: &Path) -> Option<Gateway> {
     match panic::catch_unwind(AssertUnwindSafe(|| Gateway::start(env, config))) {
@@ -246,6 +260,9 @@ impl Pebble {
         cmd.arg("-config").arg(&config_path);
         cmd.args(["-dnsserver", &format!("127.0.0.1:{dns}")]);
         cmd.env("PEBBLE_VA_NOSLEEP", "1");
+        // Every order validates: Pebble would otherwise reuse a valid authorization half the
+        // time, and a renewal would then reach no replica at all.
+        cmd.env("PEBBLE_AUTHZREUSE", "0");
         let mut pebble_proc = Proc::spawn(dir, "pebble", cmd);
         let root = pebble_dir.join(format!("root-{api}.pem"));
         let roots = format!("https://127.0.0.1:{mgmt}/roots/0");
@@ -268,6 +285,14 @@ impl Pebble {
             root,
             dir: dir.to_owned(),
             procs: vec![dns_proc, pebble_proc],
+        })
+    }
+
+    /// Orders Pebble has accepted so far (it logs the count of orders after each new one).
+    pub fn orders_placed(&self) -> usize {
+        self.procs.get(1).map_or(0, |p| {
+            let log = format!("{}{}", p.stdout(), p.stderr());
+            log.matches("orders in the db").count()
         })
     }
 

@@ -183,6 +183,11 @@ impl Keys {
         format!("{}{ROUTES}{host}/{rid}", self.root)
     }
 
+    /// The prefix of the ACME state (SCALEOUT §3.2 `acme/*`), outside the watched range.
+    pub fn acme(&self) -> String {
+        format!("{}acme/", self.root)
+    }
+
     /// The key range holding replicas and routes, `[start, end)`: `replicas/` sorts before
     /// `routes/`, and `routes0` is the first key after every `routes/…` (`'0'` follows `'/'`).
     /// One range means one read at one revision and one watch.

@@ -311,6 +311,17 @@ impl Store {
         self.shared.health().up()
     }
 
+    /// The store connection (once made) and this replica's lease as it changes: for other
+    /// records kept in the store under this replica's life (ACME, `cluster::acme_store`).
+    pub(crate) fn session(
+        &self,
+    ) -> (
+        Arc<tokio::sync::OnceCell<Client>>,
+        tokio::sync::watch::Receiver<Option<i64>>,
+    ) {
+        (self.client.clone(), self.shared.lease.subscribe())
+    }
+
     /// The lease this replica's entries hang on, while it is believed alive.
     pub fn lease_id(&self) -> Option<i64> {
         self.shared.lease()
