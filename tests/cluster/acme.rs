@@ -36,12 +36,9 @@ struct AcmeFleet {
 /// validation can find it missing) and order `gw.test` through `challenge`.
 fn start(challenge: Challenge) -> AcmeFleet {
     let env = TestEnv::new();
-    let ports = pebble::free_ports(1 + 2 * REPLICAS);
-    let fixed: Vec<(u16, u16)> = (0..REPLICAS)
-        .map(|i| (ports[1 + 2 * i], ports[2 + 2 * i]))
-        .collect();
+    let ports = pebble::free_ports(1 + REPLICAS);
+    let publics: Vec<u16> = ports[1..].to_vec();
     let pebble = pebble::start_validating_on(&env, ports[0]);
-    let publics: Vec<u16> = fixed.iter().map(|p| p.0).collect();
     let validation = Haproxy::round_robin_on(env.path(), ports[0], &publics);
     let (directory, api_ca) = (pebble.directory.clone(), pebble.api_ca.display().to_string());
     let challenge = match challenge {
@@ -58,12 +55,13 @@ fn start(challenge: Challenge) -> AcmeFleet {
                 .set("acme.challenge", challenge)
                 .set("acme.contact", vec![format!("mailto:ops@{DOMAIN}")])
         },
-        move |n, c| {
-            let (public, admin) = fixed[n - 1];
-            let listener = Listener::bind(&format!("127.0.0.1:{public}"))
-                .proxy_protocol(ProxyProtocol::Required, &["127.0.0.1/32"]);
-            c.listeners(&[listener])
-                .set("admin.bind", format!("127.0.0.1:{admin}"))
+        {
+            let publics = publics.clone();
+            move |n, c| {
+                let listener = Listener::bind(&format!("127.0.0.1:{}", publics[n - 1]))
+                    .proxy_protocol(ProxyProtocol::Required, &["127.0.0.1/32"]);
+                c.listeners(&[listener])
+            }
         },
     );
     AcmeFleet {

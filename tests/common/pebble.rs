@@ -37,9 +37,20 @@ pub fn require_pebble() {
 
 /// `n` distinct ports that were free a moment ago (all bound at once, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    // Below the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default), so no
+    // socket bound to port 0 elsewhere (another test's gateway, curl's source port) can take
+    // one between this check and its use.
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut held: Vec<TcpListener> = Vec::new();
+    while held.len() < n {
+        let port = rand::random_range(10_000..low.max(10_001));
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
     held.iter()
         .map(|l| l.local_addr().expect("local addr").port())
         .collect()
