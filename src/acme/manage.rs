@@ -3,6 +3,7 @@
 //! whether this replica may order now (`shared::decide`: under the name's lock; without it only
 //! near expiry). A failed renewal never removes the certificate in service.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -326,10 +327,25 @@ impl AcmeManager {
             return;
         };
         let now = SystemTime::now();
+        let mut in_store: HashMap<String, u64> = HashMap::new();
         for (name, stored) in all {
             let after = secs(stored.issued.not_after);
+            in_store.insert(name.clone(), after);
             if after > self.serving_not_after(&name) && stored.issued.not_after > now {
                 self.adopt(&name, &stored);
+            }
+        }
+        // A store rebuilt empty (or behind) gets back what this replica serves, from its disk
+        // (SCALEOUT §3.5): the newest `not_after` wins there.
+        let serving: Vec<(String, u64)> = self.serving_lock().iter().map(|(n, a)| (n.clone(), *a)).collect();
+        for (name, after) in serving {
+            if in_store.get(&name).is_some_and(|&s| s >= after) {
+                continue;
+            }
+            if let Some(Ok(ours)) = self.store.load_pem(&name).map(|(c, k)| Stored::new(c, k)) {
+                if secs(ours.issued.not_after) == after {
+                    self.share(&name, &ours).await;
+                }
             }
         }
     }

@@ -20,6 +20,8 @@ use crate::until;
 const ISSUE: Duration = Duration::from_secs(30);
 /// A forced renewal is deferred within two store timeouts (a read, then the lock), plus slack.
 const DEFER: Duration = Duration::from_secs(15);
+/// A store rebuilt empty gets the certificates back within a sweep (30 s), with slack.
+const WRITTEN_BACK: Duration = Duration::from_secs(40);
 const ORDERS_OK: (&str, &[(&str, &str)]) = ("edgemux_acme_orders_total", &[("result", "ok")]);
 
 /// Fields drop in order: the balancer and Pebble, then the cluster with its temp dir.
@@ -234,7 +236,7 @@ fn tls_alpn_01_one_order_fleet_wide_any_replica_answers_and_a_restart_orders_not
 
 #[test]
 fn http_01_one_order_then_a_frozen_store_defers_a_forced_renewal() {
-    let fleet = start(Challenge::Http01);
+    let mut fleet = start(Challenge::Http01);
     let (serial, took) = fleet.wait_same_certificate(None);
     let orderer = assert_one_order(&fleet);
     let answered = fleet.logging("answered an ACME HTTP-01 validation");
@@ -277,4 +279,35 @@ fn http_01_one_order_then_a_frozen_store_defers_a_forced_renewal() {
          (no order), serial {serial} still served everywhere {:?} into the outage",
         frozen.elapsed()
     );
+
+    // Wiped: the store comes back empty, and the replicas write the certificate they serve back
+    // from their disks at their next sweep (every 30 s).
+    let written = |fleet: &AcmeFleet| -> usize {
+        (1..=REPLICAS)
+            .map(|n| {
+                let log = fleet.cluster.replica(n).stderr();
+                log.matches("certificate written to the cluster store").count()
+            })
+            .sum()
+    };
+    let before = written(&fleet);
+    fleet.cluster.etcd.restart_empty();
+    let back = until(
+        "the certificate written back to the wiped store",
+        WRITTEN_BACK,
+        || written(&fleet) > before,
+        || fleet.cluster.replica(1).stderr(),
+    );
+    for n in 1..=REPLICAS {
+        let cert = fleet
+            .served(n)
+            .unwrap_or_else(|e| panic!("r{n} after the wipe: {e}"));
+        assert_eq!(cert.serial, serial, "r{n} after the wipe");
+    }
+    assert_eq!(
+        fleet.pebble.orders_placed(),
+        1,
+        "orders Pebble accepted after the wipe"
+    );
+    eprintln!("store wiped: serial {serial} written back to it from the replicas' disks {back:?} after it returned empty; no new order");
 }
