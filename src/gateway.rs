@@ -41,10 +41,10 @@ pub enum BuildError {
     #[error("cannot make the stand-in certificate: {0}")]
     StandIn(String),
     #[error(
-        "[cluster] needs a store backend, and this build has none (build with the `etcd` cargo feature)"
+        "[cluster] needs a store backend, and this build has none (build with the `etcd` or `redis` cargo feature)"
     )]
     ClusterNotServed,
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot read the gateway state {path}: {reason}")]
@@ -90,15 +90,15 @@ pub struct Gateway {
     cluster: Option<ClusterPart>,
 }
 
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 type ClusterPart = crate::cluster::Cluster;
 /// Without a store backend a gateway never has a cluster part.
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 type ClusterPart = std::convert::Infallible;
 
 /// With `[cluster]`: starts this replica's part in the cluster and wraps `local` in the cluster
 /// directory. Without it: nothing starts, `local` is the directory.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn start_cluster(
     config: &Config,
     (tunnels, policy): (&Arc<Tunnels>, &KeyPolicy),
@@ -119,12 +119,12 @@ fn start_cluster(
 
 /// The hash every replica publishes and compares (`cluster::drift`): `config`'s settings (those
 /// that change only at a restart), the `limits` in force, and the keys `policy` allows now.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn config_hash(config: &Config, limits: &Limits, policy: &KeyPolicy) -> String {
     crate::cluster::drift::config_hash(config, limits, policy.keys().as_deref())
 }
 
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 fn start_cluster(
     config: &Config,
     _: (&Arc<Tunnels>, &KeyPolicy),
@@ -256,7 +256,7 @@ impl Gateway {
             }
         }
         self.ssh.policy.reload();
-        #[cfg(feature = "etcd")]
+        #[cfg(feature = "store")]
         if let Some(cluster) = &self.cluster {
             let hash = config_hash(&self.config, &self.limits.load(), &self.ssh.policy);
             cluster.set_config_hash(hash).await;
@@ -306,12 +306,12 @@ impl Gateway {
         self.ready.load(Ordering::Acquire) && !self.fenced()
     }
 
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     fn fenced(&self) -> bool {
         self.cluster.as_ref().is_some_and(crate::cluster::Cluster::fenced)
     }
 
-    #[cfg(not(feature = "etcd"))]
+    #[cfg(not(feature = "store"))]
     fn fenced(&self) -> bool {
         false
     }
@@ -338,7 +338,7 @@ impl Gateway {
     }
 
     /// This replica's part in the cluster, with `[cluster]`.
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     pub(crate) fn cluster(&self) -> Option<&crate::cluster::Cluster> {
         self.cluster.as_ref()
     }

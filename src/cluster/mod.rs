@@ -1,5 +1,5 @@
 //! Several replicas that act as one (`[cluster]`): a shared directory of which replica holds
-//! which tunnel (`store`, etcd), and an authenticated private link between replicas that opens
+//! which tunnel (`store`, etcd or Redis), and an authenticated private link between replicas that opens
 //! a channel on the owner's side for a visitor who landed elsewhere (`peer`). `directory` is the
 //! cluster's answer to "where are this host's members", `owner` the owner's answer to a peer
 //! dial, `select` the spread of a pool over replicas, `eject` which replicas cannot be reached,
@@ -8,23 +8,23 @@
 //! runs without a `[cluster]` section.
 
 // Without a store backend there is no cluster to run: only the pure pieces are built, for tests.
-#![cfg_attr(not(feature = "etcd"), allow(dead_code))]
+#![cfg_attr(not(feature = "store"), allow(dead_code))]
 
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 mod directory;
 pub(crate) mod drift;
 pub(crate) mod eject;
 pub(crate) mod fence;
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 mod node;
 mod owner;
 pub mod peer;
 pub(crate) mod select;
 pub(crate) mod store;
 
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 pub(crate) use node::Cluster;
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 pub use node::ClusterError;
 
 /// What one other replica answered to a kill (`DELETE /tunnels/{host}`): how many connections it

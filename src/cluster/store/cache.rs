@@ -6,7 +6,7 @@
 //! its key changes nothing. Entries are bounded by a cap: over it a new entry is refused and
 //! counted, while updates and deletes of held entries still apply.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::entry::{
@@ -271,6 +271,14 @@ impl Cache {
             .filter(|(_, list)| list.iter().any(|(r, _, _)| r == rid))
             .map(|(host, _)| host.clone())
             .collect()
+    }
+
+    /// Every replica held, by its record or by a route, this one included: whose liveness a
+    /// store without expiry events (Redis) must check.
+    pub(crate) fn rids(&self) -> BTreeSet<ReplicaId> {
+        let mut all: BTreeSet<ReplicaId> = self.replicas.keys().cloned().collect();
+        all.extend(self.routes.values().flatten().map(|(rid, _, _)| rid.clone()));
+        all
     }
 
     /// One replica's record (this one's too).
