@@ -57,3 +57,8 @@ fn peer_header_corpus() {
 fn directory_value_corpus() {
     replay("directory_value", edgemux::fuzzing::directory_value);
 }
+
+#[test]
+fn feed_entry_corpus() {
+    replay("feed_entry", edgemux::fuzzing::feed_entry);
+}

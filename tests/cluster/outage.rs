@@ -1,5 +1,5 @@
 //! The store goes away (SCALEOUT T10, in part): routing runs from each replica's copy, so a
-//! frozen etcd stops nothing that was already known, and a tunnel registered meanwhile is found
+//! frozen store stops nothing that was already known, and a tunnel registered meanwhile is found
 //! by asking the other replicas; readiness never depends on the store, and no replica fences
 //! itself (every peer says `store=down`: no evidence that the fault is its own); the
 //! tunnel lists say the copy is `stale` meanwhile; and a store that comes back empty (its data
@@ -38,7 +38,7 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
     assert_eq!(freshness(&cluster, 2).as_deref(), Some("ok"));
 
     // Frozen: keeps its sockets, answers nothing.
-    cluster.etcd.proc.freeze();
+    cluster.store.proc().freeze();
     let frozen = Instant::now();
     let stale = until(
         "r2 says its directory is stale",
@@ -91,8 +91,8 @@ fn a_frozen_then_wiped_store_stops_no_route_and_is_filled_again() {
         );
     }
 
-    // Wiped: a new etcd with an empty data dir at the same address.
-    cluster.etcd.restart_empty();
+    // Wiped: a new store with nothing in it at the same address.
+    cluster.store.restart_empty();
     let back = Instant::now();
     let refilled = settle(
         "the directory refilled",
