@@ -275,6 +275,7 @@ impl Cache {
 
     /// Every replica held, by its record or by a route, this one included: whose liveness a
     /// store without expiry events (Redis) must check.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn rids(&self) -> BTreeSet<ReplicaId> {
         let mut all: BTreeSet<ReplicaId> = self.replicas.keys().cloned().collect();
         all.extend(self.routes.values().flatten().map(|(rid, _, _)| rid.clone()));
@@ -327,6 +328,8 @@ impl Cache {
         self.replicas.len() + self.route_count
     }
 
+    // Only etcd's watcher resumes from a revision.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn revision(&self) -> i64 {
         self.revision
     }

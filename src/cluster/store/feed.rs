@@ -12,6 +12,9 @@
 //! `entry::Keys`, so the one reducer (`cache`) serves both backends. Expiry writes no entry:
 //! the watcher finds replicas whose liveness key is gone and feeds [`FeedEvent::Down`] itself.
 
+// Without the Redis backend only the fuzz target and the tests read the feed.
+#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+
 use super::cache::Change;
 use super::entry::{EntryError, Keys, ReplicaId, MAX_VALUE};
 

@@ -27,6 +27,7 @@ mod etcd;
 pub(crate) mod feed;
 mod lease;
 mod local;
+#[cfg(feature = "store")]
 mod marker;
 #[cfg(feature = "redis")]
 mod redis;
@@ -39,6 +40,7 @@ pub use cache::Snapshot;
 pub(crate) use entry::{decode_replica, decode_route, encode_replica};
 pub use entry::{encode_route, EntryError, Keys, ReplicaEntry, ReplicaId, ReplicaState, RouteEntry};
 pub use local::LocalRoutes;
+#[cfg(feature = "store")]
 pub use marker::Marker;
 #[cfg(feature = "store")]
 pub use state::{Lookup, StoreError};
