@@ -112,7 +112,7 @@ async fn run(
     };
     let _ = cell.set(client.clone());
     tokio::join!(
-        keepalive::run(shared.clone(), client.clone(), stop),
+        super::keepalive::run(shared.clone(), keepalive::EtcdLease::new(client.clone()), stop),
         publish::run(shared.clone(), client.clone(), local, marker),
         watch::run(shared, client),
     );

@@ -10,6 +10,7 @@
 //! - `marker`: the hosts waiting to be published;
 //! - `state`: the state the backends fill and [`Lookup`] reads, shared by both backends;
 //! - `backend`: [`Store`], which starts the backend `[cluster]` names;
+//! - `keepalive`: the lease task, driving `lease` through a backend's lease operations;
 //! - `etcd`, `redis`: the shells that do the I/O: lease keepalive, publisher, watcher
 //!   (features `etcd`, `redis`).
 //!
@@ -25,6 +26,8 @@ mod entry;
 #[cfg(feature = "etcd")]
 mod etcd;
 pub(crate) mod feed;
+#[cfg(feature = "store")]
+mod keepalive;
 mod lease;
 mod local;
 #[cfg(feature = "store")]

@@ -49,7 +49,11 @@ pub(super) fn start(
     };
     let tasks = async move {
         tokio::join!(
-            keepalive::run(shared.clone(), conn.clone(), keys.clone(), stop),
+            super::keepalive::run(
+                shared.clone(),
+                keepalive::RedisLease::new(conn.clone(), keys.clone()),
+                stop
+            ),
             publish::run(shared.clone(), conn, keys.clone(), local, marker),
             watch::run(shared, client, keys),
         );
