@@ -113,7 +113,7 @@ async fn run(
     let _ = cell.set(client.clone());
     tokio::join!(
         super::keepalive::run(shared.clone(), keepalive::EtcdLease::new(client.clone()), stop),
-        publish::run(shared.clone(), client.clone(), local, marker),
+        super::publish::run(shared.clone(), publish::EtcdPublish::new(&client), local, marker),
         watch::run(shared, client),
     );
 }

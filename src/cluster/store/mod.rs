@@ -11,6 +11,7 @@
 //! - `state`: the state the backends fill and [`Lookup`] reads, shared by both backends;
 //! - `backend`: [`Store`], which starts the backend `[cluster]` names;
 //! - `keepalive`: the lease task, driving `lease` through a backend's lease operations;
+//! - `publish`: the publisher's loop (new leases, dirty hosts), through a backend's writes;
 //! - `etcd`, `redis`: the shells that do the I/O: lease keepalive, publisher, watcher
 //!   (features `etcd`, `redis`).
 //!
@@ -32,6 +33,8 @@ mod lease;
 mod local;
 #[cfg(feature = "store")]
 mod marker;
+#[cfg(feature = "store")]
+mod publish;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "store")]

@@ -54,7 +54,12 @@ pub(super) fn start(
                 keepalive::RedisLease::new(conn.clone(), keys.clone()),
                 stop
             ),
-            publish::run(shared.clone(), conn, keys.clone(), local, marker),
+            super::publish::run(
+                shared.clone(),
+                publish::RedisPublish::new(conn, keys.clone()),
+                local,
+                marker
+            ),
             watch::run(shared, client, keys),
         );
     };

@@ -1,18 +1,17 @@
-//! The publisher: this replica's routes into the store, under its lease. Callers only mark hosts
-//! dirty ([`Marker::mark`], which never waits); every [`COALESCE`] the publisher reads the local
-//! state of the dirty hosts and writes each one (a put under the lease, or a delete), in
-//! transactions of at most [`MAX_TXN_OPS`]. A new lease republishes everything: the replica
+//! The publisher's writes on etcd (`store::publish` runs them): this replica's routes into the
+//! store, under its lease. Each round reads the local state of the dirty hosts and writes each
+//! one (a put under the lease, or a delete), in transactions of at most [`MAX_TXN_OPS`]. A new lease republishes everything: the replica
 //! record first, then every route. A write that fails leaves its hosts dirty for the next round.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use etcd_client::{Client, KvClient, PutOptions, Txn, TxnOp};
 
-use super::{Backoff, Shared};
+use super::Shared;
 use crate::cluster::store::entry::{encode_replica, encode_route, EntryError, RouteEntry};
 use crate::cluster::store::local::LocalRoutes;
-use crate::cluster::store::marker::{Marker, COALESCE};
+use crate::cluster::store::marker::Marker;
+use crate::cluster::store::publish::PublishIo;
 
 /// etcd refuses a transaction of more operations than `--max-txn-ops` (128 by default).
 const MAX_TXN_OPS: usize = 128;
@@ -28,51 +27,38 @@ enum WriteError {
     Record(EntryError),
 }
 
-/// Publishes until the task is cancelled: republishes everything under each new lease, then
-/// writes dirty hosts as they come.
-pub(super) async fn run(shared: Arc<Shared>, client: Client, local: Arc<dyn LocalRoutes>, marker: Marker) {
-    let mut lease_rx = shared.lease.subscribe();
-    let mut kv = client.kv_client();
-    let mut published: Option<i64> = None;
-    let mut backoff = Backoff::new(shared.timings);
-    loop {
-        let Some(id) = *lease_rx.borrow_and_update() else {
-            published = None;
-            if lease_rx.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let written = if published == Some(id) {
-            tokio::select! {
-                changed = lease_rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                () = marker.dirty() => {}
-            }
-            tokio::time::sleep(COALESCE).await;
-            flush(&shared, &mut kv, &*local, &marker, id).await
-        } else {
-            let done = republish(&shared, &mut kv, &*local, &marker, id).await;
-            if done.is_ok() {
-                published = Some(id);
-                tracing::info!(replica = %shared.rid, "published every local route under the new lease");
-            }
-            done
-        };
-        match written {
-            Ok(()) => backoff.reset(),
-            Err(e) => {
-                tracing::debug!(error = %e, "cluster publish failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next()) => {}
-                    _ = lease_rx.changed() => {}
-                }
-            }
-        }
+/// The publisher's writes on etcd.
+pub(super) struct EtcdPublish(KvClient);
+
+impl EtcdPublish {
+    pub(super) fn new(client: &Client) -> Self {
+        Self(client.kv_client())
+    }
+}
+
+impl PublishIo for EtcdPublish {
+    async fn republish(
+        &mut self,
+        shared: &Shared,
+        local: &dyn LocalRoutes,
+        marker: &Marker,
+        id: i64,
+    ) -> Result<(), String> {
+        republish(shared, &mut self.0, local, marker, id)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn flush(
+        &mut self,
+        shared: &Shared,
+        local: &dyn LocalRoutes,
+        marker: &Marker,
+        id: i64,
+    ) -> Result<(), String> {
+        flush(shared, &mut self.0, local, marker, id)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
