@@ -98,6 +98,9 @@ impl Store {
         let (stop, stop_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
         let (writer, run) = start_backend(cfg, (shared.clone(), local, marker.clone()), stop_rx)?;
+        // Before the tasks run: the gauge follows their changes of health only, so setting it
+        // after them could hide a store they already found up.
+        crate::metrics::cluster_store_up(false);
         let token = cancel.clone();
         let tasks = tokio::spawn(async move {
             tokio::select! {
@@ -105,7 +108,6 @@ impl Store {
                 () = run => {}
             }
         });
-        crate::metrics::cluster_store_up(false);
         tracing::info!(replica = %shared.rid, store = cfg.store.as_str(), "cluster directory starting");
         Ok(Self {
             shared,
