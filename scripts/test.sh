@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the integration tests drive (see tests/common), the etcd server the cluster tests
-# start (tests/cluster_store.rs, tests/cluster/), and protoc, which the etcd client's build runs.
+# Real peers the integration tests drive (see tests/common), the etcd and Redis servers the
+# cluster tests start (tests/cluster_store/, tests/cluster/), and protoc, which the etcd client's
+# build runs. Debian's postinst may start a system redis-server on 6379; the tests start their own
+# on free ports, so it is stopped and disabled here (it would only take memory).
 PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh
-  etcd-server protobuf-compiler)
+  etcd-server redis-server protobuf-compiler)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -17,6 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+  if [[ " ${missing[*]} " == *" redis-server "* ]]; then
+    $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # ssh-audit, pinned, in a virtualenv beside the build (tests/ssh_algorithms.rs runs it).
@@ -31,3 +36,5 @@ cargo fmt --all -- --check
 bash scripts/check-vendor.sh
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+# The cluster scenarios again on the other store backend (the run above used etcd, the default).
+EDGEMUX_TEST_STORE=redis cargo test --locked --test cluster

@@ -196,7 +196,7 @@ async fn delete_tunnel(gw: &Gateway, host: &str) -> Response<Full<Bytes>> {
 }
 
 /// `DELETE /tunnels/{host}` on the other replicas that serve `host` (none without a cluster).
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 async fn kill_elsewhere(gw: &Gateway, host: &str) -> Vec<crate::cluster::Killed> {
     match gw.cluster() {
         Some(cluster) => cluster.kill_elsewhere(host).await,
@@ -205,7 +205,7 @@ async fn kill_elsewhere(gw: &Gateway, host: &str) -> Vec<crate::cluster::Killed>
 }
 
 /// Without a store backend there are no other replicas.
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 async fn kill_elsewhere(_gw: &Gateway, _host: &str) -> Vec<crate::cluster::Killed> {
     Vec::new()
 }

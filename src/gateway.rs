@@ -29,7 +29,7 @@ use crate::tunnels::{Directory, KeyOwners, Registry, Route, TunnelKey, Tunnels};
 const KEY_OWNERS_FILE: &str = "key-owners";
 /// How often a replica re-checks the authorized keys it publishes in its config hash: the file
 /// is re-read at logins too, without a SIGHUP, and the hash must follow the keys in force.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 const CONFIG_HASH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +45,10 @@ pub enum BuildError {
     #[error("cannot make the stand-in certificate: {0}")]
     StandIn(String),
     #[error(
-        "[cluster] needs a store backend, and this build has none (build with the `etcd` cargo feature)"
+        "[cluster] needs a store backend, and this build has none (build with the `etcd` or `redis` cargo feature)"
     )]
     ClusterNotServed,
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot read the gateway state {path}: {reason}")]
@@ -94,15 +94,15 @@ pub struct Gateway {
     cluster: Option<ClusterPart>,
 }
 
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 type ClusterPart = crate::cluster::Cluster;
 /// Without a store backend a gateway never has a cluster part.
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 type ClusterPart = std::convert::Infallible;
 
 /// With `[cluster]`: starts this replica's part in the cluster and wraps `local` in the cluster
 /// directory. Without it: nothing starts, `local` is the directory.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn start_cluster(
     config: &Config,
     (tunnels, policy): (&Arc<Tunnels>, &KeyPolicy),
@@ -122,24 +122,24 @@ fn start_cluster(
 }
 
 /// With `[cluster]`, the ACME state is the cluster's (SCALEOUT §7).
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn shared_acme(cluster: Option<&ClusterPart>) -> Option<crate::acme::SharedAcme> {
     cluster.map(crate::cluster::Cluster::shared_acme)
 }
 
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 fn shared_acme(_: Option<&ClusterPart>) -> Option<crate::acme::SharedAcme> {
     None
 }
 
 /// The hash every replica publishes and compares (`cluster::drift`): `config`'s settings (those
 /// that change only at a restart), the `limits` in force, and the keys `policy` allows now.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn config_hash(config: &Config, limits: &Limits, policy: &KeyPolicy) -> String {
     crate::cluster::drift::config_hash(config, limits, policy.keys().as_deref())
 }
 
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 fn start_cluster(
     config: &Config,
     _: (&Arc<Tunnels>, &KeyPolicy),
@@ -271,7 +271,7 @@ impl Gateway {
             }
         }
         self.ssh.policy.reload();
-        #[cfg(feature = "etcd")]
+        #[cfg(feature = "store")]
         if let Some(cluster) = &self.cluster {
             let hash = config_hash(&self.config, &self.limits.load(), &self.ssh.policy);
             cluster.set_config_hash(hash).await;
@@ -280,7 +280,7 @@ impl Gateway {
 
     /// With `[cluster]`, until `stop`: publishes a new config hash whenever the authorized keys
     /// in force change without a reload (an edited file is re-read at the next login, or here).
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     pub(crate) async fn follow_config_hash(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let Some(cluster) = &self.cluster else {
             return;
@@ -343,12 +343,12 @@ impl Gateway {
         self.ready.load(Ordering::Acquire) && !self.fenced()
     }
 
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     fn fenced(&self) -> bool {
         self.cluster.as_ref().is_some_and(crate::cluster::Cluster::fenced)
     }
 
-    #[cfg(not(feature = "etcd"))]
+    #[cfg(not(feature = "store"))]
     fn fenced(&self) -> bool {
         false
     }
@@ -375,7 +375,7 @@ impl Gateway {
     }
 
     /// This replica's part in the cluster, with `[cluster]`.
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     pub(crate) fn cluster(&self) -> Option<&crate::cluster::Cluster> {
         self.cluster.as_ref()
     }

@@ -8,7 +8,7 @@
 #![warn(unreachable_pub)]
 // Without a store backend (the `etcd` feature) nothing builds a cluster, so the registry seam's
 // remote side has no caller.
-#![cfg_attr(not(feature = "etcd"), allow(dead_code, unused_imports))]
+#![cfg_attr(not(feature = "store"), allow(dead_code, unused_imports))]
 
 // Layers, bottom up; a module imports only from layers below it (ARCHITECTURE.md, checked by
 // tests/layering.rs).
@@ -34,15 +34,15 @@ pub(crate) mod admin;
 pub(crate) mod conn;
 #[doc(hidden)]
 pub mod fuzzing;
-/// The cluster directory's store, for `tests/cluster_store.rs`, which drives it against a real
-/// etcd; the gateway reaches it as `cluster::store`.
+/// The cluster directory's store, for `tests/cluster_store/`, which drives it against a real
+/// etcd and a real Redis; the gateway reaches it as `cluster::store`.
 #[doc(hidden)]
 pub mod cluster_store {
     pub use crate::cluster::store::{
         encode_route, EntryError, Keys, LocalRoutes, ReplicaEntry, ReplicaId, ReplicaState, RouteEntry,
         Snapshot,
     };
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     pub use crate::cluster::store::{Lookup, Marker, Store, StoreError};
 }
 pub mod gateway;
@@ -92,7 +92,7 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     }
     serve_peers(&gw, listeners.peer, &tasks);
     tokio::spawn(gw.http().sweep_idle());
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     tokio::spawn(gw.clone().follow_config_hash(shutdown.clone()));
     if let Some(handle) = gw.metrics() {
         tokio::spawn(metrics::run_upkeep(handle.clone()));
@@ -103,7 +103,7 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
     gw.set_ready();
     shutdown.cancelled().await;
     gw.set_draining();
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     if let Some(cluster) = gw.cluster() {
         cluster.set_draining().await;
     }
@@ -122,14 +122,14 @@ pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationT
             "drain deadline reached; cutting the remaining connections"
         );
     }
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     if let Some(cluster) = gw.cluster() {
         cluster.stop().await;
     }
 }
 
 /// With `[cluster]`, serves the peer listener; its streams are drained like connections.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 fn serve_peers(gw: &Gateway, listener: Option<TcpListener>, tasks: &(CancellationToken, TaskTracker)) {
     match (gw.cluster(), listener) {
         (Some(cluster), Some(listener)) => cluster.serve_peers(listener, tasks.clone()),
@@ -140,5 +140,5 @@ fn serve_peers(gw: &Gateway, listener: Option<TcpListener>, tasks: &(Cancellatio
     }
 }
 
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(feature = "store"))]
 fn serve_peers(_gw: &Gateway, _listener: Option<TcpListener>, _tasks: &(CancellationToken, TaskTracker)) {}

@@ -67,3 +67,8 @@ fn peer_list_corpus() {
 fn acme_value_corpus() {
     replay("acme_value", edgemux::fuzzing::acme_value);
 }
+
+#[test]
+fn feed_entry_corpus() {
+    replay("feed_entry", edgemux::fuzzing::feed_entry);
+}

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 use super::peer::link::client::{PeerClient, PeerError};
 use super::store::{EntryError, ReplicaId, RouteEntry};
 
@@ -23,7 +23,7 @@ pub(crate) const LIST_EVERY: Duration = Duration::from_secs(2);
 /// Addresses asked per round, as many as lookups and pings.
 const MAX_ASKED: usize = 16;
 /// A list names a host, as every peer request does; nobody serves this one.
-#[cfg(feature = "etcd")]
+#[cfg(feature = "store")]
 const LIST_HOST: &str = "list.edgemux.invalid";
 /// The remembered peer addresses: a few bytes each, bounded on read.
 const MAX_SEEDS: usize = 64;
@@ -150,7 +150,7 @@ impl Listed {
 
     /// Until `stop`: while the store does not serve this replica, asks every address in
     /// [`Self::targets`] for its routes every [`LIST_EVERY`]; forgets every answer once it does.
-    #[cfg(feature = "etcd")]
+    #[cfg(feature = "store")]
     pub(crate) async fn poll(
         self: std::sync::Arc<Self>,
         lookup: super::store::Lookup,

@@ -14,7 +14,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use super::acme_store::EtcdAcme;
 use super::directory::ClusterDirectory;
 use super::drift::{drifted, Told};
 use super::fence::{decide, wants_answers, Answers, Decision, Inputs};
@@ -25,7 +24,7 @@ use super::peer::link::client::PeerClient;
 use super::peer::link::server::PeerServer;
 use super::peer::secret::{ClusterSecret, Label, SecretError};
 use super::peer::tls::PeerTls;
-use super::store::{Keys, Lookup, ReplicaId, Store, StoreError};
+use super::store::{Lookup, ReplicaId, Store, StoreError};
 use super::Killed;
 use crate::acme::shared::SharedStore;
 use crate::acme::SharedAcme;
@@ -291,13 +290,7 @@ impl Cluster {
         let reserved = move |host: &str, key: &KeyFingerprint| reserved.get(host) == Some(key);
         let store = Store::start(cfg, tunnels.clone(), reserved, config_hash)?;
         let marker = store.marker();
-        let acme = EtcdAcme::new(
-            store.session(),
-            Keys::new(&cfg.name).acme(),
-            store.rid().to_string(),
-            cfg.store_timeout,
-        );
-        let acme: (Arc<dyn SharedStore>, _) = (Arc::new(acme), secret.derive(Label::Seal));
+        let acme = (store.acme(), secret.derive(Label::Seal));
         tunnels.set_observer(Box::new(move |key| marker.mark(&key.host)));
         let rid = store.rid().clone();
         let tls = match &cfg.peer_tls {

@@ -1,6 +1,10 @@
 //! `[cluster]`: several replicas that act as one. Absent, edgemux is a single node: no store
-//! client, no peer listener. Present, it names this replica, the store (etcd) that holds the
-//! directory, the private peer listener, the shared secret, and the timings.
+//! client, no peer listener. Present, it names this replica, the store (etcd, or Redis/Valkey)
+//! that holds the directory, the private peer listener, the shared secret, and the timings.
+//!
+//! The store is picked by `store` or, without it, by the endpoints' scheme: `http://` and
+//! `https://` are etcd, `redis://` and `rediss://` (TLS) are Redis. Mixed schemes, or a scheme
+//! that is not the named store's, are refused.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,11 +39,12 @@ pub struct RawCluster {
     pub name: String,
     /// This replica's name; default: the host name.
     pub replica_name: Option<String>,
-    /// `etcd` (the only store so far).
+    /// `etcd` or `redis`; default: from the endpoints' scheme.
     pub store: Option<String>,
     pub endpoints: Vec<String>,
     pub store_tls: Option<RawStoreTls>,
-    /// A file with the etcd user and password as `user:password` on one line.
+    /// A file with the store's user and password as `user:password` on one line (etcd
+    /// authentication, or a Redis ACL user for `AUTH`).
     pub store_auth_file: Option<PathBuf>,
     pub secret_file: PathBuf,
     pub lease_ttl: Option<String>,
@@ -93,6 +98,34 @@ pub enum Spread {
     LocalFirst,
 }
 
+/// Which store holds the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// etcd v3: a lease per replica, a watch (`http://`, `https://`).
+    Etcd,
+    /// Redis 7 or Valkey, one primary: TTL keys and a stream (`redis://`, `rediss://`).
+    Redis,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Etcd => "etcd",
+            Self::Redis => "redis",
+        }
+    }
+
+    /// The store an endpoint's scheme names.
+    fn of_endpoint(endpoint: &str) -> Option<Self> {
+        let scheme = endpoint.split_once("://")?.0;
+        match scheme {
+            "http" | "https" => Some(Self::Etcd),
+            "redis" | "rediss" => Some(Self::Redis),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreTls {
     pub ca: PathBuf,
@@ -105,6 +138,7 @@ pub struct StoreTls {
 pub struct ClusterConfig {
     pub name: String,
     pub replica_name: String,
+    pub store: StoreKind,
     pub endpoints: Vec<String>,
     pub store_tls: Option<StoreTls>,
     pub store_auth_file: Option<PathBuf>,
@@ -134,6 +168,60 @@ fn host_name() -> Option<String> {
     is_name(&label).then_some(label)
 }
 
+/// The store `store` names, or the endpoints' scheme; every endpoint must name the same one.
+/// Redis is one primary, so one endpoint.
+fn store_kind(c: &mut Collector, raw: &RawCluster) -> StoreKind {
+    let named = match raw.store.as_deref() {
+        None => None,
+        Some("etcd") => Some(StoreKind::Etcd),
+        Some("redis") => Some(StoreKind::Redis),
+        Some(other) => {
+            c.push(
+                "cluster.store",
+                format!("{other:?} is not a supported store (\"etcd\" or \"redis\")"),
+            );
+            None
+        }
+    };
+    if raw.endpoints.is_empty() {
+        c.push(
+            "cluster.endpoints",
+            "list the store's endpoints, e.g. [\"https://10.0.0.10:2379\"] (etcd) or [\"rediss://10.0.0.10:6379\"] (Redis)",
+        );
+    }
+    let mut kind = named;
+    for (i, e) in raw.endpoints.iter().enumerate() {
+        let at = format!("cluster.endpoints[{i}]");
+        match (StoreKind::of_endpoint(e), kind) {
+            (None, _) => c.push(
+                at,
+                format!("{e:?} is not an http://, https:// (etcd), redis:// or rediss:// (Redis) URL"),
+            ),
+            (Some(k), Some(want)) if k != want => c.push(
+                at,
+                format!(
+                    "{e:?} is a {} endpoint, but {}: every endpoint must name one store",
+                    k.as_str(),
+                    if named.is_some() {
+                        format!("store = {:?}", want.as_str())
+                    } else {
+                        format!("endpoints[0] is {}", want.as_str())
+                    }
+                ),
+            ),
+            (Some(k), _) => kind = Some(k),
+        }
+    }
+    let kind = kind.unwrap_or(StoreKind::Etcd);
+    if kind == StoreKind::Redis && raw.endpoints.len() > 1 {
+        c.push(
+            "cluster.endpoints",
+            "Redis is one primary: give one redis:// or rediss:// endpoint (Sentinel and Redis Cluster are not supported)",
+        );
+    }
+    kind
+}
+
 pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterConfig> {
     let at = |key: &str| format!("cluster.{key}");
     if !is_name(&raw.name) {
@@ -159,24 +247,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
             String::new()
         }),
     };
-    match raw.store.as_deref() {
-        None | Some("etcd") => {}
-        Some(other) => c.push(at("store"), format!("{other:?} is not a supported store (etcd)")),
-    }
-    if raw.endpoints.is_empty() {
-        c.push(
-            at("endpoints"),
-            "list the store's endpoints, e.g. [\"https://10.0.0.10:2379\"]",
-        );
-    }
-    for (i, e) in raw.endpoints.iter().enumerate() {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            c.push(
-                format!("cluster.endpoints[{i}]"),
-                format!("{e:?} is not an http:// or https:// URL"),
-            );
-        }
-    }
+    let store = store_kind(c, raw);
     let store_tls = raw.store_tls.as_ref().and_then(|t| match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => Some(StoreTls {
             ca: t.ca.clone(),
@@ -282,6 +353,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawCluster) -> Option<ClusterCon
     Some(ClusterConfig {
         name: raw.name.clone(),
         replica_name,
+        store,
         endpoints: raw.endpoints.clone(),
         store_tls,
         store_auth_file: raw.store_auth_file.clone(),
@@ -377,5 +449,60 @@ mod tests {
         ] {
             assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn the_store_follows_the_endpoints_or_names_them() {
+        use super::StoreKind;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "00").unwrap();
+        let store = |store: &str, endpoints: &str| {
+            let section =
+                format!("replica_name = \"r1\"\n{store}\n[cluster.peer]\nbind = \"10.0.0.5:7443\"\n");
+            let text = with_cluster(&secret, &section).replace("[\"http://127.0.0.1:2379\"]", endpoints);
+            crate::config::parse(&text).map(|c| c.cluster.unwrap().store)
+        };
+        let problem = |store: &str, endpoints: &str| {
+            let err = self::store_err(store, endpoints, &secret);
+            err.into_iter().map(|p| (p.path, p.message)).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            store("", "[\"http://a:2379\", \"https://b:2379\"]").unwrap(),
+            StoreKind::Etcd
+        );
+        assert_eq!(store("", "[\"redis://a:6379\"]").unwrap(), StoreKind::Redis);
+        assert_eq!(
+            store("store = \"redis\"", "[\"rediss://a:6379\"]").unwrap(),
+            StoreKind::Redis
+        );
+        let mixed = problem("", "[\"redis://a:6379\", \"http://b:2379\"]");
+        assert!(
+            mixed
+                .iter()
+                .any(|(p, m)| p == "cluster.endpoints[1]" && m.contains("one store")),
+            "{mixed:?}"
+        );
+        let named = problem("store = \"etcd\"", "[\"redis://a:6379\"]");
+        assert!(
+            named
+                .iter()
+                .any(|(p, m)| p == "cluster.endpoints[0]" && m.contains("store = \"etcd\"")),
+            "{named:?}"
+        );
+        let two = problem("", "[\"redis://a:6379\", \"redis://b:6379\"]");
+        assert!(
+            two.iter()
+                .any(|(p, m)| p == "cluster.endpoints" && m.contains("one primary")),
+            "{two:?}"
+        );
+        let unknown = problem("store = \"consul\"", "[\"http://a:2379\"]");
+        assert!(unknown.iter().any(|(p, _)| p == "cluster.store"), "{unknown:?}");
+    }
+
+    fn store_err(store: &str, endpoints: &str, secret: &std::path::Path) -> Vec<crate::config::Problem> {
+        let section = format!("replica_name = \"r1\"\n{store}\n[cluster.peer]\nbind = \"10.0.0.5:7443\"\n");
+        let text = with_cluster(secret, &section).replace("[\"http://127.0.0.1:2379\"]", endpoints);
+        crate::config::parse(&text).unwrap_err()
     }
 }

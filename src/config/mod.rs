@@ -17,7 +17,7 @@ mod listener;
 mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use admin::{AdminConfig, RawAdmin};
-pub use cluster::{cluster_defaults, ClusterConfig, PeerTlsFiles, RawCluster, Spread, StoreTls};
+pub use cluster::{cluster_defaults, ClusterConfig, PeerTlsFiles, RawCluster, Spread, StoreKind, StoreTls};
 pub use http::{HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};

@@ -1,6 +1,6 @@
 //! ACME shared across three replicas (SCALEOUT §7), against a real Pebble whose validation
 //! connections reach the fleet through a round-robin balancer (HAProxy, `send-proxy-v2`): one
-//! order per name fleet-wide (the per-name lock in etcd), validation answered by whichever
+//! order per name fleet-wide (the per-name lock in the store), validation answered by whichever
 //! replica the CA reaches (the answer is in the store), every replica serving the one
 //! certificate, a restart of all three ordering nothing, and a frozen store deferring a forced
 //! renewal instead of letting every replica order.
@@ -246,7 +246,7 @@ fn http_01_one_order_then_a_frozen_store_defers_a_forced_renewal() {
     );
     assert!(!answered.is_empty(), "no replica logged the validation");
 
-    fleet.cluster.etcd.proc.freeze();
+    fleet.cluster.store.proc().freeze();
     let frozen = Instant::now();
     for n in 1..=REPLICAS {
         fleet.force_renewal(n);
@@ -291,7 +291,7 @@ fn http_01_one_order_then_a_frozen_store_defers_a_forced_renewal() {
             .sum()
     };
     let before = written(&fleet);
-    fleet.cluster.etcd.restart_empty();
+    fleet.cluster.store.restart_empty();
     let back = until(
         "the certificate written back to the wiped store",
         WRITTEN_BACK,

@@ -6,7 +6,7 @@
 //! gets a new lease and un-fences.
 //!
 //! Loopback has no network namespaces, so the cut is a relay: r1's `[cluster] endpoints` is a
-//! port of the test's, which forwards to etcd and can be switched to hold new connections and
+//! port of the test's, which forwards to the store and can be switched to hold new connections and
 //! stall the old ones (a blackhole: no FIN, no RST), and back.
 
 use std::net::SocketAddr;
@@ -16,6 +16,7 @@ use crate::common::cluster::{Cluster, Via, LEASE_TTL};
 use crate::common::http::http_backend;
 use crate::common::relay::Relay;
 use crate::common::ssh::KeyKind;
+use crate::common::store::Backend;
 use crate::common::TestEnv;
 use crate::{settle, until};
 
@@ -52,14 +53,17 @@ fn r1_cut_from_the_store_fences_itself_its_client_rehomes_and_it_unfences_on_hea
             if n != 1 {
                 return c;
             }
-            // The harness has written etcd's endpoint; r1 gets the relay in front of it.
+            // The harness has written the store's endpoint; r1 gets the relay in front of it.
             let text = c.render();
-            let at = text
-                .find("http://127.0.0.1:")
-                .expect("etcd endpoint in the config");
-            let port: String = text[at + 17..].chars().take_while(char::is_ascii_digit).collect();
+            let scheme = Backend::from_env().scheme();
+            let prefix = format!("{scheme}://127.0.0.1:");
+            let at = text.find(&prefix).expect("store endpoint in the config");
+            let port: String = text[at + prefix.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             let _ = target.set(SocketAddr::from(([127, 0, 0, 1], port.parse().unwrap())));
-            c.set("cluster.endpoints", vec![format!("http://{relay_addr}")])
+            c.set("cluster.endpoints", vec![format!("{scheme}://{relay_addr}")])
         },
     );
     let spec = format!("fence:80:127.0.0.1:{}", http_backend("fence"));

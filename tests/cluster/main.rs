@@ -1,5 +1,5 @@
 //! Several replicas acting as one, end to end (SCALEOUT §9.2): three `edgemux serve` replicas
-//! on a real etcd behind a real HAProxy (`send-proxy-v2`, health checks on `/readyz`), real
+//! on a real store (etcd, or Redis with `EDGEMUX_TEST_STORE=redis`) behind a real HAProxy (`send-proxy-v2`, health checks on `/readyz`), real
 //! OpenSSH tunnel clients, curl and WebSocket visitors from their own address. Each test starts
 //! its own cluster on port 0 (`tests/common/cluster.rs`, at most two at once), polls every
 //! condition against a deadline and prints what it measured; nothing sleeps a fixed time.
@@ -15,7 +15,7 @@
 //! - `partition`: r1 cut from its peers only; ejection, fast 502s, recovery.
 //! - `acme`: one ACME order per name fleet-wide, validation answered by any replica, a restart
 //!   orders nothing, a frozen store defers a forced renewal.
-#![cfg(feature = "etcd")]
+#![cfg(feature = "store")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]

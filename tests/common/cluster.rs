@@ -1,5 +1,6 @@
-//! Three `edgemux serve` replicas acting as one (SCALEOUT §9.1, on loopback): a real etcd for the
-//! directory, one cluster secret, the same certificates, SSH host key and access rules on every
+//! Three `edgemux serve` replicas acting as one (SCALEOUT §9.1, on loopback): a real store for
+//! the directory (etcd or Redis by `EDGEMUX_TEST_STORE`, see `store`), one cluster secret, the
+//! same certificates, SSH host key and access rules on every
 //! replica, and a real HAProxy in front sending PROXY v2, with a round-robin frontend and one
 //! frontend pinned to each replica. Replicas take PROXY headers only from 127.0.0.1 (HAProxy);
 //! visitors connect from `VISITOR` so the address a backend sees is the visitor's, not the
@@ -19,12 +20,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::config::{GatewayBuilder, Listener, ProxyProtocol};
-use super::etcd::Etcd;
 use super::haproxy::{self, Haproxy};
 use super::http::Visitor;
 use super::process::{poll_until, send_signal, Proc};
 use super::prom::{Admin, Scrape};
 use super::ssh::{KeyKind, SshClient, SshKey, Transport};
+use super::store::TestStore;
 use super::{edgemux, Gateway, TestEnv, SETUP};
 
 pub const REPLICAS: usize = 3;
@@ -33,7 +34,7 @@ pub const VISITOR: &str = "127.0.0.61";
 /// `[cluster] lease_ttl`: the shortest the gateway accepts, so a dead replica's routes expire
 /// quickly.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
-/// Clusters running at once in one test process, whatever `--test-threads` says: each is an etcd,
+/// Clusters running at once in one test process, whatever `--test-threads` says: each is a store,
 /// three replicas, HAProxy and their clients, and two of them already fill two cores.
 const AT_ONCE: usize = 2;
 
@@ -117,13 +118,13 @@ impl Recipe {
 }
 
 /// A running cluster. Fields drop in order: replicas first (their logs print when a test fails),
-/// then the balancer, etcd, and the temp dir.
+/// then the balancer, the store, and the temp dir.
 pub struct Cluster {
     replicas: Vec<Option<Gateway>>,
     /// Replicas killed or stopped, kept so their logs print if the test fails.
     gone: Vec<Gateway>,
     pub lb: Haproxy,
-    pub etcd: Etcd,
+    pub store: TestStore,
     /// Each replica's public and admin ports, kept for a restart.
     ports: Vec<(u16, u16, u16)>,
     recipe: Recipe,
@@ -132,7 +133,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts etcd, the three replicas (with `configure` applied to each config) and the
+    /// Starts the store, the three replicas (with `configure` applied to each config) and the
     /// balancer; returns once every replica has found the other two in the directory.
     pub fn start(
         env: TestEnv,
@@ -149,9 +150,9 @@ impl Cluster {
     ) -> Cluster {
         let slot = Slot::take();
         let started = Instant::now();
-        let etcd = Etcd::start();
+        let store = TestStore::start();
         let recipe = Recipe {
-            endpoint: etcd.endpoint.clone(),
+            endpoint: store.endpoint().to_owned(),
             secret: shared_secret(&env),
             host_key: shared_host_key(&env),
             configure: Box::new(configure),
@@ -182,7 +183,7 @@ impl Cluster {
             replicas: replicas.into_iter().map(Some).collect(),
             gone: Vec::new(),
             lb,
-            etcd,
+            store,
             ports,
             recipe,
             env,

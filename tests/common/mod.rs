@@ -16,9 +16,11 @@ pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod prom;
+pub mod redis;
 pub mod relay;
 pub mod russh_client;
 pub mod ssh;
+pub mod store;
 
 use std::fs;
 use std::io::{BufRead, BufReader};

@@ -6,7 +6,7 @@
 //! its key changes nothing. Entries are bounded by a cap: over it a new entry is refused and
 //! counted, while updates and deletes of held entries still apply.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::entry::{
@@ -273,6 +273,15 @@ impl Cache {
             .collect()
     }
 
+    /// Every replica held, by its record or by a route, this one included: whose liveness a
+    /// store without expiry events (Redis) must check.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn rids(&self) -> BTreeSet<ReplicaId> {
+        let mut all: BTreeSet<ReplicaId> = self.replicas.keys().cloned().collect();
+        all.extend(self.routes.values().flatten().map(|(rid, _, _)| rid.clone()));
+        all
+    }
+
     /// One replica's record (this one's too).
     pub(crate) fn replica(&self, rid: &ReplicaId) -> Option<ReplicaEntry> {
         self.replicas.get(rid).map(|(_, e)| e.clone())
@@ -319,6 +328,8 @@ impl Cache {
         self.replicas.len() + self.route_count
     }
 
+    // Only etcd's watcher resumes from a revision.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn revision(&self) -> i64 {
         self.revision
     }

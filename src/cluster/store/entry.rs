@@ -191,6 +191,7 @@ impl Keys {
     /// The key range holding replicas and routes, `[start, end)`: `replicas/` sorts before
     /// `routes/`, and `routes0` is the first key after every `routes/…` (`'0'` follows `'/'`).
     /// One range means one read at one revision and one watch.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn watched(&self) -> (String, String) {
         (
             format!("{}{REPLICAS}", self.root),

@@ -18,7 +18,7 @@ use crate::acme::shared::{SharedError, SharedStore, StoreFuture};
 const MAX_LIST: i64 = 4096;
 
 /// This replica's ACME view of etcd.
-pub(crate) struct EtcdAcme {
+pub(super) struct EtcdAcme {
     client: Arc<OnceCell<Client>>,
     lease: watch::Receiver<Option<i64>>,
     /// `<prefix><cluster>/acme/`.
@@ -29,7 +29,7 @@ pub(crate) struct EtcdAcme {
 }
 
 impl EtcdAcme {
-    pub(crate) fn new(
+    pub(super) fn new(
         (client, lease): (Arc<OnceCell<Client>>, watch::Receiver<Option<i64>>),
         root: String,
         rid: String,
