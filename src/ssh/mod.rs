@@ -222,6 +222,10 @@ const ALGORITHMS: Preferred = Preferred {
     compression: Cow::Borrowed(&[compression::NONE]),
 };
 
+/// The read buffer in front of each SSH connection (see `serve`): a few packets' worth, paid
+/// once per connection.
+const SSH_READ_BUFFER: usize = 8 * 1024;
+
 /// Runs one SSH connection to completion on an already-routed stream.
 ///
 /// A client that has not authenticated within `limits.login_timeout` is disconnected, and on
@@ -240,6 +244,9 @@ where
     let handler = handler::Handler::new(ctx.clone(), conn, client.clone(), shared.clone());
     let client = client.client;
     let login_deadline = tokio::time::Instant::now() + ctx.limits.load_full().login_timeout;
+    // russh reads each packet with two exact reads (its length, then the rest): over a plain
+    // socket, two syscalls per packet. A small read buffer serves many packets per syscall.
+    let stream = tokio::io::BufReader::with_capacity(SSH_READ_BUFFER, stream);
     let start = russh::server::run_stream(ctx.server.clone(), stream, handler);
     let mut session = tokio::time::timeout_at(login_deadline, start)
         .await
