@@ -7,17 +7,19 @@ use std::net::IpAddr;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still meet.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+fn hop_by_hop() -> [HeaderName; 9] {
+    [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+}
 
 /// Whether the request asks for a protocol upgrade (WebSocket): its `Connection`/`Upgrade` must
 /// then travel on.
@@ -45,8 +47,8 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in hop_by_hop() {
+        headers.remove(name);
     }
     if let (true, Some(upgrade)) = (keep_upgrade, upgrade) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -67,27 +69,36 @@ pub(super) struct Origin<'a> {
 
 /// The headers that tell a backend who the client is and how it came; a visitor can write any of
 /// them, so each is set here from the [`Origin`].
-const FORWARDING: &[&str] = &[
-    "x-forwarded-for",
-    "forwarded",
-    "x-real-ip",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-];
+fn forwarding() -> [HeaderName; 6] {
+    [
+        HeaderName::from_static(X_FORWARDED_FOR),
+        header::FORWARDED,
+        HeaderName::from_static(X_REAL_IP),
+        HeaderName::from_static(X_FORWARDED_PROTO),
+        HeaderName::from_static(X_FORWARDED_HOST),
+        HeaderName::from_static(X_FORWARDED_PORT),
+    ]
+}
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_REAL_IP: &str = "x-real-ip";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+const X_FORWARDED_PORT: &str = "x-forwarded-port";
 
 /// Other headers that frameworks and CDNs read as the client's address. The gateway does not
 /// write them; from an untrusted sender they are dropped, so a visitor cannot claim an address
 /// through them either.
-const CLIENT_CLAIMS: &[&str] = &[
-    "true-client-ip",
-    "cf-connecting-ip",
-    "x-client-ip",
-    "client-ip",
-    "x-cluster-client-ip",
-    "fastly-client-ip",
-    "x-original-forwarded-for",
-];
+fn client_claims() -> [HeaderName; 7] {
+    [
+        HeaderName::from_static("true-client-ip"),
+        HeaderName::from_static("cf-connecting-ip"),
+        HeaderName::from_static("x-client-ip"),
+        HeaderName::from_static("client-ip"),
+        HeaderName::from_static("x-cluster-client-ip"),
+        HeaderName::from_static("fastly-client-ip"),
+        HeaderName::from_static("x-original-forwarded-for"),
+    ]
+}
 
 /// Sets the forwarding headers from `origin`, always with proto `https` (the gateway proxies only
 /// requests it decrypted). From an untrusted sender every incoming one is dropped first: they are
@@ -97,35 +108,47 @@ const CLIENT_CLAIMS: &[&str] = &[
 pub(super) fn set_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>, trusted: bool) {
     let ip = origin.client.to_canonical();
     let (chain, elements) = if trusted {
-        (joined(headers, "x-forwarded-for"), joined(headers, "forwarded"))
+        (
+            joined(headers, X_FORWARDED_FOR),
+            joined(headers, header::FORWARDED),
+        )
     } else {
-        for name in FORWARDING.iter().chain(CLIENT_CLAIMS) {
-            headers.remove(*name);
+        for name in forwarding().into_iter().chain(client_claims()) {
+            headers.remove(name);
         }
         (None, None)
     };
+    let ip_text = ip.to_string();
     let element = format!(
         "for={};host={};proto=https",
-        forwarded_node(ip),
+        forwarded_node(ip, &ip_text),
         quote_if_needed(origin.host)
     );
-    set(headers, "x-forwarded-for", &appended(chain, &ip.to_string()));
-    set(headers, "forwarded", &appended(elements, &element));
-    for (name, value) in [
-        ("x-real-ip", ip.to_string()),
-        ("x-forwarded-proto", "https".to_owned()),
-        ("x-forwarded-host", origin.host.to_owned()),
-        ("x-forwarded-port", origin.port.to_string()),
-    ] {
-        if !headers.contains_key(name) {
-            set(headers, name, &value);
-        }
+    set(
+        headers,
+        HeaderName::from_static(X_FORWARDED_FOR),
+        &appended(chain, &ip_text),
+    );
+    set(headers, header::FORWARDED, &appended(elements, &element));
+    if !headers.contains_key(X_REAL_IP) {
+        set(headers, HeaderName::from_static(X_REAL_IP), &ip_text);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        let https = HeaderValue::from_static("https");
+        headers.insert(HeaderName::from_static(X_FORWARDED_PROTO), https);
+    }
+    if !headers.contains_key(X_FORWARDED_HOST) {
+        set(headers, HeaderName::from_static(X_FORWARDED_HOST), origin.host);
+    }
+    if !headers.contains_key(X_FORWARDED_PORT) {
+        let port = HeaderValue::from(origin.port);
+        headers.insert(HeaderName::from_static(X_FORWARDED_PORT), port);
     }
 }
 
 /// Every value of `name` as one comma-separated list (a header may come on several lines);
 /// `None` when there is none, or none that is text.
-fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+fn joined(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     let values: Vec<&str> = headers
         .get_all(name)
         .iter()
@@ -143,17 +166,17 @@ fn appended(list: Option<String>, item: &str) -> String {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
     }
 }
 
 /// RFC 7239 §6: IPv6 nodes are bracketed and quoted.
-fn forwarded_node(ip: IpAddr) -> String {
+fn forwarded_node(ip: IpAddr, text: &str) -> String {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        IpAddr::V4(_) => text.to_owned(),
+        IpAddr::V6(_) => format!("\"[{text}]\""),
     }
 }
 

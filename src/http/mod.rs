@@ -361,12 +361,15 @@ fn prepare_upstream_request(
     (origin, trusted): (&forward::Origin<'_>, bool),
     upgrade: bool,
 ) {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    // Origin form: the path and query alone (a cheap clone of what was parsed).
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     forward::strip_hop_by_hop(headers, upgrade);
