@@ -10,6 +10,11 @@ use edgemux::config::{self, Config};
 use edgemux::{Gateway, Listeners};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc with a background thread gives freed memory back to the system within a second
+/// (`.cargo/config.toml`); glibc's malloc keeps what a burst of connections took.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "edgemux",
