@@ -35,6 +35,6 @@ export EDGEMUX_SSH_AUDIT
 cargo fmt --all -- --check
 bash scripts/check-vendor.sh
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+cargo test --all-targets --locked --no-fail-fast
 # The cluster scenarios again on the other store backend (the run above used etcd, the default).
 EDGEMUX_TEST_STORE=redis cargo test --locked --test cluster

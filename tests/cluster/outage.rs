@@ -19,9 +19,11 @@ use crate::{settle, until};
 
 /// How long the frozen store is watched: past a whole lease TTL, so nothing hangs on the lease,
 /// and past the store's detected fall (keepalive, `store_timeout`) plus [`FENCE_AFTER`].
-const FROZEN_FOR: Duration = Duration::from_secs(6);
-/// Short, so the peers are asked (and say `store=down`) well within [`FROZEN_FOR`].
-const FENCE_AFTER: &str = "1s";
+const FROZEN_FOR: Duration = Duration::from_secs(8);
+/// Short, so the peers are asked (and say `store=down`) well within [`FROZEN_FOR`]; longer than
+/// the spread of the replicas' reconnections when the store comes back (up to a 2 s backoff), or
+/// the last to reconnect would fence on the first one's `store=up`.
+const FENCE_AFTER: &str = "3s";
 /// A wiped store is complete again within a lease TTL plus a resync (the goal), with slack for
 /// a loaded machine.
 const REFILL: Duration = Duration::from_secs(10);
