@@ -156,6 +156,33 @@ pub struct ClusterConfig {
     pub peer_tls: Option<PeerTlsFiles>,
 }
 
+impl ClusterConfig {
+    /// A config for unit tests of the store backends: replica `r1` of cluster `prod` on
+    /// `endpoint`, with its files under `dir` (none is read until a test sets one).
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &std::path::Path, store: StoreKind, endpoint: &str) -> Self {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 7443));
+        Self {
+            name: "prod".into(),
+            replica_name: "r1".into(),
+            store,
+            endpoints: vec![endpoint.into()],
+            store_tls: None,
+            store_auth_file: None,
+            secret_file: dir.join("secret"),
+            lease_ttl: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(3),
+            store_timeout: Duration::from_secs(2),
+            fence_after: None,
+            spread: Spread::Even,
+            peer_bind: peer,
+            peer_advertise: peer,
+            peer_connect_timeout: Duration::from_secs(1),
+            peer_tls: None,
+        }
+    }
+}
+
 /// A cluster or replica name: one DNS label, so it fits a store key and a certificate name.
 fn is_name(s: &str) -> bool {
     crate::names::is_domain(s) && !s.contains('.')

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::etcd::Etcd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A client of the test's etcd, for what the test does behind the stores' backs.
 async fn client(etcd: &Etcd) -> etcd_client::Client {

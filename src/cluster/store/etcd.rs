@@ -133,24 +133,7 @@ mod tests {
     use std::path::Path;
 
     fn config(dir: &Path) -> ClusterConfig {
-        ClusterConfig {
-            name: "prod".into(),
-            replica_name: "r1".into(),
-            store: crate::config::StoreKind::Etcd,
-            endpoints: vec!["http://127.0.0.1:1".into()],
-            store_tls: None,
-            store_auth_file: None,
-            secret_file: dir.join("secret"),
-            lease_ttl: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(3),
-            store_timeout: Duration::from_secs(2),
-            fence_after: None,
-            spread: crate::config::Spread::Even,
-            peer_bind: "127.0.0.1:7443".parse().unwrap(),
-            peer_advertise: "127.0.0.1:7443".parse().unwrap(),
-            peer_connect_timeout: Duration::from_secs(1),
-            peer_tls: None,
-        }
+        ClusterConfig::for_tests(dir, crate::config::StoreKind::Etcd, "http://127.0.0.1:1")
     }
 
     #[test]

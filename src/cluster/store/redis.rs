@@ -180,30 +180,12 @@ fn ttl_ms(shared: &Shared) -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use std::path::Path;
-    use std::time::Duration;
 
     use super::*;
     use crate::config::{StoreKind, StoreTls};
 
     fn config(dir: &Path, endpoint: &str) -> ClusterConfig {
-        ClusterConfig {
-            name: "prod".into(),
-            replica_name: "r1".into(),
-            store: StoreKind::Redis,
-            endpoints: vec![endpoint.into()],
-            store_tls: None,
-            store_auth_file: None,
-            secret_file: dir.join("secret"),
-            lease_ttl: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(3),
-            store_timeout: Duration::from_secs(2),
-            fence_after: None,
-            spread: crate::config::Spread::Even,
-            peer_bind: "127.0.0.1:7443".parse().unwrap(),
-            peer_advertise: "127.0.0.1:7443".parse().unwrap(),
-            peer_connect_timeout: Duration::from_secs(1),
-            peer_tls: None,
-        }
+        ClusterConfig::for_tests(dir, StoreKind::Redis, endpoint)
     }
 
     #[test]
