@@ -5,6 +5,8 @@ use super::*;
 use crate::etcd::Etcd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use edgemux::cluster_store::Keys;
+
 /// A client of the test's etcd, for what the test does behind the stores' backs.
 async fn client(etcd: &Etcd) -> etcd_client::Client {
     etcd_client::Client::connect([etcd.endpoint.as_str()], None)
