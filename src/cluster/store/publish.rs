@@ -3,11 +3,12 @@
 //! dirty ([`Marker::mark`], which never waits) through the backend's [`PublishIo`]. A write that
 //! fails leaves its hosts dirty for the next round, after a backoff.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
 use super::local::LocalRoutes;
-use super::marker::{Marker, COALESCE};
+use super::marker::{Marked, Marker, COALESCE};
 use super::state::{Backoff, Shared};
 
 /// A backend's writes. Each takes the marked hosts from `marker` and marks them again when it
@@ -81,4 +82,16 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// The hosts a flush writes for `marked`: those marked, or (too many were marked to remember)
+/// every host served here plus every host this replica has entries for in the store, so one
+/// gone meanwhile is deleted.
+pub(super) fn dirty_hosts(marked: &Marked, shared: &Shared, local: &dyn LocalRoutes) -> HashSet<String> {
+    if !marked.all {
+        return marked.hosts.clone();
+    }
+    let mut hosts: HashSet<String> = local.all().into_keys().collect();
+    hosts.extend(shared.cache().hosts_of(&shared.rid));
+    hosts
 }

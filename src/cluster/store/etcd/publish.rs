@@ -3,15 +3,13 @@
 //! one (a put under the lease, or a delete), in transactions of at most [`MAX_TXN_OPS`]. A new lease republishes everything: the replica
 //! record first, then every route. A write that fails leaves its hosts dirty for the next round.
 
-use std::collections::HashSet;
-
 use etcd_client::{Client, KvClient, PutOptions, Txn, TxnOp};
 
 use super::Shared;
 use crate::cluster::store::entry::{encode_replica, encode_route, EntryError, RouteEntry};
 use crate::cluster::store::local::LocalRoutes;
 use crate::cluster::store::marker::Marker;
-use crate::cluster::store::publish::PublishIo;
+use crate::cluster::store::publish::{dirty_hosts, PublishIo};
 
 /// etcd refuses a transaction of more operations than `--max-txn-ops` (128 by default).
 const MAX_TXN_OPS: usize = 128;
@@ -113,13 +111,7 @@ async fn flush(
     lease: i64,
 ) -> Result<(), WriteError> {
     let marked = marker.take();
-    let hosts: HashSet<String> = if marked.all {
-        let mut hosts: HashSet<String> = local.all().into_keys().collect();
-        hosts.extend(shared.cache().hosts_of(&shared.rid));
-        hosts
-    } else {
-        marked.hosts.clone()
-    };
+    let hosts = dirty_hosts(&marked, shared, local);
     if hosts.is_empty() {
         return Ok(());
     }

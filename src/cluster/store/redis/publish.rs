@@ -4,7 +4,6 @@
 //! the record, the hash from scratch, and `up`, `clear` and one `put` per route on the feed. A
 //! write that fails leaves its hosts dirty for the next round.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
@@ -14,7 +13,7 @@ use crate::cluster::store::entry::{encode_replica, encode_route, RouteEntry};
 use crate::cluster::store::feed::{FeedEvent, RedisKeys};
 use crate::cluster::store::local::LocalRoutes;
 use crate::cluster::store::marker::Marker;
-use crate::cluster::store::publish::PublishIo;
+use crate::cluster::store::publish::{dirty_hosts, PublishIo};
 use crate::cluster::store::state::Shared;
 
 /// Hosts per `MULTI` of a round of dirty hosts: a long outage's backlog goes in bounded
@@ -89,13 +88,7 @@ impl PublishIo for RedisPublish {
         _id: i64,
     ) -> Result<(), String> {
         let marked = marker.take();
-        let hosts: HashSet<String> = if marked.all {
-            let mut hosts: HashSet<String> = local.all().into_keys().collect();
-            hosts.extend(shared.cache().hosts_of(&shared.rid));
-            hosts
-        } else {
-            marked.hosts.clone()
-        };
+        let hosts = dirty_hosts(&marked, shared, local);
         let routes = local.routes(&hosts);
         let hosts: Vec<&String> = hosts.iter().collect();
         for chunk in hosts.chunks(MAX_HOSTS_PER_MULTI) {
