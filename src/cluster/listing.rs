@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,6 +47,9 @@ pub(crate) struct Listed {
     /// Peer addresses remembered from the last run, for a start with the store down.
     seeds: Vec<SocketAddr>,
     answers: Mutex<HashMap<SocketAddr, Answer>>,
+    /// Whether `answers` holds any: routing reads this on every request, and while the store
+    /// serves this replica (nearly always) it is false and no lock is taken.
+    any: AtomicBool,
 }
 
 impl Listed {
@@ -54,6 +58,7 @@ impl Listed {
             me,
             seeds,
             answers: Mutex::default(),
+            any: AtomicBool::new(false),
         }
     }
 
@@ -78,6 +83,9 @@ impl Listed {
         copy: Vec<Listing>,
         addr_of: impl Fn(&ReplicaId) -> Option<SocketAddr>,
     ) -> Vec<Listing> {
+        if !self.any.load(Ordering::Acquire) {
+            return copy;
+        }
         let answers = self.answers();
         if answers.is_empty() {
             return copy;
@@ -103,6 +111,9 @@ impl Listed {
         copy: Vec<(ReplicaId, RouteEntry)>,
         addr_of: impl Fn(&ReplicaId) -> Option<SocketAddr>,
     ) -> Vec<(ReplicaId, RouteEntry)> {
+        if !self.any.load(Ordering::Acquire) {
+            return copy;
+        }
         let answers = self.answers();
         if answers.is_empty() {
             return copy;
@@ -146,6 +157,14 @@ impl Listed {
                 answers.remove(&at);
             }
         }
+        self.any.store(!answers.is_empty(), Ordering::Release);
+    }
+
+    /// Forgets every answer: the store serves this replica again.
+    fn forget(&self) {
+        let mut answers = self.answers();
+        answers.clear();
+        self.any.store(false, Ordering::Release);
     }
 
     /// Until `stop`: while the store does not serve this replica, asks every address in
@@ -167,7 +186,7 @@ impl Listed {
                 _ = ticks.tick() => {}
             }
             if lookup.store_up() {
-                self.answers().clear();
+                self.forget();
                 continue;
             }
             let copy = lookup.replicas().into_iter().map(|(_, r)| r.peer_addr);
@@ -344,6 +363,12 @@ mod tests {
         );
         listed.take(addr(3), None);
         assert_eq!(listed.address(&r3), None, "no answer: forgotten");
+        listed.forget();
+        assert_eq!(
+            listed.merge(copy.clone(), addr_of),
+            copy,
+            "the store is back: the copy"
+        );
     }
 
     #[test]
