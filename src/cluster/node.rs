@@ -77,9 +77,13 @@ async fn retire_stale(
 
 /// Remembers the other replicas' peer addresses in `path` whenever they change while the store
 /// serves this replica, until `stop`: a restart with the store down asks them (`listing`).
-async fn remember_peers(lookup: Lookup, path: PathBuf, stop: CancellationToken) {
+/// `saved`: what the file holds now (read at start).
+async fn remember_peers(
+    lookup: Lookup,
+    (path, mut saved): (PathBuf, Vec<SocketAddr>),
+    stop: CancellationToken,
+) {
     let mut changes = lookup.changes();
-    let mut saved: Vec<SocketAddr> = listing::load_seeds(&path);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -315,7 +319,8 @@ impl Cluster {
         let server = Arc::new(PeerServer::new(&tls, &secret, Arc::new(owner), open_timeout));
         let peers = (client.clone(), cfg.peer_connect_timeout);
         let seeds_file = state_dir.join(PEERS_FILE);
-        let listed = Arc::new(Listed::new(cfg.peer_advertise, listing::load_seeds(&seeds_file)));
+        let seeds = listing::load_seeds(&seeds_file);
+        let listed = Arc::new(Listed::new(cfg.peer_advertise, seeds.clone()));
         let spread = (cfg.spread, listed.clone());
         let directory = ClusterDirectory::new(local, (lookup.clone(), rid), peers, spread, public_port);
         let directory = Arc::new(directory);
@@ -337,7 +342,11 @@ impl Cluster {
         tokio::spawn(fence.run(watches.clone()));
         let listing = (client.clone(), destination);
         tokio::spawn(listed.clone().poll(lookup.clone(), listing, watches.clone()));
-        tokio::spawn(remember_peers(lookup.clone(), seeds_file, watches.clone()));
+        tokio::spawn(remember_peers(
+            lookup.clone(),
+            (seeds_file, seeds),
+            watches.clone(),
+        ));
         let cluster = Self {
             store: tokio::sync::Mutex::new(Some(store)),
             lookup,
