@@ -354,9 +354,22 @@ async fn proxy(
     Ok(resp.map(|b| b.boxed()))
 }
 
+/// [`prepare_upstream_request`] for `benches/forward.rs`: the rewrite every proxied request gets,
+/// from an untrusted visitor or a `trusted` forwarder.
+#[doc(hidden)]
+pub fn bench_prepare<B>(req: &mut Request<B>, client: std::net::IpAddr, host: &str, trusted: bool) {
+    let shown = HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("x"));
+    let origin = forward::Origin {
+        client,
+        host,
+        port: 443,
+    };
+    prepare_upstream_request(req, shown, (&origin, trusted), false);
+}
+
 /// Turns the visitor's request into the HTTP/1.1 request the tunnel client's app expects.
-fn prepare_upstream_request(
-    req: &mut Request<Incoming>,
+fn prepare_upstream_request<B>(
+    req: &mut Request<B>,
     shown_host: HeaderValue,
     (origin, trusted): (&forward::Origin<'_>, bool),
     upgrade: bool,
