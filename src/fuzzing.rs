@@ -247,3 +247,52 @@ pub fn feed_entry(data: &[u8]) {
         assert_eq!(StreamId::parse(id.to_string().as_bytes()), Some(id));
     }
 }
+
+/// The tunnel options an owner types after the host (`rules::options`), and the request headers
+/// `rules::decide` reads. Nothing panics; parsed options stay within their bounds and print as a
+/// line that parses back to them; any header bytes give a decision.
+pub fn access_options(data: &[u8]) {
+    use crate::rules::{options, Rules, Visit};
+    if let Ok(o) = options::parse(data) {
+        assert!(o
+            .allow
+            .as_ref()
+            .is_none_or(|a| !a.is_empty() && a.len() <= options::MAX_ALLOW));
+        let mut line = Vec::new();
+        if let Some((u, p)) = &o.auth {
+            assert!(u.len() <= options::MAX_USER && p.len() <= options::MAX_PASSWORD);
+            line.push(format!("auth={u}:{p}"));
+        }
+        if let Some(allow) = &o.allow {
+            let nets: Vec<String> = allow.iter().map(ToString::to_string).collect();
+            line.push(format!("allow={}", nets.join(",")));
+        }
+        if let Some(rate) = o.rate {
+            assert!(rate.count >= 1 && rate.count <= options::MAX_RATE);
+            line.push(format!("rate={rate}"));
+        }
+        if o.private {
+            line.push("private".into());
+        }
+        assert_eq!(options::parse(line.join(" ").as_bytes()).as_ref(), Ok(&o));
+    }
+    let mut parts = data.splitn(3, |&b| b == b'\n');
+    let (authorization, cookie, query) = (parts.next(), parts.next(), parts.next());
+    let key = crate::rules::token::LinkKey::new(b"fuzz");
+    let rules = Rules::from_options(options::Options {
+        auth: Some(("a".into(), "b".into())),
+        private: true,
+        ..options::Options::default()
+    });
+    let visit = Visit {
+        host: "app-abcd.gw.test",
+        client: std::net::IpAddr::from([192, 0, 2, 1]),
+        authorization,
+        cookie,
+        path: "/",
+        query: query.and_then(|q| std::str::from_utf8(q).ok()),
+        now: std::time::Instant::now(),
+        unix_now: 1_000_000,
+    };
+    let _ = crate::rules::decide(&visit, &rules, None, &key);
+}

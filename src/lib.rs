@@ -18,6 +18,7 @@ pub mod config;
 pub(crate) mod io;
 pub mod metrics;
 pub mod names;
+pub mod rules;
 pub mod secret_file;
 // Stages:
 pub(crate) mod acme;

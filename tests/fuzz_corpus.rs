@@ -72,3 +72,8 @@ fn acme_value_corpus() {
 fn feed_entry_corpus() {
     replay("feed_entry", edgemux::fuzzing::feed_entry);
 }
+
+#[test]
+fn access_options_corpus() {
+    replay("access_options", edgemux::fuzzing::access_options);
+}
