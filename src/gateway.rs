@@ -75,6 +75,19 @@ fn read_admin_token(config: &Config) -> Result<Option<String>, BuildError> {
     Ok(Some(token.to_owned()))
 }
 
+/// The key that signs the links to private tunnels, kept in `<certs_dir>/links.key` so links
+/// survive restarts (and are all revoked by deleting the file).
+fn read_link_key(config: &Config) -> Result<crate::rules::token::LinkKey, BuildError> {
+    let path = config.certs_dir.join(LINK_KEY_FILE);
+    let secret = crate::secret_file::read_or_create_token(&path).map_err(|e| BuildError::State {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(crate::rules::token::LinkKey::new(secret.as_bytes()))
+}
+
+const LINK_KEY_FILE: &str = "links.key";
+
 pub struct Gateway {
     config: Config,
     resolver: Arc<CertResolver>,
@@ -222,13 +235,12 @@ impl Gateway {
         if let Some(acme) = acme.clone() {
             ssh.on_http_tunnel = Some(Arc::new(move |host: &str| acme.request_on_demand(host)));
         }
+        let links = Arc::new(read_link_key(&config)?);
+        ssh.links = links.clone();
         let ssh = Arc::new(ssh);
-        let http = Arc::new(HttpContext::new(
-            &config,
-            directory.clone(),
-            challenges.clone(),
-            limits.clone(),
-        ));
+        let mut http = HttpContext::new(&config, directory.clone(), challenges.clone(), limits.clone());
+        http.links = links;
+        let http = Arc::new(http);
         let admin_token = read_admin_token(&config)?;
         Ok(Arc::new(Self {
             config,

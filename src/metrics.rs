@@ -19,6 +19,8 @@ pub const TUNNEL_MEMBERS_ACTIVE: &str = "edgemux_tunnel_members_active";
 pub const TUNNEL_REGISTRATIONS: &str = "edgemux_tunnel_registrations_total";
 pub const TUNNEL_REMOVALS: &str = "edgemux_tunnel_removals_total";
 pub const FORWARDED_CHANNELS: &str = "edgemux_forwarded_channels_total";
+pub const ACCESS_REFUSALS: &str = "edgemux_access_refusals_total";
+pub const TUNNEL_OPTIONS_REFUSED: &str = "edgemux_tunnel_options_refused_total";
 pub const HTTP_REQUESTS: &str = "edgemux_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "edgemux_http_request_duration_seconds";
 pub const BYTES: &str = "edgemux_bytes_total";
@@ -95,6 +97,15 @@ fn describe() {
     );
     describe_counter!(TUNNEL_REGISTRATIONS, "Tunnel pool members registered, by kind");
     describe_counter!(TUNNEL_REMOVALS, "Tunnel pool members removed, by kind");
+    describe_counter!(
+        ACCESS_REFUSALS,
+        "Requests a tunnel's access rules turned away, by reason (auth, private, allow, rate, \
+         forward_auth)"
+    );
+    describe_counter!(
+        TUNNEL_OPTIONS_REFUSED,
+        "Options lines from the ssh command refused whole (their tunnels are not served)"
+    );
     describe_counter!(
         FORWARDED_CHANNELS,
         "forwarded-tcpip channels opened to tunnel clients, by result (opened; refused: limit, \
@@ -297,6 +308,14 @@ pub fn tunnel_member(kind: &'static str, registered: bool, pool_changed: bool) {
             gauge!(TUNNELS_ACTIVE, "kind" => kind).decrement(1.0);
         }
     }
+}
+
+pub fn access_refused(reason: &'static str) {
+    counter!(ACCESS_REFUSALS, "reason" => reason).increment(1);
+}
+
+pub fn ssh_options_refused() {
+    counter!(TUNNEL_OPTIONS_REFUSED).increment(1);
 }
 
 pub fn forwarded_channel(result: &'static str) {

@@ -62,6 +62,16 @@ impl PeerHandler for OwnerSide {
             if members.is_empty() {
                 return Err((Status::NoRoute, "no tunnel for this host here".to_owned()));
             }
+            // A tunnel's access rules are checked where its HTTP requests are read, and that is
+            // the visitor's replica, which does not have them: such tunnels are served only by
+            // the replica their client is connected to, never opened to a peer unchecked.
+            if key.route == Route::Http && !open_to_peers(&members).await {
+                return Err((
+                    Status::OpenFailed,
+                    "this tunnel has access rules, applied only on the replica its client is connected to"
+                        .to_owned(),
+                ));
+            }
             let source = req.source();
             let ip = source.ip().to_canonical().to_string();
             // The visitor is charged here as if it had landed here: shares and budget.
@@ -159,4 +169,15 @@ fn route_of(req: &PeerRequest) -> Route {
         (Op::DialHttp, _) | (Op::Lookup, 0) => Route::Http,
         (_, port) => Route::Tcp(u32::from(port)),
     }
+}
+
+/// Whether the rules of `members`' connections (awaited while they are being set) let anyone in.
+async fn open_to_peers(members: &[crate::tunnels::Reach]) -> bool {
+    for m in members.iter().filter_map(crate::tunnels::Reach::local) {
+        match m.gate.ready(crate::rules::SETTLE_WITHIN).await {
+            Some(rules) if rules.is_open() => {}
+            _ => return false,
+        }
+    }
+    true
 }

@@ -9,6 +9,7 @@
 
 mod access;
 mod forward;
+mod guard;
 pub mod host;
 mod upstream;
 mod watch;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, HttpConfig, LiveLimits};
 use crate::io::{lingering, BoxStream, ClientAddr};
 use crate::route::Wire;
+use crate::rules::token::LinkKey;
 use crate::tls::challenge::Challenges;
 use crate::tunnels::{Directory, Reach, Route, TunnelKey};
 use upstream::IdlePool;
@@ -59,6 +61,8 @@ pub(crate) struct HttpContext {
     /// Kept-alive upstream connections, by pool member.
     idle: Arc<IdlePool>,
     challenges: Arc<Challenges>,
+    /// Checks the links of private tunnels (the gateway sets the one `ssh gw link` signs with).
+    pub(crate) links: Arc<LinkKey>,
 }
 
 impl std::fmt::Debug for HttpContext {
@@ -84,6 +88,7 @@ impl HttpContext {
             directory,
             idle: Arc::default(),
             challenges,
+            links: Arc::new(LinkKey::new(&rand::random::<[u8; 32]>())),
         }
     }
 
@@ -292,6 +297,10 @@ async fn route(
     let members = ctx.directory.find(&key).await;
     if members.is_empty() {
         return Err(ProxyError::NoTunnel(host));
+    }
+    let mut req = req;
+    if let Err(answer) = guard::check(ctx, &mut req, client.client.ip(), &host, &members).await {
+        return Ok(answer);
     }
     proxy(ctx, req, client, &members, &host).await
 }

@@ -3,6 +3,7 @@
 //! the rate bucket's clock.
 
 pub mod decide;
+mod gate;
 pub mod options;
 mod rate;
 pub mod token;
@@ -12,6 +13,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use decide::{decide, Decision, Refusal, Visit};
+pub use gate::{Gate, GateState, SETTLE_WITHIN};
 pub use options::{Options, OptionsError};
 pub use rate::Bucket;
 
@@ -120,6 +122,11 @@ impl Rules {
             allow: options.allow.unwrap_or_default(),
             rate: options.rate,
         }
+    }
+
+    /// No rule at all: every visitor passes, and nothing of the request need be read.
+    pub fn is_open(&self) -> bool {
+        self.auth.is_none() && !self.private && self.allow.is_empty() && self.rate.is_none()
     }
 
     pub fn allows(&self, client: IpAddr) -> bool {

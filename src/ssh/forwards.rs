@@ -84,10 +84,13 @@ impl Handler {
             handle: session.handle(),
             stats: Default::default(),
             vpce: self.vpce.clone(),
+            gate: self.shared.gate.clone(),
+            bucket: std::sync::OnceLock::new(),
         };
         match self.ctx.tunnels.register(key, owner, member) {
             Ok(reg) => {
                 self.shared.forwards().insert((address.to_owned(), *port), reg);
+                self.arm_options_grace();
                 true
             }
             Err(owned) => {
@@ -137,7 +140,11 @@ impl Handler {
 
     /// The tunnel name and host a `tcpip-forward` bind address asks for: a vanity host reserved
     /// for this key (`[[ssh.reserve]]`), else `<name>-<keyid>.<domain>`.
-    fn forward_host(&self, address: &str, key: &KeyFingerprint) -> Result<(String, String), String> {
+    pub(super) fn forward_host(
+        &self,
+        address: &str,
+        key: &KeyFingerprint,
+    ) -> Result<(String, String), String> {
         let wanted = address.trim_end_matches('.').to_ascii_lowercase();
         if let Some(owner) = self.ctx.reserved.get(&wanted) {
             return if owner == key {

@@ -48,6 +48,8 @@ pub(super) struct Handler {
     /// Whether the timer that disconnects a client with nothing but refusals was started (once
     /// per connection).
     pub(super) grace_armed: bool,
+    /// Whether the timer that serves the forwards with the default rules was started.
+    pub(super) options_armed: bool,
 }
 
 impl Handler {
@@ -68,6 +70,7 @@ impl Handler {
             key: None,
             refusals: Refusals::default(),
             grace_armed: false,
+            options_armed: false,
         }
     }
 
@@ -251,6 +254,7 @@ impl russh::server::Handler for Handler {
         if !self.advance_session(channel, SessionStage::Opened, SessionStage::Answered) {
             return self.refuse_session_request(channel, session);
         }
+        self.settle_defaults();
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         session.data(channel, self.banner().into_bytes())
@@ -262,9 +266,13 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if crate::rules::options::looks_like_options(&String::from_utf8_lossy(data)) {
+            return self.apply_options(channel, data, session);
+        }
         if !self.advance_session(channel, SessionStage::Opened, SessionStage::Closing) {
             return self.refuse_session_request(channel, session);
         }
+        self.settle_defaults();
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         self.run_command(channel, data, session)

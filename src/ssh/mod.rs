@@ -6,6 +6,7 @@ mod forwards;
 mod handler;
 pub(crate) mod hostkey;
 pub mod keys;
+mod options;
 mod pump;
 mod refusals;
 mod session;
@@ -80,6 +81,8 @@ pub(crate) struct SshContext {
     budget: Arc<Budget>,
     /// Told about every HTTP tunnel host registered (on-demand certificates).
     pub(crate) on_http_tunnel: Option<HostHook>,
+    /// Signs the links `ssh gw link NAME` hands out for private tunnels.
+    pub(crate) links: Arc<crate::rules::token::LinkKey>,
     limits: LiveLimits,
     conn_ids: AtomicU64,
 }
@@ -118,6 +121,7 @@ impl SshContext {
             channel_buffer: cfg.channel_buffer,
             budget,
             on_http_tunnel: None,
+            links: Arc::new(crate::rules::token::LinkKey::new(&rand::random::<[u8; 32]>())),
             limits,
             conn_ids: AtomicU64::new(0),
         }
@@ -301,6 +305,8 @@ struct ConnShared {
     /// Open session channels (the banner, `ssh gw tunnels`), where refusals are shown; each
     /// stays until the client closes it.
     sessions: Mutex<HashMap<ChannelId, SessionStage>>,
+    /// The access rules this connection's forwards are served with, once known.
+    gate: Arc<crate::rules::Gate>,
 }
 
 /// Where a session channel is: each gets one answer (a shell's banner or a command's output),

@@ -89,13 +89,29 @@ impl Handler {
         session: &mut Session,
     ) -> Result<(), russh::Error> {
         let command = String::from_utf8_lossy(data);
-        let status = match command.trim() {
-            "tunnels" => {
+        let words: Vec<&str> = command.split_ascii_whitespace().take(4).collect();
+        let status = match words.as_slice() {
+            ["tunnels"] => {
                 session.data(channel, (self.tunnels_json() + "\n").into_bytes())?;
                 0
             }
-            other => {
-                let msg = format!("edgemux: unknown command {other:?}; try: tunnels\n");
+            ["help"] => {
+                session.data(channel, Self::help().replace('\n', "\r\n").into_bytes())?;
+                0
+            }
+            ["link", args @ ..] => match self.link(args) {
+                Ok(url) => {
+                    session.data(channel, format!("{url}\n").into_bytes())?;
+                    0
+                }
+                Err(e) => {
+                    session.extended_data(channel, 1, format!("edgemux: {e}\n").into_bytes())?;
+                    1
+                }
+            },
+            _ => {
+                let shown: String = command.trim().chars().take(64).collect();
+                let msg = format!("edgemux: unknown command {shown:?}; try: tunnels, link NAME, help\n");
                 session.extended_data(channel, 1, msg.into_bytes())?;
                 1
             }

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use crate::budget::{Lease, CHANNEL_FLOOR};
 use crate::io::ClientKey;
 use crate::names::KeyFingerprint;
+use crate::rules::{Bucket, Gate};
 
 /// One visitor may hold at most 1/this of a member's `limits.channels_per_tunnel` (and at least
 /// one): a visitor that holds channels and reads nothing can never take them all.
@@ -37,6 +38,10 @@ pub(crate) struct Member {
     pub(crate) since: SystemTime,
     pub(crate) handle: russh::server::Handle,
     pub(crate) stats: Arc<MemberStats>,
+    /// Who may visit: the access rules of the SSH connection, shared by its forwards.
+    pub(crate) gate: Arc<Gate>,
+    /// This tunnel's request budget, made on first use from the gate's `rate`.
+    pub(crate) bucket: OnceLock<Option<Bucket>>,
 }
 
 /// Traffic through one pool member, for the admin API.

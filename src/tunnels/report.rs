@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{Directory, Member, RemoteTunnel, Route, TunnelKey};
 use crate::names::KeyFingerprint;
+use crate::rules::GateState;
 
 /// One tunnel: what it is, where to reach it, and the SSH connections serving it.
 pub(crate) fn tunnel_json(key: &TunnelKey, members: &[Arc<Member>], public_port: u16) -> Value {
@@ -45,6 +46,11 @@ fn member_json(m: &Member) -> Value {
         "bytes_in": m.stats.bytes_in.load(Ordering::Relaxed),
         "bytes_out": m.stats.bytes_out.load(Ordering::Relaxed),
         "requests": m.stats.requests.load(Ordering::Relaxed),
+        "rules": match m.gate.state() {
+            GateState::Pending => json!("pending"),
+            GateState::Refused => json!("refused"),
+            GateState::Ready(rules) => rules.summary(),
+        },
     })
 }
 

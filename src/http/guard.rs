@@ -1,0 +1,167 @@
+//! The access rules in front of a tunnel, applied to one request: the gate's rules are awaited
+//! (a tunnel is never served before its owner's options are known), `rules::decide` says yes,
+//! no or "here is your cookie", and what proves access (basic credentials, the link cookie or
+//! bearer) is taken off the request before it goes upstream.
+
+use std::net::IpAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use super::{text, Body, HttpContext};
+use crate::rules::token::COOKIE;
+use crate::rules::{decide, Decision, Refusal, Rules, Visit, SETTLE_WITHIN};
+use crate::tunnels::{Member, Reach};
+
+/// Lets `req` through (after taking the access proofs off it), or answers for the tunnel.
+/// Pools with no member here are guarded by the replica that holds them (`cluster::owner`).
+pub(super) async fn check(
+    ctx: &HttpContext,
+    req: &mut Request<Incoming>,
+    client: IpAddr,
+    host: &str,
+    members: &[Reach],
+) -> Result<(), Response<Body>> {
+    let Some(member) = members.iter().find_map(Reach::local) else {
+        return Ok(());
+    };
+    let Some(rules) = member.gate.ready(SETTLE_WITHIN).await else {
+        let why = format!("tunnel {host} is not served: its owner's options were refused\n");
+        return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
+    };
+    if rules.is_open() {
+        return Ok(());
+    }
+    let decision = {
+        let headers = req.headers();
+        let cookies = cookies(headers);
+        let visit = Visit {
+            host,
+            client,
+            authorization: headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+            cookie: cookies.as_deref().map(str::as_bytes),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            now: Instant::now(),
+            unix_now: unix_now(),
+        };
+        decide(&visit, &rules, bucket(member, &rules), &ctx.links)
+    };
+    match decision {
+        Decision::Allow => {
+            take_proofs(req, &rules);
+            Ok(())
+        }
+        Decision::Redeem { location, set_cookie } => {
+            let mut r = text(StatusCode::SEE_OTHER, "signed in: redirecting\n".into());
+            let h = r.headers_mut();
+            for (name, value) in [
+                (header::LOCATION, location),
+                (header::SET_COOKIE, set_cookie),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+            Err(r)
+        }
+        Decision::Deny(refusal) => {
+            crate::metrics::access_refused(refusal.reason());
+            tracing::info!(%client, host, reason = refusal.reason(), "request refused by the tunnel's access rules");
+            Err(refused(host, &refusal))
+        }
+    }
+}
+
+fn bucket<'m>(member: &'m Member, rules: &Rules) -> Option<&'m crate::rules::Bucket> {
+    member
+        .bucket
+        .get_or_init(|| rules.rate.map(|r| crate::rules::Bucket::new(r, Instant::now())))
+        .as_ref()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Every `Cookie` header as one (h2 clients send one header per cookie).
+fn cookies(headers: &hyper::HeaderMap) -> Option<String> {
+    let all: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!all.is_empty()).then(|| all.join("; "))
+}
+
+/// Basic credentials and the link (cookie or bearer) are for the gateway, not the backend.
+fn take_proofs(req: &mut Request<Incoming>, rules: &Rules) {
+    let headers = req.headers_mut();
+    if rules.auth.is_some() {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if !rules.private {
+        return;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+    if bearer {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(all) = cookies(headers) {
+        let kept: Vec<&str> = all
+            .split(';')
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(n, _)| n != COOKIE))
+            .collect();
+        headers.remove(header::COOKIE);
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            if !kept.is_empty() {
+                headers.insert(header::COOKIE, v);
+            }
+        }
+    }
+}
+
+fn refused(host: &str, refusal: &Refusal) -> Response<Body> {
+    match refusal {
+        Refusal::Address => text(
+            StatusCode::FORBIDDEN,
+            "your address may not reach this tunnel\n".into(),
+        ),
+        Refusal::Rate { retry_after } => {
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests to this tunnel; retry later\n".into(),
+            );
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            r
+        }
+        Refusal::Private { why } => text(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "this tunnel is private ({why}): open the link its owner made with `ssh GATEWAY link NAME`\n"
+            ),
+        ),
+        Refusal::Auth => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "this tunnel needs a user and password\n".into(),
+            );
+            let realm = format!("Basic realm=\"{host}\", charset=\"UTF-8\"");
+            if let Ok(v) = HeaderValue::from_str(&realm) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            r
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Access rules chosen on the ssh command line, end to end: the real `ssh -R … gw -- OPTIONS`
+//! over `openssl s_client`, `curl` as the visitor (directly, or from 127.0.0.5/.6 through HAProxy
+//! sending PROXY v2), a hyper backend that echoes the headers it got.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::config::{Listener, ProxyProtocol};
+use common::haproxy::{Haproxy, SendProxy};
+use common::http::{http_backend, Visitor};
+use common::process::{poll_until, run_bounded, Proc};
+use common::prom::{promtool_check, Admin};
+use common::ssh::{KeyKind, SshClient, SshKey, Transport};
+use common::{Gateway, TestEnv, SETUP};
+use serde_json::Value;
+
+struct Site {
+    gw: Gateway,
+    client: SshClient,
+    key: SshKey,
+    visitor: Visitor,
+    backend: u16,
+    env: TestEnv,
+}
+
+fn site() -> Site {
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let visitor = Visitor::new(&env, &gw);
+    Site {
+        gw,
+        client,
+        key,
+        visitor,
+        backend: http_backend("alpha"),
+        env,
+    }
+}
+
+impl Site {
+    /// `ssh -R NAME:80:backend … gw -- OPTIONS`, returned once `tunnels` lists every name.
+    fn tunnel_with(&self, names: &[&str], options: &[&str]) -> Proc {
+        let specs: Vec<String> = names
+            .iter()
+            .map(|n| format!("{n}:80:127.0.0.1:{}", self.backend))
+            .collect();
+        let mut args = Vec::new();
+        for spec in &specs {
+            args.extend(["-R", spec.as_str()]);
+        }
+        let mut remote = vec!["--"];
+        remote.extend_from_slice(options);
+        let holder = self.client.spawn("ssh-R-options", &args, &remote);
+        for name in names {
+            self.client.wait_tunnel(name, &holder);
+        }
+        holder
+    }
+}
+
+fn headers_seen(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("backend headers not JSON ({e})"))
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .args(["-w", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("base64 (coreutils)");
+    write!(child.stdin.take().unwrap(), "{user}:{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!("Authorization: Basic {}", String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn auth_asks_for_credentials_and_keeps_them_from_the_backend() {
+    let s = site();
+    let _holder = s.tunnel_with(&["app"], &["auth=alice:s3cret"]);
+    let host = s.key.host("app");
+
+    let none = s.visitor.get(&host, "/headers", &[]);
+    none.expect_status(401, "no credentials");
+    let realm = none.header("www-authenticate").unwrap_or_default();
+    assert!(
+        realm.starts_with("Basic realm=") && realm.contains(&host),
+        "{realm:?}"
+    );
+
+    let wrong = s
+        .visitor
+        .get(&host, "/headers", &["-H", &basic("alice", "guess")]);
+    wrong.expect_status(401, "wrong password");
+    let wrong_user = s.visitor.get(&host, "/headers", &["-H", &basic("bob", "s3cret")]);
+    wrong_user.expect_status(401, "wrong user");
+
+    for flag in ["--http1.1", "--http2"] {
+        let right = s.visitor.get(&host, "/headers", &[flag, "-u", "alice:s3cret"]);
+        right.expect_status(200, flag);
+        let seen = headers_seen(&right.body);
+        assert!(
+            seen.get("authorization").is_none(),
+            "{flag}: the backend saw {seen}"
+        );
+    }
+
+    let listed = s.client.find_tunnel("app").unwrap().to_string();
+    assert!(listed.contains("alice") && !listed.contains("s3cret"), "{listed}");
+    s.gw.wait_log(&["request refused by the tunnel's access rules", "reason=\"auth\""]);
+    let scrape = Admin::new(&s.gw, None).scrape();
+    assert!(
+        scrape
+            .text
+            .contains("edgemux_access_refusals_total{reason=\"auth\"} 3"),
+        "{}",
+        scrape.text
+    );
+    let checked = promtool_check(s.env.path(), &scrape.text);
+    assert!(checked.status.success(), "promtool: {}", checked.combined());
+}
+
+#[test]
+fn private_tunnels_open_with_a_link_a_cookie_for_that_host_or_a_bearer() {
+    let s = site();
+    let _holder = s.tunnel_with(&["app", "other"], &["private"]);
+    let (host, other) = (s.key.host("app"), s.key.host("other"));
+
+    s.visitor.get(&host, "/id", &[]).expect_status(401, "no token");
+    let out = s.client.run(&["link", "app"]);
+    assert!(out.status.success(), "link: {}", out.combined());
+    let url = out.stdout.trim().to_owned();
+    let (_, token) = url.split_once("edgemux_link=").expect("the link carries a token");
+    assert!(url.starts_with(&format!("https://{host}")), "{url}");
+
+    let jar = s.visitor.file("jar");
+    let jar_arg = jar.display().to_string();
+    let link_url = s.visitor.url(&host, &format!("/?a=1&edgemux_link={token}"));
+    let redeemed = s.visitor.fetch(&host, &link_url, &["-c", &jar_arg]);
+    redeemed.expect_status(303, "the link redirects");
+    assert_eq!(redeemed.header("location").as_deref(), Some("/?a=1"));
+    let cookie = redeemed.header("set-cookie").unwrap_or_default();
+    for attr in ["Secure", "HttpOnly", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert!(
+        !cookie.to_ascii_lowercase().contains("domain="),
+        "host-only: {cookie}"
+    );
+
+    let with_cookie = s.visitor.get(&host, "/headers", &["-b", &jar_arg]);
+    with_cookie.expect_status(200, "the cookie opens the tunnel");
+    let seen = headers_seen(&with_cookie.body).to_string();
+    assert!(!seen.contains(token), "the backend saw the token: {seen}");
+
+    let cookie_header = format!("Cookie: edgemux_link={token}");
+    s.visitor
+        .get(&other, "/id", &["-H", &cookie_header])
+        .expect_status(401, "another host's cookie");
+    let tampered = format!("Cookie: edgemux_link={token}x");
+    s.visitor
+        .get(&host, "/id", &["-H", &tampered])
+        .expect_status(401, "tampered");
+    let forged_expiry = format!("Cookie: edgemux_link=9{token}");
+    s.visitor
+        .get(&host, "/id", &["-H", &forged_expiry])
+        .expect_status(401, "re-dated");
+
+    let bearer = format!("Authorization: Bearer {token}");
+    let by_bearer = s.visitor.get(&host, "/headers", &["-H", &bearer]);
+    by_bearer.expect_status(200, "bearer");
+    assert!(headers_seen(&by_bearer.body).get("authorization").is_none());
+}
+
+#[test]
+fn allow_lists_take_the_client_address_from_proxy_v2() {
+    let env = TestEnv::new();
+    let gw = env
+        .gateway()
+        .listeners(&[
+            Listener::local().proxy_protocol(ProxyProtocol::Off, &[]),
+            Listener::local().proxy_protocol(ProxyProtocol::Required, &["127.0.0.1"]),
+        ])
+        .start();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let backend = http_backend("alpha");
+    let spec = format!("app:80:127.0.0.1:{backend}");
+    let holder = client.spawn("ssh-R-allow", &["-R", &spec], &["--", "allow=127.0.0.5/32"]);
+    client.wait_tunnel("app", &holder);
+    let haproxy = Haproxy::start(env.path(), gw.ports()[1], SendProxy::V2);
+    let host = key.host("app");
+    let through = |source: &str| Visitor::at(&env, haproxy.port).with_source(source);
+    through("127.0.0.5")
+        .get(&host, "/id", &[])
+        .expect_status(200, "allowed address");
+    let refused = through("127.0.0.6").get(&host, "/id", &[]);
+    refused.expect_status(403, "address not allowed");
+    gw.wait_log(&["request refused", "client=127.0.0.6", "reason=\"allow\""]);
+}
+
+#[test]
+fn rate_limits_one_tunnel_and_recovers_after_a_second() {
+    let s = site();
+    let _limited = s.tunnel_with(&["app"], &["rate=5/s"]);
+    let free_key = s.env.key("free", KeyKind::Ed25519);
+    let free_client = s.gw.ssh(&free_key, Transport::Tls);
+    let _free = free_client.open_tunnel("free", 80, s.backend);
+    let free_host = free_key.host("free");
+    let host = s.key.host("app");
+
+    // One curl process, 50 requests over one connection: a burst.
+    let url = s.visitor.url(&host, "/id");
+    let mut args = vec!["-w", "%{http_code}\n"];
+    for _ in 0..50 {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let out = run_bounded(
+        s.env.path(),
+        "curl-burst",
+        s.visitor.curl(&host, SETUP, &args),
+        SETUP,
+    );
+    let codes: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(codes.len(), 50, "{}", out.combined());
+    let (ok, limited) = (
+        codes.iter().filter(|c| **c == "200").count(),
+        codes.iter().filter(|c| **c == "429").count(),
+    );
+    assert!(
+        (5..=10).contains(&ok) && ok + limited == 50,
+        "200s {ok}, 429s {limited}: {codes:?}"
+    );
+    let one = s.visitor.get(&host, "/id", &[]);
+    one.expect_status(429, "still limited");
+    let retry: u64 = one.header("retry-after").unwrap_or_default().parse().unwrap_or(0);
+    assert!(retry >= 1, "Retry-After: {one:?}");
+    s.visitor
+        .get(&free_host, "/id", &[])
+        .expect_status(200, "another tunnel is unaffected");
+    thread::sleep(Duration::from_millis(1200));
+    s.visitor
+        .get(&host, "/id", &[])
+        .expect_status(200, "a second later");
+}
+
+#[test]
+fn malformed_options_are_refused_on_the_terminal_and_nothing_is_served() {
+    let s = site();
+    let spec = format!("app:80:127.0.0.1:{}", s.backend);
+    let host = s.key.host("app");
+    let watching = Arc::new(AtomicBool::new(true));
+    let served = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (visitor, host, watching, served) = (
+            Visitor::new(&s.env, &s.gw),
+            host.clone(),
+            watching.clone(),
+            served.clone(),
+        );
+        thread::spawn(move || {
+            while watching.load(Ordering::Relaxed) {
+                if visitor.get(&host, "/id", &[]).status == 200 {
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let out = run_bounded(
+        s.env.path(),
+        "ssh-bad-options",
+        s.client.command(&["-R", &spec], &["--", "rate=lots"]),
+        SETUP,
+    );
+    watching.store(false, Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert!(!out.status.success(), "ssh should fail: {}", out.combined());
+    assert!(
+        out.stderr.contains("rate: expected N/s or N/m"),
+        "{}",
+        out.combined()
+    );
+    assert!(out.stderr.contains("not served"), "{}", out.combined());
+    assert_eq!(served.load(Ordering::Relaxed), 0, "a refused tunnel answered");
+    let help = s.client.run(&["help"]);
+    assert!(
+        help.stdout.contains("auth=USER:PASS") && help.stdout.contains("link NAME"),
+        "{}",
+        help.combined()
+    );
+}
+
+#[test]
+fn with_ssh_n_the_defaults_apply_after_the_grace() {
+    let s = site();
+    let started = Instant::now();
+    let _holder = s.client.open_tunnel("app", 80, s.backend);
+    let host = s.key.host("app");
+    let got = poll_until(SETUP, || {
+        let r = s.visitor.get(&host, "/id", &[]);
+        (r.status == 200).then_some(r)
+    });
+    assert!(got.is_some(), "an ssh -N tunnel is served");
+    assert!(started.elapsed() < SETUP);
+    let listed = s.client.find_tunnel("app").unwrap();
+    assert_eq!(listed["members"][0]["rules"], serde_json::json!({}), "{listed}");
+}
+
+#[test]
+fn a_private_tunnel_is_never_served_without_a_token_even_in_its_first_second() {
+    let s = site();
+    let host = s.key.host("app");
+    let watching = Arc::new(AtomicBool::new(true));
+    let (served, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            let (visitor, host, watching) = (Visitor::new(&s.env, &s.gw), host.clone(), watching.clone());
+            let (served, answered) = (served.clone(), answered.clone());
+            thread::spawn(move || {
+                while watching.load(Ordering::Relaxed) {
+                    match visitor.get(&host, "/id", &["--max-time", "3"]).status {
+                        200 => served.fetch_add(1, Ordering::Relaxed),
+                        401 => answered.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                }
+            })
+        })
+        .collect();
+    let _holder = s.tunnel_with(&["app"], &["private"]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while answered.load(Ordering::Relaxed) < 5 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    watching.store(false, Ordering::Relaxed);
+    for r in racers {
+        r.join().unwrap();
+    }
+    assert_eq!(served.load(Ordering::Relaxed), 0, "served without a token");
+    assert!(
+        answered.load(Ordering::Relaxed) >= 1,
+        "the private tunnel never answered 401"
+    );
+}
