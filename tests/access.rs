@@ -350,3 +350,116 @@ fn a_private_tunnel_is_never_served_without_a_token_even_in_its_first_second() {
         "the private tunnel never answered 401"
     );
 }
+
+/// A small real auth service in the oauth2-proxy style: a visitor with the `sso=alice` cookie is
+/// let in (200 with `X-Auth-Request-User`), anyone else is sent to the login page (302).
+fn auth_service() -> u16 {
+    use hyper::{Request, Response};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let h = req.headers();
+                    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                    let reply = if get("cookie").contains("sso=alice") {
+                        Response::builder()
+                            .status(200)
+                            .header("X-Auth-Request-User", "alice")
+                            .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+                    } else {
+                        let target = format!(
+                            "https://sso.test/login?rd=https://{}{}",
+                            get("x-forwarded-host"),
+                            get("x-forwarded-uri")
+                        );
+                        Response::builder().status(302).header("Location", target).body(
+                            http_body_util::Full::new(hyper::body::Bytes::from_static(b"to the login page")),
+                        )
+                    };
+                    Ok::<_, std::convert::Infallible>(reply.unwrap())
+                });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+#[test]
+fn forward_auth_passes_2xx_with_its_headers_returns_other_answers_and_fails_closed() {
+    let env = TestEnv::new();
+    let auth = auth_service();
+    let gw = env
+        .gateway()
+        .set(
+            "http.forward_auth.url",
+            format!("http://127.0.0.1:{auth}/oauth2/auth"),
+        )
+        .set("http.forward_auth.response_headers", vec!["X-Auth-Request-User"])
+        .set("http.forward_auth.timeout", "2s")
+        .start();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let _holder = client.open_tunnel("app", 80, http_backend("alpha"));
+    let host = key.host("app");
+    let visitor = Visitor::new(&env, &gw);
+
+    let login = visitor.get(&host, "/headers?x=1", &["-H", "X-Auth-Request-User: mallory"]);
+    login.expect_status(302, "no session: the auth service's redirect");
+    let location = login.header("location").unwrap_or_default();
+    assert_eq!(
+        location,
+        format!("https://sso.test/login?rd=https://{host}/headers?x=1")
+    );
+    assert_eq!(login.text(), "to the login page");
+
+    let passed = visitor.get(
+        &host,
+        "/headers",
+        &["-H", "Cookie: sso=alice", "-H", "X-Auth-Request-User: mallory"],
+    );
+    passed.expect_status(200, "a session");
+    let seen = headers_seen(&passed.body);
+    assert_eq!(
+        seen["x-auth-request-user"],
+        serde_json::json!(["alice"]),
+        "{seen}"
+    );
+
+    let scrape = Admin::new(&gw, None).scrape();
+    assert!(
+        scrape
+            .text
+            .contains("edgemux_access_refusals_total{reason=\"forward_auth\"} 1"),
+        "{}",
+        scrape.text
+    );
+
+    // The auth service down: closed, never open.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw2 = env
+        .gateway()
+        .set("http.forward_auth.url", format!("http://127.0.0.1:{dead}/auth"))
+        .start();
+    let client2 = gw2.ssh(&key, Transport::Tls);
+    let _holder2 = client2.open_tunnel("app", 80, http_backend("beta"));
+    let refused = Visitor::new(&env, &gw2).get(&host, "/id", &["-H", "Cookie: sso=alice"]);
+    refused.expect_status(503, "auth service down");
+}

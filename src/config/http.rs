@@ -1,7 +1,11 @@
 //! `[http]`: the reverse proxy's settings.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
+use hyper::header::HeaderName;
+use hyper::http::uri::PathAndQuery;
+use hyper::Uri;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -12,6 +16,34 @@ use super::{parse_cidr, Collector};
 pub struct RawHttp {
     #[serde(default)]
     pub trusted_forwarders: Vec<String>,
+    pub forward_auth: Option<RawForwardAuth>,
+}
+
+/// `[http.forward_auth]`: an auth service every tunnel request is first shown to.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwardAuth {
+    pub url: String,
+    #[serde(default)]
+    pub response_headers: Vec<String>,
+    pub timeout: Option<String>,
+}
+
+/// Default time the auth service gets to answer.
+const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where `forward_auth` asks, split for a plain HTTP/1.1 request (`http://` only: the auth
+/// service runs beside the gateway, as oauth2-proxy and Authelia do behind Traefik).
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    /// `host:port` to connect to.
+    pub address: String,
+    /// The `Host` header sent.
+    pub authority: String,
+    pub path_and_query: PathAndQuery,
+    /// Headers of a 2xx answer copied onto the request (and never taken from the visitor).
+    pub response_headers: Vec<HeaderName>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -19,6 +51,7 @@ pub struct HttpConfig {
     /// Senders (the client address after PROXY) whose `X-Forwarded-*`, `Forwarded` and
     /// `X-Real-IP` headers are believed. Empty (the default): nobody's.
     pub trusted_forwarders: Vec<IpNet>,
+    pub forward_auth: Option<ForwardAuthConfig>,
 }
 
 impl HttpConfig {
@@ -36,5 +69,55 @@ pub(super) fn validate(c: &mut Collector, raw: &RawHttp) -> HttpConfig {
             Err(msg) => c.push(format!("http.trusted_forwarders[{i}]"), msg),
         }
     }
-    HttpConfig { trusted_forwarders }
+    let forward_auth = raw.forward_auth.as_ref().and_then(|f| forward_auth(c, f));
+    HttpConfig {
+        trusted_forwarders,
+        forward_auth,
+    }
+}
+
+fn forward_auth(c: &mut Collector, raw: &RawForwardAuth) -> Option<ForwardAuthConfig> {
+    let timeout = c.duration(
+        "http.forward_auth.timeout",
+        raw.timeout.as_deref(),
+        FORWARD_AUTH_TIMEOUT,
+    );
+    let mut response_headers = Vec::new();
+    for (i, name) in raw.response_headers.iter().enumerate() {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => response_headers.push(n),
+            Err(_) => c.push(
+                format!("http.forward_auth.response_headers[{i}]"),
+                format!("{name:?} is not a header name"),
+            ),
+        }
+    }
+    let uri: Uri = match raw.url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            c.push("http.forward_auth.url", format!("{:?}: {e}", raw.url));
+            return None;
+        }
+    };
+    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        c.push(
+            "http.forward_auth.url",
+            format!(
+                "{:?} must be an http:// URL with a host (the auth service beside the gateway)",
+                raw.url
+            ),
+        );
+        return None;
+    };
+    let address = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    Some(ForwardAuthConfig {
+        address,
+        authority: authority.to_string(),
+        path_and_query: uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        response_headers,
+        timeout,
+    })
 }

@@ -18,7 +18,7 @@ mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use admin::{AdminConfig, RawAdmin};
 pub use cluster::{cluster_defaults, ClusterConfig, PeerTlsFiles, RawCluster, Spread, StoreKind, StoreTls};
-pub use http::{HttpConfig, RawHttp};
+pub use http::{ForwardAuthConfig, HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};
 pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};
@@ -401,6 +401,44 @@ sniff_timeout = "1 fortnight"
         ))
         .unwrap_err();
         assert_eq!(err[0].path, "http.trusted_forwarders[1]");
+    }
+
+    #[test]
+    fn forward_auth_takes_a_plain_http_url_and_header_names() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[http.forward_auth]\n";
+        let c = parse(&format!(
+            "{head}url = \"http://auth.local:4180/oauth2/auth?x=1\"\nresponse_headers = [\"X-Auth-Request-User\"]"
+        ))
+        .unwrap();
+        let f = c.http.forward_auth.unwrap();
+        assert_eq!(
+            (f.address.as_str(), f.authority.as_str()),
+            ("auth.local:4180", "auth.local:4180")
+        );
+        assert_eq!(f.path_and_query.as_str(), "/oauth2/auth?x=1");
+        assert_eq!(f.response_headers[0].as_str(), "x-auth-request-user");
+        assert_eq!(f.timeout, std::time::Duration::from_secs(5));
+        let f = parse(&format!("{head}url = \"http://auth\""))
+            .unwrap()
+            .http
+            .forward_auth
+            .unwrap();
+        assert_eq!((f.address.as_str(), f.path_and_query.as_str()), ("auth:80", "/"));
+        for (bad, path) in [
+            ("url = \"https://auth/\"", "http.forward_auth.url"),
+            ("url = \"/auth\"", "http.forward_auth.url"),
+            (
+                "url = \"http://a/\"\nresponse_headers = [\"bad header\"]",
+                "http.forward_auth.response_headers[0]",
+            ),
+            (
+                "url = \"http://a/\"\ntimeout = \"soon\"",
+                "http.forward_auth.timeout",
+            ),
+        ] {
+            let err = parse(&format!("{head}{bad}")).unwrap_err();
+            assert_eq!(err[0].path, path, "{bad}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still meet.
-fn hop_by_hop() -> [HeaderName; 9] {
+pub(super) fn hop_by_hop() -> [HeaderName; 9] {
     [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use super::forward_auth::{self, Verdict};
 use super::{text, Body, HttpContext};
 use crate::rules::token::COOKIE;
 use crate::rules::{decide, Decision, Refusal, Rules, Visit, SETTLE_WITHIN};
@@ -31,49 +32,59 @@ pub(super) async fn check(
         let why = format!("tunnel {host} is not served: its owner's options were refused\n");
         return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
     };
-    if rules.is_open() {
+    let forward = ctx.settings.forward_auth.as_ref();
+    if rules.is_open() && forward.is_none() {
         return Ok(());
     }
-    let decision = {
-        let headers = req.headers();
-        let cookies = cookies(headers);
-        let visit = Visit {
-            host,
-            client,
-            authorization: headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
-            cookie: cookies.as_deref().map(str::as_bytes),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            now: Instant::now(),
-            unix_now: unix_now(),
+    if !rules.is_open() {
+        let decision = {
+            let headers = req.headers();
+            let cookies = cookies(headers);
+            let visit = Visit {
+                host,
+                client,
+                authorization: headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+                cookie: cookies.as_deref().map(str::as_bytes),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                now: Instant::now(),
+                unix_now: unix_now(),
+            };
+            decide(&visit, &rules, bucket(member, &rules), &ctx.links)
         };
-        decide(&visit, &rules, bucket(member, &rules), &ctx.links)
-    };
-    match decision {
-        Decision::Allow => {
-            take_proofs(req, &rules);
-            Ok(())
-        }
-        Decision::Redeem { location, set_cookie } => {
-            let mut r = text(StatusCode::SEE_OTHER, "signed in: redirecting\n".into());
-            let h = r.headers_mut();
-            for (name, value) in [
-                (header::LOCATION, location),
-                (header::SET_COOKIE, set_cookie),
-                (header::CACHE_CONTROL, "no-store".to_owned()),
-            ] {
-                if let Ok(v) = HeaderValue::from_str(&value) {
-                    h.insert(name, v);
-                }
+        match decision {
+            Decision::Allow => {}
+            Decision::Redeem { location, set_cookie } => return Err(redeemed(location, set_cookie)),
+            Decision::Deny(refusal) => {
+                crate::metrics::access_refused(refusal.reason());
+                tracing::info!(%client, host, reason = refusal.reason(), "request refused by the tunnel's access rules");
+                return Err(refused(host, &refusal));
             }
-            Err(r)
-        }
-        Decision::Deny(refusal) => {
-            crate::metrics::access_refused(refusal.reason());
-            tracing::info!(%client, host, reason = refusal.reason(), "request refused by the tunnel's access rules");
-            Err(refused(host, &refusal))
         }
     }
+    // The operator's check comes last, on a request the owner's rules let through.
+    if let Some(cfg) = forward {
+        if let Verdict::Answer(answer) = forward_auth::ask(cfg, req, client, host).await {
+            return Err(answer);
+        }
+    }
+    take_proofs(req, &rules);
+    Ok(())
+}
+
+fn redeemed(location: String, set_cookie: String) -> Response<Body> {
+    let mut r = text(StatusCode::SEE_OTHER, "signed in: redirecting\n".into());
+    let h = r.headers_mut();
+    for (name, value) in [
+        (header::LOCATION, location),
+        (header::SET_COOKIE, set_cookie),
+        (header::CACHE_CONTROL, "no-store".to_owned()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    r
 }
 
 fn bucket<'m>(member: &'m Member, rules: &Rules) -> Option<&'m crate::rules::Bucket> {

@@ -9,6 +9,7 @@
 
 mod access;
 mod forward;
+mod forward_auth;
 mod guard;
 pub mod host;
 mod upstream;
