@@ -219,7 +219,7 @@ fn rate_limits_one_tunnel_and_recovers_after_a_second() {
 
     // One curl process, 50 requests over one connection: a burst.
     let url = s.visitor.url(&host, "/id");
-    let mut args = vec!["-w", "%{http_code}\n"];
+    let mut args = vec!["-w", "%{http_code} %header{retry-after}\n"];
     for _ in 0..50 {
         args.extend(["-o", "/dev/null", url.as_str()]);
     }
@@ -229,20 +229,15 @@ fn rate_limits_one_tunnel_and_recovers_after_a_second() {
         s.visitor.curl(&host, SETUP, &args),
         SETUP,
     );
-    let codes: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(codes.len(), 50, "{}", out.combined());
-    let (ok, limited) = (
-        codes.iter().filter(|c| **c == "200").count(),
-        codes.iter().filter(|c| **c == "429").count(),
-    );
-    assert!(
-        (5..=10).contains(&ok) && ok + limited == 50,
-        "200s {ok}, 429s {limited}: {codes:?}"
-    );
-    let one = s.visitor.get(&host, "/id", &[]);
-    one.expect_status(429, "still limited");
-    let retry: u64 = one.header("retry-after").unwrap_or_default().parse().unwrap_or(0);
-    assert!(retry >= 1, "Retry-After: {one:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 50, "{}", out.combined());
+    let ok = lines.iter().filter(|l| l.starts_with("200 ")).count();
+    let limited: Vec<&&str> = lines.iter().filter(|l| l.starts_with("429 ")).collect();
+    assert!((5..=10).contains(&ok) && ok + limited.len() == 50, "{lines:?}");
+    for l in &limited {
+        let retry: u64 = l[4..].trim().parse().unwrap_or(0);
+        assert!(retry >= 1, "429 without a Retry-After of at least 1 s: {l:?}");
+    }
     s.visitor
         .get(&free_host, "/id", &[])
         .expect_status(200, "another tunnel is unaffected");
@@ -462,4 +457,84 @@ fn forward_auth_passes_2xx_with_its_headers_returns_other_answers_and_fails_clos
     let _holder2 = client2.open_tunnel("app", 80, http_backend("beta"));
     let refused = Visitor::new(&env, &gw2).get(&host, "/id", &["-H", "Cookie: sso=alice"]);
     refused.expect_status(503, "auth service down");
+}
+
+#[test]
+fn the_operators_policy_bounds_what_owners_choose() {
+    let env = TestEnv::new();
+    let gw = env
+        .gateway()
+        .set("http.access.require_protection", true)
+        .set("http.access.max_rate", "10/s")
+        .set("http.access.allow", vec!["127.0.0.0/8"])
+        .start();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let backend = http_backend("alpha");
+    let visitor = Visitor::new(&env, &gw);
+    let spec = |name: &str| format!("{name}:80:127.0.0.1:{backend}");
+
+    let looser = run_bounded(
+        env.path(),
+        "ssh-looser",
+        client.command(&["-R", &spec("fast")], &["--", "private", "rate=20/s"]),
+        SETUP,
+    );
+    assert!(!looser.status.success(), "{}", looser.combined());
+    assert!(
+        looser
+            .stderr
+            .contains("rate=20/s is above this gateway's highest, 10/s"),
+        "{}",
+        looser.combined()
+    );
+    let outside = client.command(&["-R", &spec("wide")], &["--", "private", "allow=192.0.2.0/24"]);
+    let outside = run_bounded(env.path(), "ssh-outside", outside, SETUP);
+    assert!(
+        outside.stderr.contains("allow=192.0.2.0/24 is outside"),
+        "{}",
+        outside.combined()
+    );
+
+    // No options at all: refused by the policy, so never served.
+    let bare = client.open_tunnel("bare", 80, backend);
+    let bare_host = key.host("bare");
+    thread::sleep(Duration::from_millis(1500));
+    visitor
+        .get(&bare_host, "/id", &[])
+        .expect_status(503, "a tunnel without protection");
+    drop(bare);
+
+    let holder = client.spawn("ssh-R-ok", &["-R", &spec("ok")], &["--", "auth=alice:s3cret"]);
+    let listed = client.wait_tunnel("ok", &holder);
+    let rules = &listed["members"][0]["rules"];
+    assert_eq!(rules["rate"], "10/s", "the ceiling is the default: {listed}");
+    assert_eq!(rules["allow"], serde_json::json!(["127.0.0.0/8"]), "{listed}");
+    let host = key.host("ok");
+    visitor
+        .get(&host, "/id", &["-u", "alice:s3cret"])
+        .expect_status(200, "within the policy");
+}
+
+#[test]
+fn an_expired_link_is_refused() {
+    let s = site();
+    let _holder = s.tunnel_with(&["app"], &["private"]);
+    let host = s.key.host("app");
+    let secret = std::fs::read_to_string(s.env.path().join("certs/links.key")).unwrap();
+    let key = edgemux::rules::token::LinkKey::new(secret.trim().as_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fresh = key.mint(&host, now + 60);
+    let cookie = |t: &str| format!("Cookie: edgemux_link={t}");
+    s.visitor
+        .get(&host, "/id", &["-H", &cookie(&fresh)])
+        .expect_status(200, "a token signed with the gateway's key");
+    let expired = s
+        .visitor
+        .get(&host, "/id", &["-H", &cookie(&key.mint(&host, now - 1))]);
+    expired.expect_status(401, "expired");
+    assert!(expired.text().contains("expired token"), "{expired:?}");
 }

@@ -17,6 +17,31 @@ pub struct RawHttp {
     #[serde(default)]
     pub trusted_forwarders: Vec<String>,
     pub forward_auth: Option<RawForwardAuth>,
+    #[serde(default)]
+    pub access: RawAccess,
+}
+
+/// `[http.access]`: the operator's bounds on the rules owners choose.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    #[serde(default)]
+    pub require_protection: bool,
+    pub max_rate: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// The operator's bounds on tunnel access rules: owners may tighten, never loosen.
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    /// Every tunnel needs `auth=` or `private` (or `forward_auth` covers it).
+    pub require_protection: bool,
+    /// The highest `rate=` an owner may choose, as (count, seconds per unit), and the one a
+    /// tunnel without `rate=` gets.
+    pub max_rate: Option<(u32, u32)>,
+    /// Client networks every tunnel is limited to; an owner's `allow=` must lie within.
+    pub allow: Vec<IpNet>,
 }
 
 /// `[http.forward_auth]`: an auth service every tunnel request is first shown to.
@@ -52,6 +77,7 @@ pub struct HttpConfig {
     /// `X-Real-IP` headers are believed. Empty (the default): nobody's.
     pub trusted_forwarders: Vec<IpNet>,
     pub forward_auth: Option<ForwardAuthConfig>,
+    pub access: AccessConfig,
 }
 
 impl HttpConfig {
@@ -70,10 +96,44 @@ pub(super) fn validate(c: &mut Collector, raw: &RawHttp) -> HttpConfig {
         }
     }
     let forward_auth = raw.forward_auth.as_ref().and_then(|f| forward_auth(c, f));
+    let mut allow = Vec::new();
+    for (i, cidr) in raw.access.allow.iter().enumerate() {
+        match parse_cidr(cidr) {
+            Ok(net) => allow.push(net.trunc()),
+            Err(msg) => c.push(format!("http.access.allow[{i}]"), msg),
+        }
+    }
+    let max_rate = raw.access.max_rate.as_deref().and_then(|r| {
+        let parsed = max_rate(r);
+        if parsed.is_none() {
+            c.push(
+                "http.access.max_rate",
+                format!("{r:?} is not a rate like \"100/s\" or \"600/m\""),
+            );
+        }
+        parsed
+    });
     HttpConfig {
         trusted_forwarders,
         forward_auth,
+        access: AccessConfig {
+            require_protection: raw.access.require_protection,
+            max_rate,
+            allow,
+        },
     }
+}
+
+/// `N/s` or `N/m` as (N, seconds per unit); N from 1 to 100,000, as owners may write it.
+fn max_rate(text: &str) -> Option<(u32, u32)> {
+    let (n, unit) = text.trim().split_once('/')?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        _ => return None,
+    };
+    let n: u32 = n.parse().ok().filter(|n| (1..=100_000).contains(n))?;
+    Some((n, per))
 }
 
 fn forward_auth(c: &mut Collector, raw: &RawForwardAuth) -> Option<ForwardAuthConfig> {

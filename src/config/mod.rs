@@ -18,7 +18,7 @@ mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use admin::{AdminConfig, RawAdmin};
 pub use cluster::{cluster_defaults, ClusterConfig, PeerTlsFiles, RawCluster, Spread, StoreKind, StoreTls};
-pub use http::{ForwardAuthConfig, HttpConfig, RawHttp};
+pub use http::{AccessConfig, ForwardAuthConfig, HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};
 pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};

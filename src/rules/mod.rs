@@ -5,6 +5,7 @@
 pub mod decide;
 mod gate;
 pub mod options;
+mod policy;
 mod rate;
 pub mod token;
 
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 pub use decide::{decide, Decision, Refusal, Visit};
 pub use gate::{Gate, GateState, SETTLE_WITHIN};
 pub use options::{Options, OptionsError};
+pub use policy::Policy;
 pub use rate::Bucket;
 
 /// A request rate: `count` per second or per minute.

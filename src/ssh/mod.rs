@@ -83,6 +83,8 @@ pub(crate) struct SshContext {
     pub(crate) on_http_tunnel: Option<HostHook>,
     /// Signs the links `ssh gw link NAME` hands out for private tunnels.
     pub(crate) links: Arc<crate::rules::token::LinkKey>,
+    /// The operator's bounds on the rules owners choose.
+    access: crate::rules::Policy,
     limits: LiveLimits,
     conn_ids: AtomicU64,
 }
@@ -122,6 +124,7 @@ impl SshContext {
             budget,
             on_http_tunnel: None,
             links: Arc::new(crate::rules::token::LinkKey::new(&rand::random::<[u8; 32]>())),
+            access: access_policy(&config.http),
             limits,
             conn_ids: AtomicU64::new(0),
         }
@@ -135,6 +138,25 @@ impl SshContext {
     /// The URL users type for a host: `https://host` plus the port when it is not 443.
     pub(crate) fn url_for(&self, host: &str) -> String {
         crate::names::https_origin(host, self.public_port)
+    }
+}
+
+/// `[http.access]` and whether `[http.forward_auth]` is set, as the rules' policy.
+fn access_policy(http: &crate::config::HttpConfig) -> crate::rules::Policy {
+    use crate::rules::{Rate, RateUnit};
+    let access = &http.access;
+    crate::rules::Policy {
+        require_protection: access.require_protection,
+        forward_auth: http.forward_auth.is_some(),
+        max_rate: access.max_rate.map(|(count, per)| Rate {
+            count,
+            unit: if per == 60 {
+                RateUnit::Minute
+            } else {
+                RateUnit::Second
+            },
+        }),
+        allow: access.allow.clone(),
     }
 }
 

@@ -9,7 +9,7 @@ use russh::server::Session;
 use russh::ChannelId;
 
 use super::handler::Handler;
-use super::SessionStage;
+use super::{SessionStage, SshContext};
 use crate::rules::{options, GateState, Rules};
 
 /// How long a connection's forwards wait for a session channel before they are served with the
@@ -46,21 +46,20 @@ impl Handler {
         }
         let gate = self.shared.gate.clone();
         let shared = Arc::downgrade(&self.shared);
+        let (ctx, client) = (self.ctx.clone(), self.client);
         tokio::spawn(async move {
             tokio::time::sleep(OPTIONS_GRACE).await;
             let session_open = shared.upgrade().is_some_and(|s| !s.sessions().is_empty());
             if session_open {
                 tokio::time::sleep(SESSION_GRACE).await;
             }
-            gate.settle(GateState::Ready(Arc::new(Rules::default())));
+            gate.settle(defaults(&ctx, client));
         });
     }
 
     /// A shell or a command other than options: the forwards are served with the defaults.
     pub(super) fn settle_defaults(&self) {
-        self.shared
-            .gate
-            .settle(GateState::Ready(Arc::new(Rules::default())));
+        self.shared.gate.settle(defaults(&self.ctx, self.client));
     }
 
     /// An options line: applied whole to this connection's forwards and shown with the banner
@@ -72,7 +71,10 @@ impl Handler {
         line: &[u8],
         session: &mut Session,
     ) -> Result<(), russh::Error> {
-        let refusal = match options::parse(line) {
+        let parsed = options::parse(line)
+            .map_err(|e| e.to_string())
+            .and_then(|o| self.ctx.access.apply(o));
+        let refusal = match parsed {
             Ok(parsed) => {
                 let rules = Rules::from_options(parsed);
                 let summary = rules.summary();
@@ -136,5 +138,18 @@ impl Handler {
             self.ctx.url_for(&host),
             crate::rules::token::QUERY
         ))
+    }
+}
+
+/// The rules of a connection that sent no options: none, within the operator's policy (which
+/// may refuse a tunnel without protection: it is then never served).
+fn defaults(ctx: &SshContext, client: std::net::SocketAddr) -> GateState {
+    match ctx.access.apply(crate::rules::Options::default()) {
+        Ok(o) => GateState::Ready(Arc::new(Rules::from_options(o))),
+        Err(why) => {
+            crate::metrics::ssh_options_refused();
+            tracing::info!(%client, reason = why, "tunnels without options refused");
+            GateState::Refused
+        }
     }
 }

@@ -50,6 +50,12 @@ impl Handler {
 
     pub(super) fn banner(&self) -> String {
         let mut text = String::from("edgemux: your tunnels\r\n");
+        if matches!(self.shared.gate.state(), crate::rules::GateState::Refused) {
+            text.push_str(&format!(
+                "edgemux: these tunnels are not served: this gateway requires options on them (see: ssh {} help)\r\n",
+                self.ctx.domain
+            ));
+        }
         let forwards = self.shared.forwards();
         for ((addr, port), reg) in forwards.iter() {
             let key = reg.key();
