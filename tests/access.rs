@@ -156,10 +156,17 @@ fn private_tunnels_open_with_a_link_a_cookie_for_that_host_or_a_bearer() {
         "host-only: {cookie}"
     );
 
-    let with_cookie = s.visitor.get(&host, "/headers", &["-b", &jar_arg]);
+    let app_bearer = "Authorization: Bearer the-apps-own-token";
+    let with_cookie = s
+        .visitor
+        .get(&host, "/headers", &["-b", &jar_arg, "-H", app_bearer]);
     with_cookie.expect_status(200, "the cookie opens the tunnel");
     let seen = headers_seen(&with_cookie.body).to_string();
     assert!(!seen.contains(token), "the backend saw the token: {seen}");
+    assert!(
+        seen.contains("the-apps-own-token"),
+        "the app's own bearer must pass: {seen}"
+    );
 
     let cookie_header = format!("Cookie: edgemux_link={token}");
     s.visitor

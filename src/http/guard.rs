@@ -68,7 +68,9 @@ pub(super) async fn check(
             return Err(answer);
         }
     }
-    take_proofs(req, &rules);
+    take_proofs(req, &rules, |token| {
+        ctx.links.check(host, token, unix_now()).is_ok()
+    });
     Ok(())
 }
 
@@ -110,8 +112,9 @@ fn cookies(headers: &hyper::HeaderMap) -> Option<String> {
     (!all.is_empty()).then(|| all.join("; "))
 }
 
-/// Basic credentials and the link (cookie or bearer) are for the gateway, not the backend.
-fn take_proofs(req: &mut Request<Incoming>, rules: &Rules) {
+/// Basic credentials and the link (cookie or bearer) are for the gateway, not the backend; a
+/// bearer that is not this tunnel's link is the app's own and stays.
+fn take_proofs(req: &mut Request<Incoming>, rules: &Rules, is_link: impl Fn(&str) -> bool) {
     let headers = req.headers_mut();
     if rules.auth.is_some() {
         headers.remove(header::AUTHORIZATION);
@@ -119,11 +122,16 @@ fn take_proofs(req: &mut Request<Incoming>, rules: &Rules) {
     if !rules.private {
         return;
     }
-    let bearer = headers
+    let link = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-    if bearer {
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| v[7..].trim())
+        })
+        .is_some_and(&is_link);
+    if link {
         headers.remove(header::AUTHORIZATION);
     }
     if let Some(all) = cookies(headers) {
