@@ -248,3 +248,33 @@ fn sixty_four_mib_each_way_through_the_hop_with_bounded_memory() {
         );
     }
 }
+
+/// Access rules are read where the HTTP request is, and only the replica holding the ssh
+/// connection has them: a tunnel with rules is never opened to a peer unchecked.
+#[test]
+fn a_tunnel_with_access_rules_is_served_only_by_its_own_replica() {
+    let env = TestEnv::new();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let cluster = Cluster::start(env, |c| c);
+    let spec = format!("app:80:127.0.0.1:{}", http_backend("alpha"));
+    let _owner =
+        cluster
+            .ssh(&key, Via::Replica(1))
+            .spawn("ssh-R-auth", &["-R", &spec], &["--", "auth=alice:s3cret"]);
+    let host = key.host("app");
+    cluster.wait_placement(&host, &[("r1", 1)]);
+    let on_r1 = cluster.visitor(Via::Replica(1));
+    on_r1
+        .get(&host, "/id", &[])
+        .expect_status(401, "r1 asks for credentials");
+    on_r1
+        .get(&host, "/id", &["-u", "alice:s3cret"])
+        .expect_status(200, "r1 serves with them");
+    let via_r2 = cluster
+        .visitor(Via::Replica(2))
+        .get(&host, "/id", &["-u", "alice:s3cret"]);
+    via_r2.expect_status(
+        502,
+        "r2 cannot check the rules, and r1 does not open the tunnel to it",
+    );
+}
