@@ -513,7 +513,13 @@ fn the_operators_policy_bounds_what_owners_choose() {
     drop(bare);
 
     let holder = client.spawn("ssh-R-ok", &["-R", &spec("ok")], &["--", "auth=alice:s3cret"]);
-    let listed = client.wait_tunnel("ok", &holder);
+    client.wait_tunnel("ok", &holder);
+    // Listed as soon as the forward is; its rules follow with the session's options.
+    let listed = poll_until(SETUP, || {
+        let t = client.find_tunnel("ok")?;
+        (t["members"][0]["rules"] != "pending").then_some(t)
+    })
+    .expect("the options are applied");
     let rules = &listed["members"][0]["rules"];
     assert_eq!(rules["rate"], "10/s", "the ceiling is the default: {listed}");
     assert_eq!(rules["allow"], serde_json::json!(["127.0.0.0/8"]), "{listed}");

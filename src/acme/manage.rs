@@ -158,10 +158,11 @@ impl AcmeManager {
     /// store's when it is newer (then cached on disk). A newer one on disk goes to the store.
     async fn current(&self, domain: &str, now: SystemTime) -> Option<Issued> {
         let disk = self.store.load_cert(domain, now);
+        // In service at once, before the store is asked (a restart must not wait for it).
+        if let Some(issued) = &disk {
+            self.install(domain, issued);
+        }
         let Some(fleet) = &self.fleet else {
-            if let Some(issued) = &disk {
-                self.install(domain, issued);
-            }
             return disk;
         };
         let disk_after = disk.as_ref().map_or(0, |i| secs(i.not_after));
@@ -185,9 +186,6 @@ impl AcmeManager {
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(domain, error = %e, "cluster store unavailable: serving from disk"),
-        }
-        if let Some(issued) = &disk {
-            self.install(domain, issued);
         }
         disk
     }

@@ -49,6 +49,12 @@ impl Gate {
 
     /// The rules once known, waiting at most `limit`; `None` when refused or still pending.
     pub async fn ready(&self, limit: Duration) -> Option<Arc<Rules>> {
+        // Nearly always settled already: no subscription, no timer.
+        match &*self.0.borrow() {
+            GateState::Ready(rules) => return Some(rules.clone()),
+            GateState::Refused => return None,
+            GateState::Pending => {}
+        }
         let mut rx = self.0.subscribe();
         let settled = tokio::time::timeout(limit, rx.wait_for(|s| !matches!(s, GateState::Pending))).await;
         settled.ok().and_then(Result::ok).and_then(|state| match &*state {
