@@ -551,3 +551,28 @@ fn an_expired_link_is_refused() {
     expired.expect_status(401, "expired");
     assert!(expired.text().contains("expired token"), "{expired:?}");
 }
+
+#[test]
+fn a_pool_is_as_strict_as_its_strictest_member() {
+    let s = site();
+    let _open = s.client.open_tunnel("app", 80, s.backend);
+    let host = s.key.host("app");
+    s.visitor
+        .get(&host, "/id", &[])
+        .expect_status(200, "one open member");
+    let holder = s.client.spawn(
+        "ssh-R-private",
+        &["-R", &format!("app:80:127.0.0.1:{}", s.backend)],
+        &["--", "private"],
+    );
+    poll_until(SETUP, || {
+        let t = s.client.find_tunnel("app")?;
+        (t["member_count"] == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the second member never joined\n{}", holder.describe()));
+    for _ in 0..4 {
+        s.visitor
+            .get(&host, "/id", &[])
+            .expect_status(401, "a private member joined the pool");
+    }
+}

@@ -4,6 +4,7 @@
 //! bearer) is taken off the request before it goes upstream.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::body::Incoming;
@@ -25,18 +26,30 @@ pub(super) async fn check(
     host: &str,
     members: &[Reach],
 ) -> Result<(), Response<Body>> {
-    let Some(member) = members.iter().find_map(Reach::local) else {
-        return Ok(());
-    };
-    let Some(rules) = member.gate.ready(SETTLE_WITHIN).await else {
-        let why = format!("tunnel {host} is not served: its owner's options were refused\n");
-        return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
-    };
-    let forward = ctx.settings.forward_auth.as_ref();
-    if rules.is_open() && forward.is_none() {
+    // Every local member's connection may have chosen rules: each distinct one must let the
+    // request through (one owner, but an old `ssh -N` beside a new `-- private` must not open it).
+    let mut locals: Vec<&Member> = Vec::new();
+    for m in members.iter().filter_map(Reach::local) {
+        if !locals.iter().any(|l| Arc::ptr_eq(&l.gate, &m.gate)) {
+            locals.push(m);
+        }
+    }
+    if locals.is_empty() {
         return Ok(());
     }
-    if !rules.is_open() {
+    let mut strictest: Vec<(&Member, Arc<Rules>)> = Vec::with_capacity(locals.len());
+    for m in locals {
+        let Some(rules) = m.gate.ready(SETTLE_WITHIN).await else {
+            let why = format!("tunnel {host} is not served: its owner's options were refused\n");
+            return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
+        };
+        strictest.push((m, rules));
+    }
+    let forward = ctx.settings.forward_auth.as_ref();
+    if forward.is_none() && strictest.iter().all(|(_, r)| r.is_open()) {
+        return Ok(());
+    }
+    for (member, rules) in strictest.iter().filter(|(_, r)| !r.is_open()) {
         let decision = {
             let headers = req.headers();
             let cookies = cookies(headers);
@@ -50,7 +63,7 @@ pub(super) async fn check(
                 now: Instant::now(),
                 unix_now: unix_now(),
             };
-            decide(&visit, &rules, bucket(member, &rules), &ctx.links)
+            decide(&visit, rules, bucket(member, rules), &ctx.links)
         };
         match decision {
             Decision::Allow => {}
@@ -68,9 +81,11 @@ pub(super) async fn check(
             return Err(answer);
         }
     }
-    take_proofs(req, &rules, |token| {
-        ctx.links.check(host, token, unix_now()).is_ok()
-    });
+    for (_, rules) in &strictest {
+        take_proofs(req, rules, |token| {
+            ctx.links.check(host, token, unix_now()).is_ok()
+        });
+    }
     Ok(())
 }
 

@@ -126,7 +126,8 @@ fn redeem(visit: &Visit<'_>, token: &str) -> Decision {
         .split('&')
         .filter(|pair| !pair.is_empty() && pair.strip_prefix(QUERY).is_none_or(|r| !r.starts_with('=')))
         .collect();
-    let mut location = visit.path.to_owned();
+    // One leading slash: `//host/x` would send the browser to another site.
+    let mut location = format!("/{}", visit.path.trim_start_matches('/'));
     if !rest.is_empty() {
         location.push('?');
         location.push_str(&rest.join("&"));

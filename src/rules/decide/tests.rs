@@ -182,3 +182,15 @@ fn the_rate_is_checked_after_the_address_and_before_credentials() {
     assert!(retry_after <= Duration::from_millis(500));
     assert_eq!(Refusal::Rate { retry_after }.reason(), "rate");
 }
+
+#[test]
+fn a_redeemed_link_never_redirects_off_the_host() {
+    let key = LinkKey::new(b"test key");
+    let query = format!("{QUERY}={}", key.mint(HOST, NOW + 60));
+    let mut v = visit("192.0.2.1", None, None, Some(&query));
+    v.path = "//evil.example/x";
+    let Decision::Redeem { location, .. } = decide(&v, &rules("private"), None, &key) else {
+        panic!("not redeemed")
+    };
+    assert_eq!(location, "/evil.example/x");
+}
