@@ -14,6 +14,7 @@ mod guard;
 pub mod host;
 mod upstream;
 mod watch;
+mod websocket;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -219,7 +220,8 @@ pub(crate) async fn serve(
                 .max_header_list_size(max_headers)
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
-                .max_send_buf_size(H2_SEND_BUFFER);
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .enable_connect_protocol();
             let idle = async {
                 streams.idle(limits.header_timeout).await;
                 tracing::debug!("h2 connection without a stream for limits.header_timeout; closing");
@@ -322,7 +324,9 @@ async fn proxy(
     host: &str,
 ) -> Result<Response<Body>, ProxyError> {
     let client = caller.client;
-    let upgrade = req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers());
+    // A WebSocket: an HTTP/1.1 Upgrade, or an h2 extended CONNECT (RFC 8441).
+    let ws_h2 = websocket::is_extended_connect(&req);
+    let upgrade = ws_h2 || (req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers()));
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let shown_host = authority(&req)
         .and_then(|a| HeaderValue::from_bytes(a).ok())
@@ -334,6 +338,9 @@ async fn proxy(
     };
     let trusted = ctx.settings.trusts(client.ip());
     prepare_upstream_request(&mut req, shown_host, (&origin, trusted), upgrade);
+    if ws_h2 {
+        websocket::to_upgrade(&mut req);
+    }
 
     let limits = ctx.limits.load_full();
     let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
@@ -354,7 +361,12 @@ async fn proxy(
     resp.extensions_mut().insert(hop);
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut resp);
+        // On h2, hyper runs the upgraded stream as a task of the connection's executor, so an
+        // open WebSocket counts as a live stream and the connection never looks idle.
         tokio::spawn(splice_upgrade(downstream, upstream));
+        if ws_h2 {
+            return Ok(websocket::accepted(&resp));
+        }
         return Ok(resp.map(|b| b.boxed()));
     }
     if !upgrade {
