@@ -254,9 +254,9 @@ fn rate_limits_one_tunnel_and_recovers_after_a_second() {
         .expect_status(200, "a second later");
 }
 
-#[test]
-fn malformed_options_are_refused_on_the_terminal_and_nothing_is_served() {
-    let s = site();
+/// Runs `ssh -R app:… gw -- LINE` to its end while a visitor polls the tunnel; returns the
+/// ssh output and how many polls got a 200.
+fn refused_line(s: &Site, line: &[&str]) -> (common::process::Output, usize) {
     let spec = format!("app:80:127.0.0.1:{}", s.backend);
     let host = s.key.host("app");
     let watching = Arc::new(AtomicBool::new(true));
@@ -276,22 +276,35 @@ fn malformed_options_are_refused_on_the_terminal_and_nothing_is_served() {
             }
         })
     };
+    let mut remote = vec!["--"];
+    remote.extend_from_slice(line);
     let out = run_bounded(
         s.env.path(),
         "ssh-bad-options",
-        s.client.command(&["-R", &spec], &["--", "rate=lots"]),
+        s.client.command(&["-R", &spec], &remote),
         SETUP,
     );
     watching.store(false, Ordering::Relaxed);
     watcher.join().unwrap();
-    assert!(!out.status.success(), "ssh should fail: {}", out.combined());
-    assert!(
-        out.stderr.contains("rate: expected N/s or N/m"),
-        "{}",
-        out.combined()
-    );
-    assert!(out.stderr.contains("not served"), "{}", out.combined());
-    assert_eq!(served.load(Ordering::Relaxed), 0, "a refused tunnel answered");
+    (out, served.load(Ordering::Relaxed))
+}
+
+#[test]
+fn malformed_options_are_refused_on_the_terminal_and_nothing_is_served() {
+    let s = site();
+    for (line, said) in [
+        (&["rate=lots"][..], "rate: expected N/s or N/m"),
+        // Mistyped options read as a command: refused too, never served with no rules.
+        (&["Private"][..], "unknown command or option"),
+        (&["allow", "10.0.0.0/8"][..], "unknown command or option"),
+    ] {
+        let (out, served) = refused_line(&s, line);
+        let text = out.combined();
+        assert!(!out.status.success(), "{line:?}: ssh should fail: {text}");
+        assert!(text.contains(said), "{line:?}: {text}");
+        assert!(text.contains("not served"), "{line:?}: {text}");
+        assert_eq!(served, 0, "{line:?}: a refused tunnel answered");
+    }
     let help = s.client.run(&["help"]);
     assert!(
         help.stdout.contains("auth=USER:PASS") && help.stdout.contains("link NAME"),
@@ -371,7 +384,9 @@ fn auth_service() -> u16 {
                 let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                     let h = req.headers();
                     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                    let reply = if get("cookie").contains("sso=alice") {
+                    // Like oauth2-proxy behind a trusted proxy: X-Real-IP in 10/8 skips the login.
+                    let trusted_ip = get("x-real-ip").starts_with("10.");
+                    let reply = if get("cookie").contains("sso=alice") || trusted_ip {
                         Response::builder()
                             .status(200)
                             .header("X-Auth-Request-User", "alice")
@@ -419,7 +434,15 @@ fn forward_auth_passes_2xx_with_its_headers_returns_other_answers_and_fails_clos
     let host = key.host("app");
     let visitor = Visitor::new(&env, &gw);
 
-    let login = visitor.get(&host, "/headers?x=1", &["-H", "X-Auth-Request-User: mallory"]);
+    let spoof = [
+        "-H",
+        "X-Auth-Request-User: mallory",
+        "-H",
+        "X-Real-IP: 10.0.0.5",
+        "-H",
+        "X-Forwarded-Uri: /public/",
+    ];
+    let login = visitor.get(&host, "/headers?x=1", &spoof);
     login.expect_status(302, "no session: the auth service's redirect");
     let location = login.header("location").unwrap_or_default();
     assert_eq!(

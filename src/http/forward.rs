@@ -69,7 +69,7 @@ pub(super) struct Origin<'a> {
 
 /// The headers that tell a backend who the client is and how it came; a visitor can write any of
 /// them, so each is set here from the [`Origin`].
-fn forwarding() -> [HeaderName; 6] {
+pub(super) fn forwarding() -> [HeaderName; 6] {
     [
         HeaderName::from_static(X_FORWARDED_FOR),
         header::FORWARDED,
@@ -88,7 +88,7 @@ const X_FORWARDED_PORT: &str = "x-forwarded-port";
 /// Other headers that frameworks and CDNs read as the client's address. The gateway does not
 /// write them; from an untrusted sender they are dropped, so a visitor cannot claim an address
 /// through them either.
-fn client_claims() -> [HeaderName; 7] {
+pub(super) fn client_claims() -> [HeaderName; 7] {
     [
         HeaderName::from_static("true-client-ip"),
         HeaderName::from_static("cf-connecting-ip"),

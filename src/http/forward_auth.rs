@@ -54,9 +54,10 @@ pub(super) async fn ask(
     crate::metrics::access_refused("forward_auth");
     tracing::info!(%client, host, status = answer.status().as_u16(), "request refused by forward_auth");
     let (mut parts, body) = answer.into_parts();
-    let body = match Limited::new(body, MAX_ANSWER).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return unavailable(host, "answer body too large or cut"),
+    let collected = tokio::time::timeout(cfg.timeout, Limited::new(body, MAX_ANSWER).collect()).await;
+    let body = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => return unavailable(host, "answer body too large, cut or late"),
     };
     for name in super::forward::hop_by_hop() {
         parts.headers.remove(name);
@@ -101,7 +102,15 @@ async fn call(
             headers.append(name.clone(), value.clone());
         }
     }
-    for name in super::forward::hop_by_hop() {
+    // What the auth service is told about the request comes from the gateway alone: the
+    // visitor's own forwarding headers and address claims never reach it.
+    let claims = super::forward::forwarding()
+        .into_iter()
+        .chain(super::forward::client_claims());
+    for name in super::forward::hop_by_hop().into_iter().chain(claims) {
+        headers.remove(name);
+    }
+    for name in ["x-forwarded-method", "x-forwarded-uri"] {
         headers.remove(name);
     }
     let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -118,9 +127,9 @@ async fn call(
         (HeaderName::from_static("x-forwarded-for"), client.as_str()),
     ];
     for (name, value) in set {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name, v);
-        }
+        // Bytes, not text: a URI may hold UTF-8, and a header left unset could be spoofed.
+        let v = HeaderValue::from_bytes(value.as_bytes()).map_err(|_| format!("cannot pass {name} on"))?;
+        headers.insert(name, v);
     }
     sender.send_request(ask).await.map_err(|e| e.to_string())
 }

@@ -17,8 +17,10 @@ use crate::rules::token::COOKIE;
 use crate::rules::{decide, Decision, Refusal, Rules, Visit, SETTLE_WITHIN};
 use crate::tunnels::{Member, Reach};
 
-/// Lets `req` through (after taking the access proofs off it), or answers for the tunnel.
-/// Pools with no member here are guarded by the replica that holds them (`cluster::owner`).
+/// Lets `req` through (after taking the access proofs off it), or answers for the tunnel. The
+/// owners' rules are checked for the members here; a pool with none here is refused by the
+/// replica holding it when it has rules (`cluster::owner`). The operator's `forward_auth`
+/// applies to every pool, wherever its members are.
 pub(super) async fn check(
     ctx: &HttpContext,
     req: &mut Request<Incoming>,
@@ -33,9 +35,6 @@ pub(super) async fn check(
         if !locals.iter().any(|l| Arc::ptr_eq(&l.gate, &m.gate)) {
             locals.push(m);
         }
-    }
-    if locals.is_empty() {
-        return Ok(());
     }
     let mut strictest: Vec<(&Member, Arc<Rules>)> = Vec::with_capacity(locals.len());
     for m in locals {
@@ -75,16 +74,17 @@ pub(super) async fn check(
             }
         }
     }
-    // The operator's check comes last, on a request the owner's rules let through.
-    if let Some(cfg) = forward {
-        if let Verdict::Answer(answer) = forward_auth::ask(cfg, req, client, host).await {
-            return Err(answer);
-        }
-    }
+    // The owners' proofs are theirs: neither the operator's auth service nor the app sees them.
     for (_, rules) in &strictest {
         take_proofs(req, rules, |token| {
             ctx.links.check(host, token, unix_now()).is_ok()
         });
+    }
+    // The operator's check comes last, on a request the owners' rules let through.
+    if let Some(cfg) = forward {
+        if let Verdict::Answer(answer) = forward_auth::ask(cfg, req, client, host).await {
+            return Err(answer);
+        }
     }
     Ok(())
 }
@@ -97,7 +97,7 @@ fn redeemed(location: String, set_cookie: String) -> Response<Body> {
         (header::SET_COOKIE, set_cookie),
         (header::CACHE_CONTROL, "no-store".to_owned()),
     ] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
             h.insert(name, v);
         }
     }

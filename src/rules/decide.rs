@@ -82,14 +82,31 @@ pub fn decide(visit: &Visit<'_>, rules: &Rules, bucket: Option<&Bucket>, key: &L
                 Err(e) => Decision::Deny(Refusal::Private { why: why(&e) }),
             };
         }
+        // Any one valid token will do: a sibling host may plant a cookie of the same name (a
+        // parent-domain cookie), which must not lock the visitor out. At most a few are checked.
         let presented = visit
             .cookie
-            .and_then(cookie_token)
-            .or_else(|| visit.authorization.and_then(bearer));
-        match presented.map(|t| key.check(visit.host, t, visit.unix_now)) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Decision::Deny(Refusal::Private { why: why(&e) }),
-            None => return Decision::Deny(Refusal::Private { why: "no token" }),
+            .map(cookie_tokens)
+            .into_iter()
+            .flatten()
+            .chain(visit.authorization.and_then(bearer))
+            .take(MAX_TOKENS_TRIED);
+        let mut first_error = None;
+        let mut valid = false;
+        for token in presented {
+            match key.check(visit.host, token, visit.unix_now) {
+                Ok(()) => {
+                    valid = true;
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !valid {
+            let why = first_error.as_ref().map_or("no token", why);
+            return Decision::Deny(Refusal::Private { why });
         }
     }
     if let Some(auth) = &rules.auth {
@@ -127,7 +144,7 @@ fn redeem(visit: &Visit<'_>, token: &str) -> Decision {
         .filter(|pair| !pair.is_empty() && pair.strip_prefix(QUERY).is_none_or(|r| !r.starts_with('=')))
         .collect();
     // One leading slash: `//host/x` would send the browser to another site.
-    let mut location = format!("/{}", visit.path.trim_start_matches('/'));
+    let mut location = format!("/{}", visit.path.trim_start_matches(['/', '\\']));
     if !rest.is_empty() {
         location.push('?');
         location.push_str(&rest.join("&"));
@@ -141,12 +158,18 @@ fn redeem(visit: &Visit<'_>, token: &str) -> Decision {
     Decision::Redeem { location, set_cookie }
 }
 
-/// Our cookie's value in a `Cookie` header.
-fn cookie_token(header: &[u8]) -> Option<&str> {
-    std::str::from_utf8(header).ok()?.split(';').find_map(|c| {
-        let (name, value) = c.trim().split_once('=')?;
-        (name == COOKIE).then_some(value)
-    })
+/// Most link tokens (cookies and a bearer) one request may have checked.
+const MAX_TOKENS_TRIED: usize = 4;
+
+/// Our cookie's values in a `Cookie` header.
+fn cookie_tokens(header: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(header)
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|c| {
+            let (name, value) = c.trim().split_once('=')?;
+            (name == COOKIE).then_some(value)
+        })
 }
 
 fn bearer(header: &[u8]) -> Option<&str> {

@@ -272,7 +272,6 @@ impl russh::server::Handler for Handler {
         if !self.advance_session(channel, SessionStage::Opened, SessionStage::Closing) {
             return self.refuse_session_request(channel, session);
         }
-        self.settle_defaults();
         session.channel_success(channel)?;
         self.flush_refusals(channel, session)?;
         self.run_command(channel, data, session)

@@ -92,13 +92,15 @@ impl Handler {
                     .to_owned()
             }
             Err(e) => {
-                self.shared.gate.settle(GateState::Refused);
                 crate::metrics::ssh_options_refused();
-                tracing::info!(client = %self.client, error = %e, "tunnel options refused");
-                format!(
-                    "{e}\r\nedgemux: these tunnels are not served; see: ssh {} help",
-                    self.ctx.domain
-                )
+                // Not the text: a password with a space in it would show up in the log.
+                tracing::info!(client = %self.client, "tunnel options refused");
+                let consequence = if self.shared.gate.settle(GateState::Refused) {
+                    "these tunnels are not served"
+                } else {
+                    "this connection's tunnels keep the rules they were served with"
+                };
+                format!("{e}\r\nedgemux: {consequence}; see: ssh {} help", self.ctx.domain)
             }
         };
         if !self.advance_session(channel, SessionStage::Opened, SessionStage::Closing) {

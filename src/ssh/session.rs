@@ -116,8 +116,17 @@ impl Handler {
                 }
             },
             _ => {
+                // A mistyped option (`Private`, `allow 10.0.0.0/8`) must not leave the tunnels
+                // served without the rules it meant: they are not served at all.
+                let refused = self.shared.gate.settle(crate::rules::GateState::Refused);
                 let shown: String = command.trim().chars().take(64).collect();
-                let msg = format!("edgemux: unknown command {shown:?}; try: tunnels, link NAME, help\n");
+                let mut msg = format!(
+                    "edgemux: unknown command or option {shown:?}; see: ssh {} help\n",
+                    self.ctx.domain
+                );
+                if refused && !self.shared.forwards().is_empty() {
+                    msg.push_str("edgemux: these tunnels are not served\n");
+                }
                 session.extended_data(channel, 1, msg.into_bytes())?;
                 1
             }

@@ -193,4 +193,26 @@ fn a_redeemed_link_never_redirects_off_the_host() {
         panic!("not redeemed")
     };
     assert_eq!(location, "/evil.example/x");
+    v.path = "/\\evil.example";
+    let Decision::Redeem { location, .. } = decide(&v, &rules("private"), None, &key) else {
+        panic!("not redeemed")
+    };
+    assert_eq!(location, "/evil.example", "browsers read /\\ as //");
+}
+
+#[test]
+fn a_planted_cookie_of_the_same_name_does_not_lock_the_visitor_out() {
+    let key = LinkKey::new(b"test key");
+    let good = key.mint(HOST, NOW + 60);
+    let planted = format!("{COOKIE}=1.AAAA; {COOKIE}={good}");
+    let v = visit("192.0.2.1", None, Some(&planted), None);
+    assert_eq!(decide(&v, &rules("private"), None, &key), Decision::Allow);
+    let only_bad = format!("{COOKIE}=1.AAAA");
+    let v = visit("192.0.2.1", None, Some(&only_bad), None);
+    assert_eq!(
+        decide(&v, &rules("private"), None, &key),
+        Decision::Deny(Refusal::Private {
+            why: "token not valid for this host"
+        })
+    );
 }
