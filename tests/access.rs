@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::config::{Listener, ProxyProtocol};
 use common::haproxy::{Haproxy, SendProxy};
-use common::http::{http_backend, Visitor};
+use common::http::{auth_service, http_backend, Visitor};
 use common::process::{poll_until, run_bounded, Proc};
 use common::prom::{promtool_check, Admin};
 use common::ssh::{KeyKind, SshClient, SshKey, Transport};
@@ -364,55 +364,6 @@ fn a_private_tunnel_is_never_served_without_a_token_even_in_its_first_second() {
         answered.load(Ordering::Relaxed) >= 1,
         "the private tunnel never answered 401"
     );
-}
-
-/// A small real auth service in the oauth2-proxy style: a visitor with the `sso=alice` cookie is
-/// let in (200 with `X-Auth-Request-User`), anyone else is sent to the login page (302).
-fn auth_service() -> u16 {
-    use hyper::{Request, Response};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
-    thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((stream, _)) = listener.accept().await {
-                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let h = req.headers();
-                    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                    // Like oauth2-proxy behind a trusted proxy: X-Real-IP in 10/8 skips the login.
-                    let trusted_ip = get("x-real-ip").starts_with("10.");
-                    let reply = if get("cookie").contains("sso=alice") || trusted_ip {
-                        Response::builder()
-                            .status(200)
-                            .header("X-Auth-Request-User", "alice")
-                            .body(http_body_util::Full::new(hyper::body::Bytes::new()))
-                    } else {
-                        let target = format!(
-                            "https://sso.test/login?rd=https://{}{}",
-                            get("x-forwarded-host"),
-                            get("x-forwarded-uri")
-                        );
-                        Response::builder().status(302).header("Location", target).body(
-                            http_body_util::Full::new(hyper::body::Bytes::from_static(b"to the login page")),
-                        )
-                    };
-                    Ok::<_, std::convert::Infallible>(reply.unwrap())
-                });
-                tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
-            }
-        });
-    });
-    port
 }
 
 #[test]

@@ -278,3 +278,34 @@ fn a_tunnel_with_access_rules_is_served_only_by_its_own_replica() {
         "r2 cannot check the rules, and r1 does not open the tunnel to it",
     );
 }
+
+/// The operator's forward_auth guards every tunnel on every replica: a visitor landing on r2
+/// for r1's tunnel is asked too.
+#[test]
+fn forward_auth_guards_a_tunnel_reached_through_another_replica() {
+    let env = TestEnv::new();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let auth = crate::common::http::auth_service();
+    let cluster = Cluster::start(env, move |c| {
+        c.set("http.forward_auth.url", format!("http://127.0.0.1:{auth}/auth"))
+            .set("http.forward_auth.response_headers", vec!["X-Auth-Request-User"])
+    });
+    let spec = format!("app:80:127.0.0.1:{}", http_backend("alpha"));
+    let _owner = cluster
+        .ssh(&key, Via::Replica(1))
+        .spawn("ssh-R", &["-N", "-R", &spec], &[]);
+    let host = key.host("app");
+    cluster.wait_placement(&host, &[("r1", 1)]);
+    let via_r2 = cluster.visitor(Via::Replica(2));
+    via_r2
+        .get(&host, "/id", &[])
+        .expect_status(302, "no session: sent to the login page on r2 too");
+    let passed = via_r2.get(&host, "/headers", &["-H", "Cookie: sso=alice"]);
+    passed.expect_status(200, "a session, through the hop");
+    let seen: Value = serde_json::from_slice(&passed.body).unwrap();
+    assert_eq!(
+        seen["x-auth-request-user"],
+        serde_json::json!(["alice"]),
+        "{seen}"
+    );
+}
