@@ -9,7 +9,7 @@ use hyper::Uri;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{parse_cidr, Collector};
+use super::{parse_cidr, Collector, Rate};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,9 +37,8 @@ pub struct RawAccess {
 pub struct AccessConfig {
     /// Every tunnel needs `auth=` or `private` (or `forward_auth` covers it).
     pub require_protection: bool,
-    /// The highest `rate=` an owner may choose, as (count, seconds per unit), and the one a
-    /// tunnel without `rate=` gets.
-    pub max_rate: Option<(u32, u32)>,
+    /// The highest `rate=` an owner may choose, and the one a tunnel without `rate=` gets.
+    pub max_rate: Option<Rate>,
     /// Client networks every tunnel is limited to; an owner's `allow=` must lie within.
     pub allow: Vec<IpNet>,
 }
@@ -104,7 +103,7 @@ pub(super) fn validate(c: &mut Collector, raw: &RawHttp) -> HttpConfig {
         }
     }
     let max_rate = raw.access.max_rate.as_deref().and_then(|r| {
-        let parsed = max_rate(r);
+        let parsed = Rate::parse(r.trim());
         if parsed.is_none() {
             c.push(
                 "http.access.max_rate",
@@ -122,18 +121,6 @@ pub(super) fn validate(c: &mut Collector, raw: &RawHttp) -> HttpConfig {
             allow,
         },
     }
-}
-
-/// `N/s` or `N/m` as (N, seconds per unit); N from 1 to 100,000, as owners may write it.
-fn max_rate(text: &str) -> Option<(u32, u32)> {
-    let (n, unit) = text.trim().split_once('/')?;
-    let per = match unit {
-        "s" => 1,
-        "m" => 60,
-        _ => return None,
-    };
-    let n: u32 = n.parse().ok().filter(|n| (1..=100_000).contains(n))?;
-    Some((n, per))
 }
 
 fn forward_auth(c: &mut Collector, raw: &RawForwardAuth) -> Option<ForwardAuthConfig> {

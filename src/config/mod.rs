@@ -14,6 +14,7 @@ mod cluster;
 mod http;
 mod limits;
 mod listener;
+mod rate;
 mod ssh;
 pub use acme::{AcmeConfig, ChallengeKind, OrderLimits, RawAcme};
 pub use admin::{AdminConfig, RawAdmin};
@@ -21,6 +22,7 @@ pub use cluster::{cluster_defaults, ClusterConfig, PeerTlsFiles, RawCluster, Spr
 pub use http::{AccessConfig, ForwardAuthConfig, HttpConfig, RawHttp};
 pub use limits::{Limits, LiveLimits, RawLimits};
 pub use listener::{parse_cidr, ListenerConfig, ProxyMode, RawListener};
+pub use rate::{Rate, RateUnit, MAX_RATE};
 pub use ssh::{Grant, RawGrant, RawReserve, RawSsh, SshConfig};
 
 /// Largest config file we read; a config is a few KiB, anything bigger is a mistake.
@@ -438,6 +440,25 @@ sniff_timeout = "1 fortnight"
         ] {
             let err = parse(&format!("{head}{bad}")).unwrap_err();
             assert_eq!(err[0].path, path, "{bad}");
+        }
+    }
+
+    #[test]
+    fn access_bounds_take_the_owners_rate_grammar_and_networks() {
+        let head = "domain = \"a.b\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n[http.access]\n";
+        let a = parse(&format!("{head}max_rate = \"600/m\"\nallow = [\"10.1.2.3/8\"]"))
+            .unwrap()
+            .http
+            .access;
+        assert_eq!(a.max_rate.map(|r| r.to_string()).as_deref(), Some("600/m"));
+        assert_eq!(a.allow[0].to_string(), "10.0.0.0/8", "networks are truncated");
+        assert!(!a.require_protection);
+        for (bad, path) in [
+            ("max_rate = \"lots\"", "http.access.max_rate"),
+            ("max_rate = \"0/s\"", "http.access.max_rate"),
+            ("allow = [\"ten\"]", "http.access.allow[0]"),
+        ] {
+            assert_eq!(parse(&format!("{head}{bad}")).unwrap_err()[0].path, path, "{bad}");
         }
     }
 

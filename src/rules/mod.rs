@@ -13,49 +13,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// The rate grammar is the config's, shared with `http.access.max_rate`.
+pub use crate::config::{Rate, RateUnit};
 pub use decide::{decide, Decision, Refusal, Visit};
 pub use gate::{Gate, GateState, SETTLE_WITHIN};
 pub use options::{Options, OptionsError};
 pub use policy::Policy;
 pub use rate::Bucket;
-
-/// A request rate: `count` per second or per minute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u32,
-    pub unit: RateUnit,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateUnit {
-    Second,
-    Minute,
-}
-
-impl Rate {
-    /// Requests per second.
-    pub fn per_second(self) -> f64 {
-        match self.unit {
-            RateUnit::Second => f64::from(self.count),
-            RateUnit::Minute => f64::from(self.count) / 60.0,
-        }
-    }
-
-    /// The burst a bucket holds: one second's worth, at least one request.
-    pub fn burst(self) -> f64 {
-        self.per_second().max(1.0)
-    }
-}
-
-impl std::fmt::Display for Rate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let unit = match self.unit {
-            RateUnit::Second => "s",
-            RateUnit::Minute => "m",
-        };
-        write!(f, "{}/{unit}", self.count)
-    }
-}
 
 /// HTTP basic auth credentials, the password kept only as a salted SHA-256.
 pub struct BasicAuth {

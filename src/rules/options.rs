@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Rate, RateUnit};
+use super::Rate;
 
 /// The longest options line read; longer ones are refused before any parsing.
 pub const MAX_LINE: usize = 2048;
@@ -17,8 +17,7 @@ pub const MAX_ALLOW: usize = 32;
 /// Longest `auth=` user name, and password, in bytes.
 pub const MAX_USER: usize = 64;
 pub const MAX_PASSWORD: usize = 128;
-/// Highest `rate=` count (per second or per minute).
-pub const MAX_RATE: u32 = 100_000;
+pub use crate::config::MAX_RATE;
 
 /// What the owner asked for, as typed (the password in clear: [`super::Rules::from_options`]
 /// hashes it and drops this).
@@ -163,27 +162,15 @@ fn parse_allow(v: &str) -> Result<Vec<IpNet>, OptionsError> {
 }
 
 fn parse_rate(v: &str) -> Result<Rate, OptionsError> {
-    let bad = || malformed("rate", format!("expected N/s or N/m with N from 1 to {MAX_RATE}"));
-    let (n, unit) = v.split_once('/').ok_or_else(bad)?;
-    let unit = match unit {
-        "s" => RateUnit::Second,
-        "m" => RateUnit::Minute,
-        _ => return Err(bad()),
-    };
-    if n.is_empty() || n.len() > 6 || !n.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let count: u32 = n.parse().map_err(|_| bad())?;
-    if count == 0 || count > MAX_RATE {
-        return Err(bad());
-    }
-    Ok(Rate { count, unit })
+    Rate::parse(v)
+        .ok_or_else(|| malformed("rate", format!("expected N/s or N/m with N from 1 to {MAX_RATE}")))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::rules::RateUnit;
 
     #[test]
     fn the_documented_line_parses() {

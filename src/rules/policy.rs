@@ -2,41 +2,42 @@
 //! rate, networks every tunnel is limited to. Owners may tighten within them, never loosen: a
 //! line that would is refused whole with the reason, like a malformed one.
 
-use ipnet::IpNet;
+use crate::config::AccessConfig;
 
-use super::{Options, Rate};
+use super::Options;
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    /// Every tunnel needs `auth=` or `private`, unless `forward_auth` guards them all.
-    pub require_protection: bool,
+    /// `[http.access]`.
+    pub access: AccessConfig,
     /// The operator's `forward_auth` is configured (it counts as protection).
     pub forward_auth: bool,
-    /// The highest rate, and the one a tunnel without `rate=` gets.
-    pub max_rate: Option<Rate>,
-    /// Client networks every tunnel is limited to; an owner's `allow=` must lie within.
-    pub allow: Vec<IpNet>,
 }
 
 impl Policy {
     /// `options` within this policy: the operator's defaults filled in, or why they are refused.
     pub fn apply(&self, mut options: Options) -> Result<Options, String> {
-        if self.require_protection && !self.forward_auth && options.auth.is_none() && !options.private {
+        if self.access.require_protection && !self.forward_auth && options.auth.is_none() && !options.private
+        {
             return Err("this gateway requires auth=USER:PASS or private on every tunnel".into());
         }
-        match (self.max_rate, options.rate) {
+        match (self.access.max_rate, options.rate) {
             (Some(max), Some(rate)) if rate.per_second() > max.per_second() => {
                 return Err(format!("rate={rate} is above this gateway's highest, {max}"));
             }
             (Some(max), None) => options.rate = Some(max),
             _ => {}
         }
-        if !self.allow.is_empty() {
+        if !self.access.allow.is_empty() {
             match &options.allow {
-                None => options.allow = Some(self.allow.clone()),
+                None => options.allow = Some(self.access.allow.clone()),
                 Some(nets) => {
-                    if let Some(outside) = nets.iter().find(|n| !self.allow.iter().any(|a| a.contains(*n))) {
-                        let allowed: Vec<String> = self.allow.iter().map(ToString::to_string).collect();
+                    if let Some(outside) = nets
+                        .iter()
+                        .find(|n| !self.access.allow.iter().any(|a| a.contains(*n)))
+                    {
+                        let allowed: Vec<String> =
+                            self.access.allow.iter().map(ToString::to_string).collect();
                         return Err(format!(
                             "allow={outside} is outside the networks this gateway allows ({})",
                             allowed.join(",")
@@ -53,17 +54,16 @@ impl Policy {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::rules::{options::parse, RateUnit};
+    use crate::rules::{options::parse, Rate};
 
     fn policy() -> Policy {
         Policy {
-            require_protection: true,
+            access: AccessConfig {
+                require_protection: true,
+                max_rate: Rate::parse("100/s"),
+                allow: vec!["10.0.0.0/8".parse().unwrap()],
+            },
             forward_auth: false,
-            max_rate: Some(Rate {
-                count: 100,
-                unit: RateUnit::Second,
-            }),
-            allow: vec!["10.0.0.0/8".parse().unwrap()],
         }
     }
 

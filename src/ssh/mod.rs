@@ -143,20 +143,9 @@ impl SshContext {
 
 /// `[http.access]` and whether `[http.forward_auth]` is set, as the rules' policy.
 fn access_policy(http: &crate::config::HttpConfig) -> crate::rules::Policy {
-    use crate::rules::{Rate, RateUnit};
-    let access = &http.access;
     crate::rules::Policy {
-        require_protection: access.require_protection,
+        access: http.access.clone(),
         forward_auth: http.forward_auth.is_some(),
-        max_rate: access.max_rate.map(|(count, per)| Rate {
-            count,
-            unit: if per == 60 {
-                RateUnit::Minute
-            } else {
-                RateUnit::Second
-            },
-        }),
-        allow: access.allow.clone(),
     }
 }
 
