@@ -316,7 +316,6 @@ fn malformed_options_are_refused_on_the_terminal_and_nothing_is_served() {
 #[test]
 fn with_ssh_n_the_defaults_apply_after_the_grace() {
     let s = site();
-    let started = Instant::now();
     let _holder = s.client.open_tunnel("app", 80, s.backend);
     let host = s.key.host("app");
     let got = poll_until(SETUP, || {
@@ -324,7 +323,6 @@ fn with_ssh_n_the_defaults_apply_after_the_grace() {
         (r.status == 200).then_some(r)
     });
     assert!(got.is_some(), "an ssh -N tunnel is served");
-    assert!(started.elapsed() < SETUP);
     let listed = s.client.find_tunnel("app").unwrap();
     assert_eq!(listed["members"][0]["rules"], serde_json::json!({}), "{listed}");
 }

@@ -43,6 +43,11 @@ impl Gate {
         })
     }
 
+    /// Settled with no rule at all (read without waiting or cloning).
+    pub fn is_open(&self) -> bool {
+        matches!(&*self.0.borrow(), GateState::Ready(rules) if rules.is_open())
+    }
+
     pub fn state(&self) -> GateState {
         self.0.borrow().clone()
     }
@@ -91,6 +96,11 @@ mod tests {
             "settled once"
         );
         assert!(gate.ready(Duration::ZERO).await.is_some_and(|r| r.private));
+        assert!(!gate.is_open(), "private is a rule");
+        let open = Gate::default();
+        assert!(!open.is_open(), "pending is not open");
+        open.settle(GateState::Ready(Arc::new(Rules::default())));
+        assert!(open.is_open());
         let refused = Gate::default();
         assert!(refused.settle(GateState::Refused));
         assert!(refused.ready(Duration::from_secs(1)).await.is_none());
