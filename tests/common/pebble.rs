@@ -35,8 +35,12 @@ pub fn require_pebble() {
     }
 }
 
-/// `n` distinct ports that were free a moment ago (all bound at once, then released).
+/// `n` distinct ports that were free a moment ago (all bound at once, then released), never
+/// one this test process handed out before: tests run in parallel, and a replica restarted on
+/// its old port must not find another test's gateway there.
 pub fn free_ports(n: usize) -> Vec<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
     // Below the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default), so no
     // socket bound to port 0 elsewhere (another test's gateway, curl's source port) can take
     // one between this check and its use.
@@ -47,7 +51,11 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     let mut held: Vec<TcpListener> = Vec::new();
     while held.len() < n {
         let port = rand::random_range(10_000..low.max(10_001));
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            handed_out.push(port);
             held.push(l);
         }
     }
