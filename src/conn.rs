@@ -14,6 +14,7 @@ use crate::config::{ListenerConfig, ProxyMode};
 use crate::gateway::{ClientSlot, Gateway};
 use crate::io::{BoxStream, ClientAddr, Counted, Prefixed, Stream};
 use crate::metrics;
+use crate::passthrough::{self, Target};
 use crate::proxy_protocol::{self, HeaderRead, ProxyError};
 use crate::route::{self, Dest, NoRoute};
 use crate::sniff::{self, Protocol, SniffError, Sniffed};
@@ -72,6 +73,8 @@ enum Transport {
     Plain,
     /// Terminated here, with what the handshake settled (SNI, ALPN).
     Tls(Negotiated),
+    /// TLS for a `tls=passthrough` tunnel, left as it came.
+    Passthrough(Target),
 }
 
 impl Routed {
@@ -85,6 +88,9 @@ impl Routed {
             if let Some(alpn) = alpn {
                 span.record("alpn", String::from_utf8_lossy(alpn).as_ref());
             }
+        }
+        if let Transport::Passthrough(target) = &self.transport {
+            span.record("sni", target.host.as_str());
         }
     }
 }
@@ -172,6 +178,18 @@ async fn serve(gw: &Gateway, r: Routed, shutdown: CancellationToken) {
             crate::http::serve(gw.http(), stream, client, (tls, wire), shutdown).await;
             "closed".to_string()
         }
+        Dest::Passthrough => match r.transport {
+            Transport::Passthrough(target) => {
+                let open_timeout = gw.limits().tunnel_open_timeout;
+                let served =
+                    passthrough::serve(gw.directory().as_ref(), target, stream, &client, open_timeout);
+                match served.await {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            }
+            _ => "passthrough without a target".to_string(),
+        },
     };
     tracing::info!(
         outcome,
@@ -286,7 +304,16 @@ async fn route_tls<S: Stream>(
     gw: &Gateway,
     stream: S,
 ) -> Result<Option<(Dest, Transport, BoxStream)>, ConnError> {
-    let (mut tls, negotiated) = match crate::tls::accept(stream, gw.tls_config(), gw.challenges()).await? {
+    let hello = crate::tls::read_hello(stream).await?;
+    // A tunnel's own TLS is decided from the ClientHello alone, before any certificate is chosen.
+    if let (Some(sni), false) = (hello.sni(), hello.offers_acme()) {
+        if let Some(target) = passthrough::find(gw.tunnels(), &gw.config().domain, sni).await {
+            let (raw, stream) = hello.into_raw();
+            let stream: BoxStream = Box::new(Prefixed::new(raw, stream));
+            return Ok(Some((Dest::Passthrough, Transport::Passthrough(target), stream)));
+        }
+    }
+    let (mut tls, negotiated) = match crate::tls::accept(hello, gw.tls_config(), gw.challenges()).await? {
         Accepted::Stream(tls, negotiated) => (tls, negotiated),
         Accepted::AcmeChallenge => return Ok(None),
     };

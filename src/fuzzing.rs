@@ -274,6 +274,11 @@ pub fn access_options(data: &[u8]) {
         if o.private {
             line.push("private".into());
         }
+        match o.upstream {
+            Some(options::Upstream::Passthrough) => line.push("tls=passthrough".into()),
+            Some(u) => line.push(format!("upstream={}", u.label())),
+            None => {}
+        }
         assert_eq!(options::parse(line.join(" ").as_bytes()).as_ref(), Ok(&o));
     }
     let mut parts = data.splitn(3, |&b| b == b'\n');

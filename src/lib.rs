@@ -35,6 +35,7 @@ pub(crate) mod admin;
 pub(crate) mod conn;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod passthrough;
 /// The cluster directory's store, for `tests/cluster_store/`, which drives it against a real
 /// etcd and a real Redis; the gateway reaches it as `cluster::store`.
 #[doc(hidden)]

@@ -21,6 +21,7 @@ pub const TUNNEL_REMOVALS: &str = "edgemux_tunnel_removals_total";
 pub const FORWARDED_CHANNELS: &str = "edgemux_forwarded_channels_total";
 pub const ACCESS_REFUSALS: &str = "edgemux_access_refusals_total";
 pub const TUNNEL_OPTIONS_REFUSED: &str = "edgemux_tunnel_options_refused_total";
+pub const UPSTREAM_REQUESTS: &str = "edgemux_tunnel_upstream_requests_total";
 pub const HTTP_REQUESTS: &str = "edgemux_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "edgemux_http_request_duration_seconds";
 pub const BYTES: &str = "edgemux_bytes_total";
@@ -101,6 +102,11 @@ fn describe() {
         ACCESS_REFUSALS,
         "Requests a tunnel's access rules turned away, by reason (auth, private, allow, rate, \
          forward_auth)"
+    );
+    describe_counter!(
+        UPSTREAM_REQUESTS,
+        "Requests sent into tunnels, by the protocol spoken to the app (h1, h2c; passthrough: \
+         TLS connections passed through)"
     );
     describe_counter!(
         TUNNEL_OPTIONS_REFUSED,
@@ -312,6 +318,11 @@ pub fn tunnel_member(kind: &'static str, registered: bool, pool_changed: bool) {
 
 pub fn access_refused(reason: &'static str) {
     counter!(ACCESS_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// `upstream`: `h1`, `h2c` or `passthrough` (`rules::Upstream::label`).
+pub fn upstream_request(upstream: &'static str) {
+    counter!(UPSTREAM_REQUESTS, "upstream" => upstream).increment(1);
 }
 
 pub fn ssh_options_refused() {

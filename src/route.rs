@@ -9,6 +9,8 @@ use crate::tls::{ALPN_H2, ALPN_HTTP1, ALPN_SSH};
 pub(crate) enum Dest {
     Ssh,
     Http(Wire),
+    /// TLS not terminated: its bytes go to a `tls=passthrough` tunnel as they are.
+    Passthrough,
 }
 
 impl Dest {
@@ -17,6 +19,7 @@ impl Dest {
         match self {
             Self::Ssh => "ssh",
             Self::Http(_) => "http",
+            Self::Passthrough => "passthrough",
         }
     }
 }

@@ -64,11 +64,12 @@ impl PeerHandler for OwnerSide {
             }
             // A tunnel's access rules are checked where its HTTP requests are read, and that is
             // the visitor's replica, which does not have them: such tunnels are served only by
-            // the replica their client is connected to, never opened to a peer unchecked.
+            // the replica their client is connected to, never opened to a peer unchecked. The
+            // same holds for the protocol the app speaks (h2c, TLS passthrough).
             if key.route == Route::Http && !open_to_peers(&members).await {
                 return Err((
                     Status::OpenFailed,
-                    "this tunnel has access rules, applied only on the replica its client is connected to"
+                    "this tunnel has access rules or is not HTTP/1.1 (upstream=, tls=), which only the replica its client is connected to knows"
                         .to_owned(),
                 ));
             }
@@ -175,7 +176,7 @@ fn route_of(req: &PeerRequest) -> Route {
 async fn open_to_peers(members: &[crate::tunnels::Reach]) -> bool {
     for m in members.iter().filter_map(crate::tunnels::Reach::local) {
         match m.gate.ready(crate::rules::SETTLE_WITHIN).await {
-            Some(rules) if rules.is_open() => {}
+            Some(rules) if rules.open_to_peers() => {}
             _ => return false,
         }
     }

@@ -14,7 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use super::forward_auth::{self, Verdict};
 use super::{text, Body, HttpContext};
 use crate::rules::token::COOKIE;
-use crate::rules::{decide, Decision, Refusal, Rules, Visit, SETTLE_WITHIN};
+use crate::rules::{decide, Decision, Refusal, Rules, Upstream, Visit, SETTLE_WITHIN};
 use crate::tunnels::{Member, Reach};
 
 /// Lets `req` through (after taking the access proofs off it), or answers for the tunnel. The
@@ -48,6 +48,11 @@ pub(super) async fn check(
             return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
         };
         strictest.push((m, rules));
+    }
+    if strictest.iter().any(|(_, r)| r.upstream == Upstream::Passthrough) {
+        // Reached with another SNI (or none): this host's TLS is its owner's, not ours.
+        let why = format!("tunnel {host} is served by TLS passthrough: connect with TLS and SNI {host}\n");
+        return Err(text(StatusCode::MISDIRECTED_REQUEST, why));
     }
     if forward.is_none() && strictest.iter().all(|(_, r)| r.is_open()) {
         return Ok(());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Rules;
+use super::{Rules, Upstream};
 
 /// A gate settles within this after its connection's first forward (the SSH side's graces add
 /// up to less), so a request never waits longer for a tunnel's rules.
@@ -43,9 +43,17 @@ impl Gate {
         })
     }
 
-    /// Settled with no rule at all (read without waiting or cloning).
+    /// Settled with no rule at all, for HTTP (read without waiting or cloning).
     pub fn is_open(&self) -> bool {
-        matches!(&*self.0.borrow(), GateState::Ready(rules) if rules.is_open())
+        matches!(&*self.0.borrow(), GateState::Ready(rules) if rules.is_open() && rules.upstream != Upstream::Passthrough)
+    }
+
+    /// How the app is spoken to, once settled.
+    pub fn upstream(&self) -> Option<Upstream> {
+        match &*self.0.borrow() {
+            GateState::Ready(rules) => Some(rules.upstream),
+            _ => None,
+        }
     }
 
     pub fn state(&self) -> GateState {

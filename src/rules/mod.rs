@@ -17,7 +17,7 @@ use ipnet::IpNet;
 pub use crate::config::{Rate, RateUnit};
 pub use decide::{decide, Decision, Refusal, Visit};
 pub use gate::{Gate, GateState, SETTLE_WITHIN};
-pub use options::{Options, OptionsError};
+pub use options::{Options, OptionsError, Upstream};
 pub use policy::Policy;
 pub use rate::Bucket;
 
@@ -77,6 +77,9 @@ pub struct Rules {
     /// Empty: every client address.
     pub allow: Vec<IpNet>,
     pub rate: Option<Rate>,
+    /// How the gateway speaks to the app; on `Passthrough` only `allow` and the operator's
+    /// rate (per TLS connection) apply.
+    pub upstream: Upstream,
 }
 
 impl Rules {
@@ -87,7 +90,14 @@ impl Rules {
             private: options.private,
             allow: options.allow.unwrap_or_default(),
             rate: options.rate,
+            upstream: options.upstream.unwrap_or_default(),
         }
+    }
+
+    /// A peer replica may be handed a channel into this tunnel: it has no rule to check and
+    /// speaks HTTP/1.1 (other replicas know neither the rules nor the protocol).
+    pub fn open_to_peers(&self) -> bool {
+        self.is_open() && self.upstream == Upstream::Http1
     }
 
     /// No rule at all: every visitor passes, and nothing of the request need be read.
@@ -115,6 +125,9 @@ impl Rules {
         }
         if let Some(rate) = self.rate {
             v.insert("rate".into(), rate.to_string().into());
+        }
+        if self.upstream != Upstream::Http1 {
+            v.insert("upstream".into(), self.upstream.label().into());
         }
         serde_json::Value::Object(v)
     }

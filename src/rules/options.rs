@@ -27,6 +27,32 @@ pub struct Options {
     pub private: bool,
     pub allow: Option<Vec<IpNet>>,
     pub rate: Option<Rate>,
+    /// `upstream=` or `tls=passthrough`; `None`: HTTP/1.1.
+    pub upstream: Option<Upstream>,
+}
+
+/// How the gateway speaks to a tunnel's app.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Upstream {
+    /// HTTP/1.1 (`upstream=h1`, the default).
+    #[default]
+    Http1,
+    /// Prior-knowledge cleartext HTTP/2 (`upstream=h2c`): gRPC and other h2-only servers.
+    H2c,
+    /// Not at all: TLS is not terminated here, its bytes go to the app untouched
+    /// (`tls=passthrough`).
+    Passthrough,
+}
+
+impl Upstream {
+    /// The metric label and what `tunnels` shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "h1",
+            Self::H2c => "h2c",
+            Self::Passthrough => "passthrough",
+        }
+    }
 }
 
 /// Why an options line was refused; the message is shown on the owner's terminal.
@@ -36,7 +62,7 @@ pub enum OptionsError {
     TooLong,
     #[error("the options are not UTF-8")]
     NotUtf8,
-    #[error("unknown option {0:?}; the options are auth=USER:PASS, allow=CIDR,..., rate=N/s or N/m, private (ssh gw help)")]
+    #[error("unknown option {0:?}; the options are auth=USER:PASS, allow=CIDR,..., rate=N/s or N/m, private, upstream=h1|h2c, tls=terminate|passthrough (ssh gw help)")]
     Unknown(String),
     #[error("{0} given twice")]
     Duplicate(&'static str),
@@ -73,6 +99,7 @@ pub fn parse(line: &[u8]) -> Result<Options, OptionsError> {
         words.next();
     }
     let mut out = Options::default();
+    let (mut upstream, mut passthrough) = (None, None);
     for word in words {
         let (key, value) = match word.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -88,10 +115,47 @@ pub fn parse(line: &[u8]) -> Result<Options, OptionsError> {
             ("auth", Some(v)) => once(&mut out.auth, "auth", parse_auth(v)?)?,
             ("allow", Some(v)) => once(&mut out.allow, "allow", parse_allow(v)?)?,
             ("rate", Some(v)) => once(&mut out.rate, "rate", parse_rate(v)?)?,
+            ("upstream", Some(v)) => once(&mut upstream, "upstream", parse_upstream(v)?)?,
+            ("tls", Some(v)) => once(&mut passthrough, "tls", parse_tls(v)?)?,
             _ => return Err(OptionsError::Unknown(shorten(word))),
         }
     }
+    out.upstream =
+        match (upstream, passthrough) {
+            (Some(_), Some(true)) => return Err(malformed(
+                "tls",
+                "tls=passthrough hands the TLS bytes to your server as they are; upstream= does not apply",
+            )),
+            (_, Some(true)) => Some(Upstream::Passthrough),
+            (upstream, _) => upstream,
+        };
+    if out.upstream == Some(Upstream::Passthrough)
+        && (out.auth.is_some() || out.private || out.rate.is_some())
+    {
+        return Err(malformed(
+            "tls",
+            "auth=, private and rate= need the HTTP requests, which a tls=passthrough tunnel does not \
+             show the gateway (allow= still applies)",
+        ));
+    }
     Ok(out)
+}
+
+fn parse_upstream(v: &str) -> Result<Upstream, OptionsError> {
+    match v {
+        "h1" => Ok(Upstream::Http1),
+        "h2c" => Ok(Upstream::H2c),
+        _ => Err(malformed("upstream", "expected upstream=h1 or upstream=h2c")),
+    }
+}
+
+/// `true`: passthrough.
+fn parse_tls(v: &str) -> Result<bool, OptionsError> {
+    match v {
+        "terminate" => Ok(false),
+        "passthrough" => Ok(true),
+        _ => Err(malformed("tls", "expected tls=terminate or tls=passthrough")),
+    }
 }
 
 fn once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), OptionsError> {
@@ -228,6 +292,13 @@ mod tests {
             (b"private private", "private given twice"),
             (b"rate=1/s rate=2/s", "rate given twice"),
             (b"public", "unknown option \"public\""),
+            (b"upstream=h3", "upstream: expected upstream=h1 or upstream=h2c"),
+            (b"tls=off", "tls: expected tls=terminate"),
+            (b"tls=passthrough upstream=h2c", "upstream= does not apply"),
+            (b"tls=passthrough private", "need the HTTP requests"),
+            (b"auth=a:b tls=passthrough", "need the HTTP requests"),
+            (b"rate=1/s tls=passthrough", "need the HTTP requests"),
+            (b"upstream=h2c upstream=h1", "upstream given twice"),
             (b"private=yes", "unknown option"),
             (b"\xff", "not UTF-8"),
         ];
@@ -248,6 +319,20 @@ mod tests {
             .contains("at most"));
         let password = "p".repeat(MAX_PASSWORD + 1);
         assert!(parse(format!("auth=a:{password}").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn upstream_and_tls_choose_how_the_app_is_spoken_to() {
+        assert_eq!(parse(b"upstream=h2c").unwrap().upstream, Some(Upstream::H2c));
+        assert_eq!(
+            parse(b"upstream=h1 tls=terminate").unwrap().upstream,
+            Some(Upstream::Http1)
+        );
+        assert_eq!(parse(b"tls=terminate").unwrap().upstream, None);
+        let o = parse(b"-- tls=passthrough allow=10.0.0.0/8").unwrap();
+        assert_eq!(o.upstream, Some(Upstream::Passthrough));
+        assert!(o.allow.is_some(), "allow= works on passthrough tunnels");
+        assert!(looks_like_options("tls=passthrough"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::config::AccessConfig;
 
-use super::Options;
+use super::{Options, Upstream};
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -17,6 +17,22 @@ pub struct Policy {
 impl Policy {
     /// `options` within this policy: the operator's defaults filled in, or why they are refused.
     pub fn apply(&self, mut options: Options) -> Result<Options, String> {
+        if options.upstream == Some(Upstream::Passthrough) {
+            if self.forward_auth {
+                return Err(
+                    "this gateway asks its auth service about every visitor, which a tls=passthrough \
+                     tunnel would bypass"
+                        .into(),
+                );
+            }
+            if self.access.require_protection {
+                return Err(
+                    "this gateway requires auth=USER:PASS or private on every tunnel, which a \
+                     tls=passthrough tunnel cannot have"
+                        .into(),
+                );
+            }
+        }
         if self.access.require_protection && !self.forward_auth && options.auth.is_none() && !options.private
         {
             return Err("this gateway requires auth=USER:PASS or private on every tunnel".into());
@@ -103,5 +119,19 @@ mod tests {
             with_sso.apply(Options::default()).is_ok(),
             "forward_auth protects every tunnel"
         );
+        assert!(with_sso
+            .apply(parse(b"tls=passthrough").unwrap())
+            .unwrap_err()
+            .contains("would bypass"));
+        assert!(refuse(b"tls=passthrough").contains("cannot have"));
+        let open = Policy {
+            access: AccessConfig {
+                require_protection: false,
+                ..policy().access
+            },
+            forward_auth: false,
+        };
+        let got = open.apply(parse(b"tls=passthrough").unwrap()).unwrap();
+        assert_eq!(got.rate.unwrap().to_string(), "100/s", "per TLS connection");
     }
 }

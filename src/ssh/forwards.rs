@@ -70,7 +70,15 @@ impl Handler {
             route: Route::for_port(*port),
         };
         if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
-            hook(&key.host);
+            // Once the owner's options are known: a TLS passthrough tunnel's certificate is the
+            // owner's, and a refused tunnel needs none.
+            let (hook, gate, host) = (hook.clone(), self.shared.gate.clone(), key.host.clone());
+            tokio::spawn(async move {
+                let rules = gate.ready(crate::rules::SETTLE_WITHIN).await;
+                if rules.is_some_and(|r| r.upstream != crate::rules::Upstream::Passthrough) {
+                    hook(&host);
+                }
+            });
         }
         let member = |id| Member {
             id,

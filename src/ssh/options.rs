@@ -29,6 +29,9 @@ edgemux: options go after the host, and apply to the tunnels of that ssh command
   allow=CIDR,...     only these client addresses (others get 403)
   rate=N/s, N/m      at most N requests per second (or minute) to each tunnel (excess: 429)
   private            only visitors with a link: ssh GATEWAY link NAME prints one
+  upstream=h2c       speak HTTP/2 without TLS to your app (gRPC); default upstream=h1
+  tls=passthrough    on -R NAME:443:localhost:8443: TLS is not terminated here, your server
+                     and its certificate see the visitor's bytes as sent (allow= only)
 
 commands:
   ssh GATEWAY tunnels          your tunnels, with their rules (JSON)
@@ -73,7 +76,8 @@ impl Handler {
     ) -> Result<(), russh::Error> {
         let parsed = options::parse(line)
             .map_err(|e| e.to_string())
-            .and_then(|o| self.ctx.access.apply(o));
+            .and_then(|o| self.ctx.access.apply(o))
+            .and_then(|o| self.passthrough_on_443(o));
         let refusal = match parsed {
             Ok(parsed) => {
                 let rules = Rules::from_options(parsed);
@@ -112,6 +116,21 @@ impl Handler {
         session.exit_status_request(channel, 2)?;
         session.eof(channel)?;
         session.close(channel)
+    }
+
+    /// `tls=passthrough` is for `-R NAME:443:…`: a forward on port 80 would be reached by
+    /// plain HTTP, which the gateway answers itself (a redirect to https).
+    fn passthrough_on_443(&self, o: options::Options) -> Result<options::Options, String> {
+        if o.upstream != Some(options::Upstream::Passthrough) {
+            return Ok(o);
+        }
+        let forwards = self.shared.forwards();
+        match forwards.keys().find(|(_, port)| *port == 80) {
+            Some((name, _)) => Err(format!(
+                "tls=passthrough applies to -R NAME:443:… forwards, and {name}:80 is not one"
+            )),
+            None => Ok(o),
+        }
     }
 
     pub(super) fn help() -> &'static str {

@@ -1,5 +1,6 @@
 //! The TLS stage: TLS 1.2+ only, ALPN `h2`, `http/1.1`, `ssh`. The ClientHello is read first
-//! (`LazyConfigAcceptor`) so the SNI and ALPN are known before the handshake finishes, and a
+//! (`read_hello`, rustls's `Acceptor`, its bytes kept) so the SNI and ALPN are known before any
+//! certificate is chosen: the composer may pass the bytes on untouched (TLS passthrough), and a
 //! pending ACME TLS-ALPN-01 validation is answered instead of a handshake.
 //!
 //! `certs` parses and tables certificates, `resolver` picks one by SNI and swaps them on reload,
@@ -17,7 +18,6 @@ use rustls::crypto::aws_lc_rs;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::LazyConfigAcceptor;
 
 use challenge::{Challenges, ACME_TLS_ALPN};
 use resolver::CertResolver;
@@ -79,24 +79,107 @@ pub(crate) enum Accepted<S> {
     AcmeChallenge,
 }
 
-/// Reads the ClientHello and finishes the handshake, or answers a pending TLS-ALPN-01 challenge
-/// when the ClientHello offers `acme-tls/1`.
-pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+/// The most ClientHello bytes read before giving up: rustls takes a handshake message of up to
+/// 64 KiB, plus the record headers around it.
+const MAX_HELLO_BYTES: usize = 64 * 1024 + 1024;
+/// How much is read from the socket at once while the ClientHello arrives.
+const HELLO_READ: usize = 4 * 1024;
+
+/// A ClientHello read but not answered yet: what it asks for, and every byte it came in, so a
+/// connection passed through untouched can replay them.
+pub(crate) struct Hello<S> {
+    accepted: rustls::server::Accepted,
+    raw: Vec<u8>,
     stream: S,
+    sni: Option<String>,
+    acme: bool,
+}
+
+impl<S> Hello<S> {
+    pub(crate) fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+
+    /// It offers ALPN `acme-tls/1`: an ACME validation, never passed through.
+    pub(crate) fn offers_acme(&self) -> bool {
+        self.acme
+    }
+
+    /// The bytes read so far, unanswered, and the stream after them.
+    pub(crate) fn into_raw(self) -> (Vec<u8>, S) {
+        (self.raw, self.stream)
+    }
+}
+
+/// Reads the ClientHello with rustls's own parser, keeping the bytes (at most
+/// [`MAX_HELLO_BYTES`]). A malformed one is answered with rustls's alert.
+pub(crate) async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+) -> Result<Hello<S>, TlsError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |e: std::io::Error| {
+        crate::metrics::tls_handshake("error", "unknown", "none", 0.0);
+        TlsError::Handshake(e)
+    };
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut raw = Vec::new();
+    let mut chunk = vec![0u8; HELLO_READ];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(failed)?;
+        if n == 0 {
+            let eof = std::io::ErrorKind::UnexpectedEof;
+            return Err(failed(std::io::Error::new(eof, "closed during the ClientHello")));
+        }
+        if raw.len() + n > MAX_HELLO_BYTES {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidData, "ClientHello too large");
+            return Err(failed(e));
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        let mut fresh = &chunk[..n];
+        while !fresh.is_empty() {
+            acceptor.read_tls(&mut fresh).map_err(failed)?;
+        }
+        match acceptor.accept() {
+            Ok(None) => {}
+            Ok(Some(accepted)) => {
+                let hello = accepted.client_hello();
+                let sni = hello.server_name().map(str::to_owned);
+                let acme = hello
+                    .alpn()
+                    .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+                return Ok(Hello {
+                    accepted,
+                    raw,
+                    stream,
+                    sni,
+                    acme,
+                });
+            }
+            Err((e, mut alert)) => {
+                let mut out = Vec::new();
+                let _ = alert.write_all(&mut out);
+                let _ = stream.write_all(&out).await;
+                return Err(failed(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
+        }
+    }
+}
+
+/// Finishes the handshake of `hello`, or answers a pending TLS-ALPN-01 challenge when it offers
+/// `acme-tls/1`.
+pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    hello: Hello<S>,
     config: Arc<ServerConfig>,
     challenges: &Challenges,
 ) -> Result<Accepted<S>, TlsError> {
-    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
-        .await
-        .map_err(|e| {
-            crate::metrics::tls_handshake("error", "unknown", "none", 0.0);
-            TlsError::Handshake(e)
-        })?;
-    let hello = start.client_hello();
-    let sni = hello.server_name().map(str::to_owned);
-    let acme = hello
-        .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+    let Hello {
+        accepted,
+        stream,
+        sni,
+        acme,
+        ..
+    } = hello;
+    let start = tokio_rustls::StartHandshake::from_parts(accepted, stream);
     if let (true, Some(name)) = (acme, sni.as_deref()) {
         return answer_challenge(start, challenges, name).await;
     }

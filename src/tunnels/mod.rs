@@ -232,6 +232,13 @@ impl<M: Send + Sync + 'static> Registry<M> {
             .count()
     }
 
+    /// Whether a member of `key`'s pool satisfies `pred` (no round-robin side effect, no copies).
+    pub(crate) fn any_member(&self, key: &TunnelKey, pred: impl Fn(&M) -> bool) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|p| p.members.iter().any(|(_, m)| pred(m)))
+    }
+
     /// Whether a pool exists for `key` (no round-robin side effect, unlike [`Self::members`]).
     pub(crate) fn contains(&self, key: &TunnelKey) -> bool {
         self.lock().contains_key(key)
