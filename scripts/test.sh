@@ -24,13 +24,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# ssh-audit, pinned, in a virtualenv beside the build (tests/ssh_algorithms.rs runs it).
+# ssh-audit and grpcio, pinned, in a virtualenv beside the build (tests/ssh_algorithms.rs and
+# tests/grpc.rs run them).
 SSH_AUDIT_VERSION=3.3.0
+GRPCIO_VERSION=1.76.0
 VENV="${CARGO_TARGET_DIR:-target}/venv"
 [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check "ssh-audit==$SSH_AUDIT_VERSION"
+"$VENV/bin/pip" install -q --disable-pip-version-check "ssh-audit==$SSH_AUDIT_VERSION" "grpcio==$GRPCIO_VERSION"
 EDGEMUX_SSH_AUDIT="$(cd "$VENV" && pwd)/bin/ssh-audit"
-export EDGEMUX_SSH_AUDIT
+# A gRPC server and client for tests/grpc.rs.
+EDGEMUX_PYTHON="$(cd "$VENV" && pwd)/bin/python"
+export EDGEMUX_SSH_AUDIT EDGEMUX_PYTHON
 
 cargo fmt --all -- --check
 bash scripts/check-vendor.sh

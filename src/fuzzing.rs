@@ -34,6 +34,20 @@ pub fn host(data: &[u8]) {
     }
 }
 
+/// gRPC deadlines (`grpc-timeout`): a parsed value is at most 8 digits of hours, and the value
+/// printed back in milliseconds parses to the same duration when it fits.
+pub fn grpc_timeout(data: &[u8]) {
+    if let Some(d) = crate::http::grpc::parse_timeout(data) {
+        assert!(data.len() <= 9);
+        assert!(d <= std::time::Duration::from_secs(99_999_999 * 3600));
+        let ms = d.as_millis();
+        if d.subsec_nanos() % 1_000_000 == 0 && ms < 100_000_000 {
+            let again = crate::http::grpc::parse_timeout(format!("{ms}m").as_bytes());
+            assert_eq!(again, Some(d));
+        }
+    }
+}
+
 /// Tunnel names, hosts and key fingerprints: a valid name fits a DNS label with the key id,
 /// round-trips, and the host built from it resolves back to itself; a parsed fingerprint prints
 /// back to what parses to it.

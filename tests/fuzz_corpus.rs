@@ -77,3 +77,8 @@ fn feed_entry_corpus() {
 fn access_options_corpus() {
     replay("access_options", edgemux::fuzzing::access_options);
 }
+
+#[test]
+fn grpc_timeout_corpus() {
+    replay("grpc_timeout", edgemux::fuzzing::grpc_timeout);
+}

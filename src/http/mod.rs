@@ -10,8 +10,11 @@
 mod access;
 mod forward;
 mod forward_auth;
+pub(crate) mod grpc;
 mod guard;
+mod h2c;
 pub mod host;
+mod proxy;
 mod upstream;
 mod watch;
 mod websocket;
@@ -24,7 +27,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +36,8 @@ use crate::io::{lingering, BoxStream, ClientAddr};
 use crate::route::Wire;
 use crate::rules::token::LinkKey;
 use crate::tls::challenge::Challenges;
-use crate::tunnels::{Directory, Reach, Route, TunnelKey};
+use crate::tunnels::{Directory, Route, TunnelKey};
+pub use proxy::bench_prepare;
 use upstream::IdlePool;
 use watch::{ResponseWatch, StreamExec, Watched};
 
@@ -62,6 +66,8 @@ pub(crate) struct HttpContext {
     directory: Arc<dyn Directory>,
     /// Kept-alive upstream connections, by pool member.
     idle: Arc<IdlePool>,
+    /// Shared HTTP/2 connections to `upstream=h2c` members.
+    h2c: Arc<h2c::Shared>,
     challenges: Arc<Challenges>,
     /// Checks the links of private tunnels (the gateway sets the one `ssh gw link` signs with).
     pub(crate) links: Arc<LinkKey>,
@@ -89,6 +95,7 @@ impl HttpContext {
             settings: config.http.clone(),
             directory,
             idle: Arc::default(),
+            h2c: Arc::default(),
             challenges,
             links: Arc::new(LinkKey::new(&rand::random::<[u8; 32]>())),
         }
@@ -104,11 +111,13 @@ impl HttpContext {
         loop {
             every.tick().await;
             self.idle.sweep();
+            self.h2c.sweep();
         }
     }
 
     pub(crate) fn close_idle(&self) {
         self.idle.close();
+        self.h2c.close();
     }
 }
 
@@ -123,6 +132,9 @@ pub(crate) enum ProxyError {
     Unavailable(#[from] upstream::UpstreamError),
     #[error("the tunnel did not answer within {0:?}")]
     Timeout(Duration),
+    /// A gRPC request's own deadline (`grpc-timeout`) passed first.
+    #[error("the tunnel did not answer within the request's gRPC deadline, {0:?}")]
+    Deadline(Duration),
     #[error("the tunnel's response failed: {0}")]
     Upstream(hyper::Error),
 }
@@ -133,7 +145,7 @@ impl ProxyError {
             Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::NoTunnel(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout(_) | Self::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -255,6 +267,8 @@ async fn handle(
         .unwrap_or_default();
     let response = match route(ctx, req, client, tls).await {
         Ok(r) => r,
+        // Said as a gRPC server would, so the client sees DEADLINE_EXCEEDED.
+        Err(ProxyError::Deadline(waited)) => grpc::deadline_exceeded(waited),
         Err(e) => {
             tracing::debug!(error = %e, "request not proxied");
             text(e.status(), format!("{e}\n"))
@@ -305,7 +319,7 @@ async fn route(
     if let Err(answer) = guard::check(ctx, &mut req, client.client.ip(), &host, &members).await {
         return Ok(answer);
     }
-    proxy(ctx, req, client, &members, &host).await
+    proxy::proxy(ctx, req, client, &members, &host).await
 }
 
 /// `:authority` for h2 (and absolute-form HTTP/1.1), else the `Host` header.
@@ -314,115 +328,6 @@ pub(crate) fn authority(req: &Request<Incoming>) -> Option<&[u8]> {
         .authority()
         .map(|a| a.as_str().as_bytes())
         .or_else(|| req.headers().get(header::HOST).map(HeaderValue::as_bytes))
-}
-
-async fn proxy(
-    ctx: &HttpContext,
-    mut req: Request<Incoming>,
-    caller: &ClientAddr,
-    members: &[Reach],
-    host: &str,
-) -> Result<Response<Body>, ProxyError> {
-    let client = caller.client;
-    // A WebSocket: an HTTP/1.1 Upgrade, or an h2 extended CONNECT (RFC 8441).
-    let ws_h2 = websocket::is_extended_connect(&req);
-    let upgrade = ws_h2 || (req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers()));
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let shown_host = authority(&req)
-        .and_then(|a| HeaderValue::from_bytes(a).ok())
-        .unwrap_or_else(|| HeaderValue::from_static(""));
-    let origin = forward::Origin {
-        client: client.ip(),
-        host,
-        port: ctx.public_port,
-    };
-    let trusted = ctx.settings.trusts(client.ip());
-    prepare_upstream_request(&mut req, shown_host, (&origin, trusted), upgrade);
-    if ws_h2 {
-        websocket::to_upgrade(&mut req);
-    }
-
-    let limits = ctx.limits.load_full();
-    let reach = (ctx.directory.as_ref(), ctx.idle.as_ref());
-    let bounds = (limits.tunnel_open_timeout, limits.channels_per_tunnel);
-    let visitor = (client, caller.vpce.as_deref());
-    let (mut conn, member) = upstream::connect(reach, members, visitor, bounds, upgrade).await?;
-    let hop = Hop(if member.local().is_some() { "local" } else { "peer" });
-    if let Some(m) = member.local() {
-        m.stats
-            .requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let mut resp = match tokio::time::timeout(limits.upstream_timeout, conn.sender.send_request(req)).await {
-        Err(_) => return Err(ProxyError::Timeout(limits.upstream_timeout)),
-        Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
-        Ok(Ok(r)) => r,
-    };
-    resp.extensions_mut().insert(hop);
-    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream_upgrade) {
-        let upstream = hyper::upgrade::on(&mut resp);
-        // On h2, hyper runs the upgraded stream as a task of the connection's executor, so an
-        // open WebSocket counts as a live stream and the connection never looks idle.
-        tokio::spawn(splice_upgrade(downstream, upstream));
-        if ws_h2 {
-            return Ok(websocket::accepted(&resp));
-        }
-        return Ok(resp.map(|b| b.boxed()));
-    }
-    if !upgrade {
-        upstream::release(ctx.idle.clone(), member, conn, limits.channels_per_tunnel);
-    }
-    forward::strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(resp.map(|b| b.boxed()))
-}
-
-/// [`prepare_upstream_request`] for `benches/forward.rs`: the rewrite every proxied request gets,
-/// from an untrusted visitor or a `trusted` forwarder.
-#[doc(hidden)]
-pub fn bench_prepare<B>(req: &mut Request<B>, client: std::net::IpAddr, host: &str, trusted: bool) {
-    let shown = HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("x"));
-    let origin = forward::Origin {
-        client,
-        host,
-        port: 443,
-    };
-    prepare_upstream_request(req, shown, (&origin, trusted), false);
-}
-
-/// Turns the visitor's request into the HTTP/1.1 request the tunnel client's app expects.
-fn prepare_upstream_request<B>(
-    req: &mut Request<B>,
-    shown_host: HeaderValue,
-    (origin, trusted): (&forward::Origin<'_>, bool),
-    upgrade: bool,
-) {
-    // Origin form: the path and query alone (a cheap clone of what was parsed).
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.path_and_query = Some(
-        req.uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-    );
-    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
-    *req.version_mut() = Version::HTTP_11;
-    let headers = req.headers_mut();
-    forward::strip_hop_by_hop(headers, upgrade);
-    headers.insert(header::HOST, shown_host);
-    forward::set_forwarding(headers, origin, trusted);
-}
-
-/// Copies bytes both ways between an upgraded visitor and an upgraded upstream (WebSocket).
-/// No idle timeout: it lasts as long as either side keeps it open.
-async fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
-        tracing::debug!("upgrade did not complete");
-        return;
-    };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
-    }
 }
 
 /// Plain HTTP: everything moves to https, except ACME HTTP-01 challenges.
