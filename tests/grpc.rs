@@ -17,11 +17,15 @@ use common::process::{run_bounded, Proc};
 use common::prom::Admin;
 use common::ssh::{KeyKind, SshClient, Transport};
 use common::{Gateway, TestEnv, SETUP};
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 const PYTHON_HINT: &str = "run `bash scripts/test.sh` once (it installs grpcio into target/venv), or: \
     python3 -m venv target/venv && target/venv/bin/pip install grpcio==1.76.0, or point \
@@ -109,6 +113,13 @@ fn grpc_calls_pass_through_an_h2c_tunnel_with_status_trailers_and_deadlines() {
         got["concurrent_ok"], 200,
         "200 concurrent calls on one connection: {got}"
     );
+    // Multiplexed: the 200 calls rode one or two channels (100 streams each), not 200.
+    let member = &client.find_tunnel("rpc").unwrap()["members"][0];
+    let channels = member["channels"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&channels),
+        "h2c channels to the member: {member}"
+    );
     assert_eq!(got["deadline_code"], "DEADLINE_EXCEEDED");
     assert!(
         got["deadline_secs"].as_f64().unwrap() < 2.5,
@@ -159,9 +170,9 @@ fn grpc_calls_pass_through_an_h2c_tunnel_with_status_trailers_and_deadlines() {
     drop(server);
 }
 
-/// An h2c app (hyper, prior knowledge): `/big` answers `BIG` bytes, anything else `small`.
+/// An h2c app (hyper, prior knowledge): `/big` answers `BIG` bytes, a WebSocket over h2
+/// (RFC 8441) echoes its messages, anything else answers `small`.
 fn h2c_app(rt: &tokio::runtime::Runtime) -> u16 {
-    const BIG: u64 = 8 * 1024 * 1024;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     rt.spawn(async move {
@@ -169,21 +180,36 @@ fn h2c_app(rt: &tokio::runtime::Runtime) -> u16 {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                let body = if req.uri().path() == "/big" {
-                    Bytes::from(pattern(BIG))
-                } else {
-                    Bytes::from_static(b"small")
-                };
-                Ok::<_, Infallible>(Response::new(Full::new(body)))
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service),
-            );
+            let service = hyper::service::service_fn(app_answer);
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder.enable_connect_protocol();
+            tokio::spawn(builder.serve_connection(TokioIo::new(tcp), service));
         }
     });
     port
+}
+
+async fn app_answer(mut req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    const BIG: u64 = 8 * 1024 * 1024;
+    if req.method() == hyper::Method::CONNECT {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = TokioIo::new(upgrade.await.expect("upgraded"));
+            let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() || ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        return Ok(Response::new(Full::new(Bytes::new())));
+    }
+    let body = if req.uri().path() == "/big" {
+        Bytes::from(pattern(BIG))
+    } else {
+        Bytes::from_static(b"small")
+    };
+    Ok(Response::new(Full::new(body)))
 }
 
 #[test]
@@ -267,4 +293,75 @@ fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
         tunnels.contains("\"requests\":22"),
         "one member served all 22: {tunnels}"
     );
+}
+
+#[test]
+fn an_rfc_8441_websocket_reaches_an_h2c_app_as_one() {
+    common::require_tools();
+    let env = TestEnv::new();
+    let gw = env.gateway().start();
+    let key = env.key("ws", KeyKind::Ed25519);
+    let client = gw.ssh(&key, Transport::Tls);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = h2c_app(&rt);
+    let _tunnel = h2c_tunnel(&client, "app", app);
+    let host = key.host("app");
+
+    // An HTTP/1.1 Upgrade cannot be carried to an h2c app: said, not attempted.
+    let args = [
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+    ];
+    let out = curl(&env, &gw, &host, &args, "/ws");
+    assert_eq!(out.stdout, "501", "{}", out.combined());
+
+    let (ca, port) = (env.pki.ca_der.clone(), gw.port());
+    rt.block_on(async move {
+        let tls = tls_connect(&ca, port, &host, &[b"h2"]).await;
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        // A first request, so the gateway's SETTINGS (extended CONNECT enabled) have arrived.
+        let hello = Request::get(format!("https://{host}:{port}/hello"))
+            .version(Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(sender.send_request(hello).await.expect("GET").status(), 200);
+        let connect = Request::builder()
+            .method(hyper::Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri(format!("https://{host}:{port}/ws"))
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(connect).await.expect("extended CONNECT");
+        assert_eq!(resp.status(), 200, "{resp:?}");
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .expect("the stream carries the WebSocket");
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        for i in 0..100 {
+            let msg = Message::text(format!("message {i} to an h2c app"));
+            ws.send(msg.clone()).await.expect("send");
+            let echoed = tokio::time::timeout(SETUP, ws.next())
+                .await
+                .expect("echo in time");
+            assert_eq!(echoed.expect("a message").expect("no error"), msg);
+        }
+        ws.close(None).await.expect("close");
+    });
 }

@@ -26,14 +26,15 @@ pub(super) async fn proxy(
     let ws_h2 = websocket::is_extended_connect(&req);
     let upgrade = ws_h2 || (req.version() == Version::HTTP_11 && forward::is_upgrade(req.headers()));
     if members.iter().any(speaks_h2c) {
-        if upgrade {
+        if upgrade && !ws_h2 {
             let why = format!(
-                "tunnel {host} speaks HTTP/2 to its app (upstream=h2c); WebSockets need upstream=h1\n"
+                "tunnel {host} speaks HTTP/2 to its app (upstream=h2c): a WebSocket reaches it over \
+                 HTTP/2 (RFC 8441), not as an HTTP/1.1 Upgrade\n"
             );
             return Ok(text(StatusCode::NOT_IMPLEMENTED, why));
         }
         let h2c: Vec<Reach> = members.iter().filter(|m| speaks_h2c(m)).cloned().collect();
-        return proxy_h2c(ctx, req, caller, &h2c, host).await;
+        return proxy_h2c(ctx, req, caller, &h2c, (host, ws_h2)).await;
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let shown_host = authority(&req)
@@ -94,15 +95,17 @@ fn speaks_h2c(m: &Reach) -> bool {
 
 /// The request on one stream of a member's shared HTTP/2 connection: requests, responses and
 /// trailers pass as they are, flow-controlled per stream. A gRPC deadline shorter than
-/// `limits.upstream_timeout` bounds the wait for the answer instead.
+/// `limits.upstream_timeout` bounds the wait for the answer instead. A WebSocket over h2
+/// (`ws_h2`, an extended CONNECT) stays one: the app must accept RFC 8441 itself.
 async fn proxy_h2c(
     ctx: &HttpContext,
     mut req: Request<Incoming>,
     caller: &ClientAddr,
     members: &[Reach],
-    host: &str,
+    (host, ws_h2): (&str, bool),
 ) -> Result<Response<Body>, ProxyError> {
     let client = caller.client;
+    let downstream_upgrade = ws_h2.then(|| hyper::upgrade::on(&mut req));
     // The one TE value HTTP/2 allows, and gRPC servers require.
     let trailers = req
         .headers()
@@ -140,7 +143,9 @@ async fn proxy_h2c(
     crate::metrics::upstream_request(Upstream::H2c.label());
     let deadline = grpc::deadline(req.headers()).filter(|d| *d < limits.upstream_timeout);
     let wait = deadline.unwrap_or(limits.upstream_timeout);
-    let mut sender = stream.sender();
+    let mut sender = stream
+        .sender()
+        .ok_or(ProxyError::Unavailable(upstream::UpstreamError::Unavailable))?;
     let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
         Err(_) if deadline.is_some() => return Err(ProxyError::Deadline(wait)),
         Err(_) => return Err(ProxyError::Timeout(wait)),
@@ -148,6 +153,15 @@ async fn proxy_h2c(
         Ok(Ok(r)) => r,
     };
     resp.extensions_mut().insert(Hop("local"));
+    if let (StatusCode::OK, Some(downstream)) = (resp.status(), downstream_upgrade) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let accepted = websocket::accepted(&resp);
+        tokio::spawn(async move {
+            splice_upgrade(downstream, upstream).await;
+            drop(stream);
+        });
+        return Ok(accepted);
+    }
     forward::strip_hop_by_hop(resp.headers_mut(), false);
     // The stream's place on the shared connection is given back when the body is dropped.
     Ok(resp.map(move |body| {

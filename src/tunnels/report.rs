@@ -46,6 +46,7 @@ fn member_json(m: &Member) -> Value {
         "bytes_in": m.stats.bytes_in.load(Ordering::Relaxed),
         "bytes_out": m.stats.bytes_out.load(Ordering::Relaxed),
         "requests": m.stats.requests.load(Ordering::Relaxed),
+        "channels": m.stats.open_channels.load(Ordering::Relaxed),
         "rules": match m.gate.state() {
             GateState::Pending => json!("pending"),
             GateState::Refused => json!("refused"),
