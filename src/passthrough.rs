@@ -4,14 +4,14 @@
 //!
 //! The decision is made from the ClientHello alone, before any certificate is chosen, and waits
 //! for the owner's options like an HTTP request does (a tunnel meant to be passed through is
-//! never briefly terminated). Only the rules that need no HTTP apply: `allow`, and the
+//! never briefly terminated), within the TLS stage's own deadline. Only the rules that need no HTTP apply: `allow`, and the
 //! operator's rate, counted per TLS connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::io::{BoxStream, ClientAddr, ClientKey};
-use crate::rules::{Bucket, Rules, Upstream, SETTLE_WITHIN};
+use crate::rules::{Bucket, GateState, Rules, Upstream};
 use crate::tunnels::{first_member, Directory, Member, Opened, Reach, Route, TunnelKey, Tunnels, Visitor};
 
 /// Buffer of each direction of the splice: the size of a full TLS record, so one read can
@@ -48,10 +48,10 @@ impl PassthroughError {
     }
 }
 
-/// Whether `sni` names a tunnel host whose members here pass TLS through, waiting (at most
-/// [`SETTLE_WITHIN`]) for options still on their way. Members on other replicas are not asked:
-/// their replica alone knows their options, and refuses to open them for a peer.
-pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str) -> Option<Target> {
+/// Whether `sni` names a tunnel host whose members here pass TLS through, waiting at most `wait`
+/// for options still on their way. Members on other replicas are not asked: their replica alone
+/// knows their options, and refuses to open them for a peer.
+pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str, wait: Duration) -> Option<Target> {
     let host = crate::names::canonical_host(sni, domain)?;
     let key = TunnelKey {
         host,
@@ -63,15 +63,23 @@ pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str) -> Option<T
     if !tunnels.any_member(&key, maybe) {
         return None;
     }
-    let locals = tunnels.members(&key);
-    let mut members = Vec::new();
-    for m in locals {
-        if let Some(rules) = m.gate.ready(SETTLE_WITHIN).await {
-            if rules.upstream == Upstream::Passthrough {
-                members.push((m, rules));
-            }
-        }
+    let mut passthrough = false;
+    for m in tunnels.members_in_place(&key) {
+        let rules = m.gate.ready(wait).await;
+        passthrough |= rules.is_some_and(|r| r.upstream == Upstream::Passthrough);
     }
+    if !passthrough {
+        return None;
+    }
+    // A passthrough pool: its own turn decides which member serves this connection.
+    let members: Vec<_> = tunnels
+        .members(&key)
+        .into_iter()
+        .filter_map(|m| match m.gate.state() {
+            GateState::Ready(rules) if rules.upstream == Upstream::Passthrough => Some((m, rules)),
+            _ => None,
+        })
+        .collect();
     (!members.is_empty()).then_some(Target {
         host: key.host,
         members,
@@ -89,19 +97,30 @@ pub(crate) async fn serve(
     open_timeout: Duration,
 ) -> Result<(), PassthroughError> {
     let ip = client.client.ip();
-    let mut members = Vec::with_capacity(target.members.len());
-    for (member, rules) in &target.members {
-        if !rules.allows(ip) {
-            return Err(refused(PassthroughError::Address));
+    // Every distinct connection's rules (a pool is as strict as its strictest member): the
+    // addresses first, so a refused visitor takes no one's rate.
+    let mut distinct: Vec<&(Arc<Member>, Arc<Rules>)> = Vec::new();
+    for m in &target.members {
+        if !distinct.iter().any(|d| Arc::ptr_eq(&d.0.gate, &m.0.gate)) {
+            distinct.push(m);
         }
+    }
+    if distinct.iter().any(|(_, rules)| !rules.allows(ip)) {
+        return Err(refused(PassthroughError::Address));
+    }
+    for (member, rules) in distinct {
         let bucket = member
             .bucket
             .get_or_init(|| rules.rate.map(|r| Bucket::new(r, Instant::now())));
         if bucket.as_ref().is_some_and(|b| b.take(Instant::now()).is_err()) {
             return Err(refused(PassthroughError::Rate));
         }
-        members.push(Reach::Local(member.clone()));
     }
+    let members: Vec<Reach> = target
+        .members
+        .iter()
+        .map(|(m, _)| Reach::Local(m.clone()))
+        .collect();
     let origin = ip.to_canonical().to_string();
     let visitor = Visitor {
         origin: (origin.as_str(), u32::from(client.client.port())),

@@ -77,6 +77,7 @@ fn curl(env: &TestEnv, gw: &Gateway, host: &str, args: &[&str], path: &str) -> c
 
 #[test]
 fn grpc_calls_pass_through_an_h2c_tunnel_with_status_trailers_and_deadlines() {
+    common::require_tools();
     let python = python();
     let env = TestEnv::new();
     let gw = env.gateway().start();
@@ -113,7 +114,9 @@ fn grpc_calls_pass_through_an_h2c_tunnel_with_status_trailers_and_deadlines() {
         got["concurrent_ok"], 200,
         "200 concurrent calls on one connection: {got}"
     );
-    // Multiplexed: the 200 calls rode one or two channels (100 streams each), not 200.
+    assert_eq!(got["missed_deadlines"], 120, "{got}");
+    // Multiplexed: 120 abandoned calls and 200 at once rode one or two channels (100 streams
+    // each): no abandoned call kept its place.
     let member = &client.find_tunnel("rpc").unwrap()["members"][0];
     let channels = member["channels"].as_u64().unwrap();
     assert!(
@@ -288,11 +291,9 @@ fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
             body.len()
         );
     });
-    let tunnels = client.tunnels().to_string();
-    assert!(
-        tunnels.contains("\"requests\":22"),
-        "one member served all 22: {tunnels}"
-    );
+    let member = &client.find_tunnel("app").unwrap()["members"][0];
+    assert_eq!(member["requests"], 22, "one member served all 22: {member}");
+    assert_eq!(member["channels"], 1, "all on one shared connection: {member}");
 }
 
 #[test]

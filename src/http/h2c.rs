@@ -4,7 +4,9 @@
 //! only when every connection of the member is full, up to [`MAX_CONNS`].
 //!
 //! A channel is charged to the visitor whose request opened it, for as long as it lives (its
-//! window grows with its readers, leased from that visitor's share of the budget). Each stream
+//! window grows with its readers, leased from that visitor's share of the budget), and the app
+//! is told that visitor's address as the channel's originator; each request carries its own
+//! visitor in the forwarding headers. One visitor holds at most half of a member's streams. Each stream
 //! may hold [`STREAM_WINDOW`] of response the visitor has not taken, so a slow visitor stalls
 //! only its own stream; the connection stalls only when [`CONN_WINDOW`] is held by such
 //! streams, which the write-idle cut (`http::watch`) ends.
@@ -19,6 +21,7 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::OnceCell;
 
+use crate::io::ClientKey;
 use crate::tunnels::{first_member, Directory, MemberId, Opened, Reach, Visitor, WeakReach};
 
 /// Streams one connection carries at once before another channel is opened: the number most
@@ -27,6 +30,9 @@ pub(crate) const MAX_STREAMS: usize = 100;
 /// Connections one member gets at most (so 800 requests at once); a request beyond goes to the
 /// pool's next member, or is a 502.
 const MAX_CONNS: usize = 8;
+/// Streams one visitor may hold on one member at once: half of what the member's connections
+/// carry, as for HTTP/1.1 channels, so one visitor cannot take them all.
+const MAX_STREAMS_PER_VISITOR: usize = MAX_STREAMS * MAX_CONNS / 2;
 /// Response bytes one stream may hold that its visitor has not taken yet.
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Response bytes one connection may hold across its streams: 16 stalled streams' worth.
@@ -54,27 +60,57 @@ impl Conn {
     }
 }
 
-/// One stream's place on a member's connection, given back when dropped: keep it as long as the
-/// response body.
-pub(crate) struct Stream(Arc<Conn>);
+/// One stream's place on a member's connection, and in its visitor's share, given back when
+/// dropped: keep it as long as the response body.
+pub(crate) struct Stream {
+    conn: Arc<Conn>,
+    visitor: ClientKey,
+    visitors: Visitors,
+}
 
 impl Stream {
     /// The connection's sender; `None` before [`connect`] opened it.
     pub(crate) fn sender(&self) -> Option<SendRequest<Incoming>> {
-        self.0.sender.get().cloned()
+        self.conn.sender.get().cloned()
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        // Idle from now on, before the count says so (the sweep reads both).
+        if self.conn.streams.load(Ordering::Acquire) == 1 {
+            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+        let mut visitors = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = visitors.get_mut(&self.visitor) {
+            *n -= 1;
+            if *n == 0 {
+                visitors.remove(&self.visitor);
+            }
         }
     }
 }
 
-/// One member's connections, and a weak handle that tells when the member has gone.
-type Conns = (WeakReach, Vec<Arc<Conn>>);
+/// Streams in flight on one member, by visitor.
+type Visitors = Arc<Mutex<HashMap<ClientKey, usize>>>;
+
+/// One member's connections, its visitors' shares, and a weak handle that tells when the member
+/// has gone.
+struct Conns {
+    member: WeakReach,
+    live: Vec<Arc<Conn>>,
+    visitors: Visitors,
+}
+
+/// Why a member took no more streams.
+#[derive(Debug)]
+enum Refused {
+    /// [`MAX_CONNS`] connections, each carrying [`MAX_STREAMS`].
+    Full,
+    /// The visitor holds [`MAX_STREAMS_PER_VISITOR`] already.
+    VisitorShare,
+}
 
 /// The members' shared connections. After [`Shared::close`] nothing is kept.
 #[derive(Default)]
@@ -88,15 +124,23 @@ impl Shared {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A place on a connection to `member` with room for one more stream (one still opening
-    /// counts), else on a new one while the member has fewer than [`MAX_CONNS`]; `None` when
-    /// all are full.
-    fn take(&self, member: &Reach) -> Option<Stream> {
+    /// A place for `visitor` on a connection to `member` with room for one more stream (one
+    /// still opening counts), else on a new one while the member has fewer than [`MAX_CONNS`].
+    fn take(&self, member: &Reach, visitor: ClientKey) -> Result<Stream, Refused> {
         let mut members = self.lock();
-        let (_, conns) = members
-            .entry(member.id())
-            .or_insert_with(|| (member.downgrade(), Vec::new()));
-        let room = conns.iter().find(|c| {
+        let conns = members.entry(member.id()).or_insert_with(|| Conns {
+            member: member.downgrade(),
+            live: Vec::new(),
+            visitors: Visitors::default(),
+        });
+        let mut visitors = conns.visitors.lock().unwrap_or_else(|p| p.into_inner());
+        if visitors
+            .get(&visitor)
+            .is_some_and(|n| *n >= MAX_STREAMS_PER_VISITOR)
+        {
+            return Err(Refused::VisitorShare);
+        }
+        let room = conns.live.iter().find(|c| {
             !c.is_closed()
                 && c.streams
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -104,20 +148,29 @@ impl Shared {
                     })
                     .is_ok()
         });
-        if let Some(c) = room {
-            return Some(Stream(c.clone()));
-        }
-        conns.retain(|c| !c.is_closed());
-        if conns.len() >= MAX_CONNS || self.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        let conn = Arc::new(Conn {
-            sender: OnceCell::new(),
-            streams: AtomicUsize::new(1),
-            idle_since: Mutex::new(Instant::now()),
-        });
-        conns.push(conn.clone());
-        Some(Stream(conn))
+        let conn = match room {
+            Some(c) => c.clone(),
+            None => {
+                conns.live.retain(|c| !c.is_closed());
+                if conns.live.len() >= MAX_CONNS || self.closed.load(Ordering::Acquire) {
+                    return Err(Refused::Full);
+                }
+                let conn = Arc::new(Conn {
+                    sender: OnceCell::new(),
+                    streams: AtomicUsize::new(1),
+                    idle_since: Mutex::new(Instant::now()),
+                });
+                conns.live.push(conn.clone());
+                conn
+            }
+        };
+        *visitors.entry(visitor).or_insert(0) += 1;
+        drop(visitors);
+        Ok(Stream {
+            conn,
+            visitor,
+            visitors: conns.visitors.clone(),
+        })
     }
 
     /// Forgets the connections that closed, idle past [`IDLE_TIMEOUT`] (or never opened), or of
@@ -125,19 +178,19 @@ impl Shared {
     /// many stay.
     pub(crate) fn sweep(&self) -> usize {
         let mut members = self.lock();
-        members.retain(|_, (reach, conns)| {
-            if !reach.is_alive() {
+        members.retain(|_, conns| {
+            if !conns.member.is_alive() {
                 return false;
             }
-            conns.retain(|c| {
+            conns.live.retain(|c| {
                 let unused = c.streams.load(Ordering::Acquire) == 0
                     && (c.sender.get().is_none()
                         || c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE_TIMEOUT);
                 !c.is_closed() && !unused
             });
-            !conns.is_empty()
+            !conns.live.is_empty()
         });
-        members.values().map(|(_, c)| c.len()).sum()
+        members.values().map(|c| c.live.len()).sum()
     }
 
     /// Keeps nothing from now on (shutdown).
@@ -157,12 +210,15 @@ pub(crate) async fn connect(
     open_timeout: Duration,
 ) -> Option<(Stream, Reach)> {
     first_member(members, open_timeout, |m| async move {
-        let Some(stream) = shared.take(&m) else {
-            tracing::info!(member = %m, "tunnel member's h2c connections are all full");
-            return None;
+        let stream = match shared.take(&m, visitor.client) {
+            Ok(stream) => stream,
+            Err(why) => {
+                tracing::info!(member = %m, ?why, "tunnel member takes no more h2c streams");
+                return None;
+            }
         };
         let opened = stream
-            .0
+            .conn
             .sender
             .get_or_try_init(|| open(directory, &m, visitor))
             .await;

@@ -105,6 +105,10 @@ async fn proxy_h2c(
     (host, ws_h2): (&str, bool),
 ) -> Result<Response<Body>, ProxyError> {
     let client = caller.client;
+    let limits = ctx.limits.load_full();
+    // A gRPC deadline counts from the request's arrival, the channel's opening included.
+    let deadline = grpc::deadline(req.headers()).filter(|d| *d < limits.upstream_timeout);
+    let give_up = deadline.map(|d| tokio::time::Instant::now() + d);
     let downstream_upgrade = ws_h2.then(|| hyper::upgrade::on(&mut req));
     // The one TE value HTTP/2 allows, and gRPC servers require.
     let trailers = req
@@ -123,7 +127,6 @@ async fn proxy_h2c(
     prepare_upstream_request(&mut req, shown_host.clone(), (&origin, trusted), false);
     to_h2(&mut req, &shown_host, trailers);
 
-    let limits = ctx.limits.load_full();
     let ip = client.ip().to_canonical().to_string();
     let visitor = Visitor {
         origin: (ip.as_str(), u32::from(client.port())),
@@ -132,23 +135,32 @@ async fn proxy_h2c(
         key: None,
     };
     let reach = (ctx.directory.as_ref(), ctx.h2c.as_ref());
-    let (stream, member) = h2c::connect(reach, members, visitor, limits.tunnel_open_timeout)
-        .await
-        .ok_or(ProxyError::Unavailable(upstream::UpstreamError::Unavailable))?;
+    let connecting = h2c::connect(reach, members, visitor, limits.tunnel_open_timeout);
+    let connected = match give_up {
+        Some(at) => tokio::time::timeout_at(at, connecting).await.ok(),
+        None => Some(connecting.await),
+    };
+    let (stream, member) = match connected {
+        None => return Err(ProxyError::Deadline(deadline.unwrap_or_default())),
+        Some(None) => return Err(ProxyError::Unavailable(upstream::UpstreamError::Unavailable)),
+        Some(Some(found)) => found,
+    };
     if let Some(m) = member.local() {
         m.stats
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     crate::metrics::upstream_request(Upstream::H2c.label());
-    let deadline = grpc::deadline(req.headers()).filter(|d| *d < limits.upstream_timeout);
-    let wait = deadline.unwrap_or(limits.upstream_timeout);
     let mut sender = stream
         .sender()
         .ok_or(ProxyError::Unavailable(upstream::UpstreamError::Unavailable))?;
-    let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
-        Err(_) if deadline.is_some() => return Err(ProxyError::Deadline(wait)),
-        Err(_) => return Err(ProxyError::Timeout(wait)),
+    let wait = tokio::time::Instant::now() + limits.upstream_timeout;
+    let until = give_up.map_or(wait, |at| at.min(wait));
+    let mut resp = match tokio::time::timeout_at(until, sender.send_request(req)).await {
+        Err(_) => match deadline {
+            Some(d) => return Err(ProxyError::Deadline(d)),
+            None => return Err(ProxyError::Timeout(limits.upstream_timeout)),
+        },
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
         Ok(Ok(r)) => r,
     };

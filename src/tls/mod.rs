@@ -174,11 +174,14 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Accepted<S>, TlsError> {
     let Hello {
         accepted,
+        raw,
         stream,
         sni,
         acme,
-        ..
     } = hello;
+    // rustls holds what it needs; the copy kept for passthrough is not carried through the
+    // handshake.
+    drop(raw);
     let start = tokio_rustls::StartHandshake::from_parts(accepted, stream);
     if let (true, Some(name)) = (acme, sni.as_deref()) {
         return answer_challenge(start, challenges, name).await;

@@ -232,6 +232,14 @@ impl<M: Send + Sync + 'static> Registry<M> {
             .count()
     }
 
+    /// The members of a pool in registration order (no round-robin side effect).
+    pub(crate) fn members_in_place(&self, key: &TunnelKey) -> Vec<Arc<M>> {
+        self.lock()
+            .get(key)
+            .map(|p| p.members.iter().map(|(_, m)| m.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether a member of `key`'s pool satisfies `pred` (no round-robin side effect, no copies).
     pub(crate) fn any_member(&self, key: &TunnelKey, pred: impl Fn(&M) -> bool) -> bool {
         self.lock()
