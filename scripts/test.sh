@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the integration tests drive (see tests/common), the etcd and Redis servers the
+# Real peers the integration tests drive (see tests/common; chromium renders the gateway's pages
+# in tests/pages.rs), the etcd and Redis servers the
 # cluster tests start (tests/cluster_store/, tests/cluster/), and protoc, which the etcd client's
 # build runs. Debian's postinst may start a system redis-server on 6379; the tests start their own
 # on free ports, so it is stopped and disabled here (it would only take memory).
-PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh
+PACKAGES=(openssh-client openssl curl haproxy pebble prometheus systemd patch python3-venv testssl.sh chromium
   etcd-server redis-server protobuf-compiler)
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -192,6 +192,7 @@ impl Gateway {
         let resolver = Arc::new(CertResolver::new(table, local_ca));
         let tls = tls::server_config(resolver.clone())?;
         let host_key = hostkey::load_or_generate(&config.ssh.host_key)?;
+        let host_key_fingerprint = hostkey::fingerprint(&host_key);
         let policy = match &config.ssh.authorized_keys {
             Some(path) => KeyPolicy::File(AuthorizedKeys::load(path)?),
             None => {
@@ -202,6 +203,7 @@ impl Gateway {
             }
         };
         let limits: LiveLimits = Arc::new(ArcSwap::from_pointee(config.limits.clone()));
+        crate::metrics::connection_cap(config.limits.max_connections);
         let budget = Budget::new(limits.clone());
         let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::new(
             tunnels.clone(),
@@ -240,6 +242,7 @@ impl Gateway {
         let ssh = Arc::new(ssh);
         let mut http = HttpContext::new(&config, directory.clone(), challenges.clone(), limits.clone());
         http.links = links;
+        http.host_key_fingerprint = host_key_fingerprint;
         let http = Arc::new(http);
         let admin_token = read_admin_token(&config)?;
         Ok(Arc::new(Self {
@@ -268,6 +271,7 @@ impl Gateway {
     pub async fn reload(&self, new: Option<&Config>) {
         if let Some(new) = new {
             self.limits.store(Arc::new(new.limits.clone()));
+            crate::metrics::connection_cap(new.limits.max_connections);
             tracing::info!("limits reloaded");
             warn_restart_needed(&self.config, new);
         }

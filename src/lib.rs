@@ -14,6 +14,7 @@
 // tests/layering.rs).
 // Vocabulary, no I/O:
 pub(crate) mod budget;
+pub mod client_config;
 pub mod config;
 pub(crate) mod io;
 pub mod metrics;

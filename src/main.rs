@@ -67,6 +67,22 @@ enum Command {
     },
     /// Print a new cluster secret for [cluster] secret_file.
     ClusterSecret,
+    /// Print a ~/.ssh/config block for a gateway, after which a plain
+    /// `ssh -R myapp:80:localhost:3000 HOST` reaches it through TLS.
+    SshConfig {
+        /// The gateway's domain (its certificate's name).
+        host: String,
+        /// The gateway's public port.
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        /// Verify the gateway against this CA instead of the system's roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Connect to this address instead of HOST (DNS not set up yet, a load balancer's
+        /// name); the certificate is still checked against HOST.
+        #[arg(long)]
+        address: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +96,12 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
         Command::Keyid { key, fingerprint } => keyid(&key, fingerprint),
+        Command::SshConfig {
+            host,
+            port,
+            ca,
+            address,
+        } => ssh_config(&host, port, ca.as_deref(), address.as_deref()),
         Command::ClusterSecret => edgemux::cluster::peer::secret::generate()
             .map(|secret| println!("{secret}"))
             .context("cannot make a cluster secret"),
@@ -142,6 +164,36 @@ fn keyid(path: &Path, full: bool) -> Result<()> {
     } else {
         println!("{}", fingerprint.key_id());
     }
+    Ok(())
+}
+
+fn ssh_config(host: &str, port: u16, ca: Option<&Path>, address: Option<&str>) -> Result<()> {
+    use edgemux::client_config::{is_plain_host, ssh_config, SshTarget};
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    anyhow::ensure!(is_plain_host(&host), "{host:?} is not a host name");
+    let address = address.unwrap_or(&host);
+    anyhow::ensure!(
+        is_plain_host(address),
+        "--address {address:?} is not a host name or address"
+    );
+    let ca = match ca {
+        Some(path) => {
+            anyhow::ensure!(path.is_file(), "--ca {}: no such file", path.display());
+            let path = std::fs::canonicalize(path).with_context(|| format!("--ca {}", path.display()))?;
+            Some(path.display().to_string())
+        }
+        None => None,
+    };
+    print!(
+        "{}",
+        ssh_config(&SshTarget {
+            alias: &host,
+            server_name: &host,
+            connect: &format!("{address}:{port}"),
+            ca: ca.as_deref(),
+            host_key_alias: None,
+        })
+    );
     Ok(())
 }
 
@@ -296,11 +348,15 @@ fn print_dev_help(bound: &[SocketAddr], ca: &str, admin: Option<SocketAddr>, tok
     let keyid = default_key_id().unwrap_or_else(|| "<keyid>".into());
     // TLS (verified against the local CA) authenticates the gateway; the alias keeps its SSH host
     // key apart from any real sshd on localhost in known_hosts.
-    let ssh = format!(
-        "ssh -o ProxyCommand=\"openssl s_client -quiet -verify_return_error -CAfile {ca} -connect {addr} \
-         -servername localhost\" -o HostKeyAlias=edgemux-dev -o StrictHostKeyChecking=accept-new \
-         -R myapp:80:localhost:3000 localhost"
-    );
+    let ca_path = std::fs::canonicalize(ca).map_or_else(|_| ca.to_owned(), |p| p.display().to_string());
+    let block = edgemux::client_config::ssh_config(&edgemux::client_config::SshTarget {
+        alias: "edgemux-dev",
+        server_name: "localhost",
+        connect: &addr.to_string(),
+        ca: Some(&ca_path),
+        host_key_alias: Some("edgemux-dev"),
+    });
+    let ssh = "ssh -R myapp:80:localhost:3000 edgemux-dev";
     let admin = admin.map_or_else(String::new, |admin| {
         let AdminToken { token, file } = token;
         format!(
@@ -310,7 +366,7 @@ fn print_dev_help(bound: &[SocketAddr], ca: &str, admin: Option<SocketAddr>, tok
     });
     println!(
         "\nedgemux dev is running on {addr} (TLS + SSH, domain localhost).\n\
-         \n1. Expose a local app on port 3000:\n   {ssh}\n\
+         \n1. Add this to ~/.ssh/config:\n\n{block}\n   and expose a local app on port 3000:\n   {ssh}\n\
          \n2. Reach it:\n   curl --cacert {ca} https://myapp-{keyid}.localhost:{port}/\n\
          {admin}\n(the key id of a key: `edgemux keyid ~/.ssh/id_ed25519.pub`)\n"
     );

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub const CONNECTIONS_ACCEPTED: &str = "edgemux_connections_accepted_total";
 pub const CONNECTIONS_ROUTED: &str = "edgemux_connections_routed_total";
 pub const CONNECTIONS_ACTIVE: &str = "edgemux_connections_active";
+pub const CONNECTIONS_MAX: &str = "edgemux_connections_max";
 pub const REJECTIONS: &str = "edgemux_rejections_total";
 pub const PROXY_HEADERS: &str = "edgemux_proxy_headers_total";
 pub const TLS_HANDSHAKES: &str = "edgemux_tls_handshakes_total";
@@ -63,6 +64,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .install_recorder()?;
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    zero_event_counters();
     Ok(handle)
 }
 
@@ -79,6 +81,10 @@ fn describe() {
     describe_counter!(
         REJECTIONS,
         "Connections refused before reaching a service, by stage and reason"
+    );
+    describe_gauge!(
+        CONNECTIONS_MAX,
+        "limits.max_connections: past it, new connections wait for a free slot"
     );
     describe_counter!(PROXY_HEADERS, "PROXY protocol headers, by version and result");
     describe_counter!(TLS_HANDSHAKES, "TLS handshakes, by result, version and ALPN");
@@ -318,6 +324,31 @@ pub fn tunnel_member(kind: &'static str, registered: bool, pool_changed: bool) {
 
 pub fn access_refused(reason: &'static str) {
     counter!(ACCESS_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// Counters of rare events start at 0 rather than absent, for each of their few label values:
+/// a dashboard shows 0 and `rate()` sees the first event.
+fn zero_event_counters() {
+    for protocol in ["http/1.1", "h2"] {
+        counter!(RESPONSES_CUT, "protocol" => protocol).absolute(0);
+    }
+    for reason in ["auth", "private", "allow", "rate", "forward_auth"] {
+        counter!(ACCESS_REFUSALS, "reason" => reason).absolute(0);
+    }
+    for upstream in ["h1", "h2c", "passthrough"] {
+        counter!(UPSTREAM_REQUESTS, "upstream" => upstream).absolute(0);
+    }
+}
+
+/// With `[cluster]`: the peer link's streams start at 0 on both sides.
+pub fn zero_peer_streams() {
+    for side in ["in", "out"] {
+        counter!(PEER_STREAMS, "side" => side, "outcome" => "ok").absolute(0);
+    }
+}
+
+pub fn connection_cap(max: usize) {
+    gauge!(CONNECTIONS_MAX).set(max as f64);
 }
 
 /// `upstream`: `h1`, `h2c` or `passthrough` (`rules::Upstream::label`).

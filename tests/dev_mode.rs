@@ -77,8 +77,22 @@ fn dev_mode_prints_an_ssh_and_a_curl_command_that_work_as_printed() {
     assert_eq!(ssh_line.matches(spec).count(), 1, "no `{spec}` in: {ssh_line}");
     let ssh_line = ssh_line.replacen(spec, &format!("-R myapp:80:localhost:{backend} "), 1);
     let key = env.key("dev", KeyKind::Ed25519);
+    // The printed ~/.ssh/config block, as a config file of its own.
+    let block: String = printed
+        .lines()
+        .skip_while(|l| !l.starts_with("Host "))
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        block.contains("ProxyCommand openssl s_client"),
+        "no ssh config block in:\n{printed}"
+    );
+    let config = dir.join("ssh_config");
+    std::fs::write(&config, &block).unwrap();
     let identity = format!(
-        "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={} ",
+        "ssh -F {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={} ",
+        config.display(),
         key.private.display(),
         dir.join("known_hosts").display()
     );

@@ -242,8 +242,10 @@ fn unknown_host_is_404_closed_backend_is_502_and_apex_healthz_is_200() {
     let got = s.visitor.get(&unknown, "/", &[]);
     got.expect_status(404, "unknown host");
     assert!(
-        got.text().contains(&unknown),
-        "404 body does not name the host: {got:?}"
+        got.text().starts_with(
+            "no tunnel nobody-aaaaaaaa is connected\nstart it with: ssh -R nobody:80:localhost:3000 gw.test"
+        ),
+        "404 body does not name the tunnel and how to start it: {got:?}"
     );
 
     // A tunnel whose ssh client forwards to a port nothing listens on (bound, then released).

@@ -291,6 +291,7 @@ impl Cluster {
         (config_hash, state_dir): (String, &Path),
     ) -> Result<(Self, Arc<dyn Directory>), ClusterError> {
         let secret = ClusterSecret::load(&cfg.secret_file)?;
+        crate::metrics::zero_peer_streams();
         let reserved = move |host: &str, key: &KeyFingerprint| reserved.get(host) == Some(key);
         let store = Store::start(cfg, tunnels.clone(), reserved, config_hash)?;
         let marker = store.marker();

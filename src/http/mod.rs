@@ -14,6 +14,7 @@ pub(crate) mod grpc;
 mod guard;
 mod h2c;
 pub mod host;
+mod pages;
 mod proxy;
 mod upstream;
 mod watch;
@@ -71,6 +72,9 @@ pub(crate) struct HttpContext {
     challenges: Arc<Challenges>,
     /// Checks the links of private tunnels (the gateway sets the one `ssh gw link` signs with).
     pub(crate) links: Arc<LinkKey>,
+    /// The SSH host key's fingerprint, shown on the apex page for users to pin (set by the
+    /// gateway).
+    pub(crate) host_key_fingerprint: String,
 }
 
 impl std::fmt::Debug for HttpContext {
@@ -98,6 +102,7 @@ impl HttpContext {
             h2c: Arc::default(),
             challenges,
             links: Arc::new(LinkKey::new(&rand::random::<[u8; 32]>())),
+            host_key_fingerprint: String::new(),
         }
     }
 
@@ -126,8 +131,9 @@ impl HttpContext {
 pub(crate) enum ProxyError {
     #[error("bad Host header: {0}")]
     BadHost(#[from] host::HostError),
-    #[error("no tunnel for {0}")]
-    NoTunnel(String),
+    /// The host's name (`myapp-abcd1234`), and the ssh command that would start it.
+    #[error("no tunnel {0} is connected\nstart it with: {1}")]
+    NoTunnel(String, String),
     #[error("{0}")]
     Unavailable(#[from] upstream::UpstreamError),
     #[error("the tunnel did not answer within {0:?}")]
@@ -143,7 +149,7 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadHost(_) => StatusCode::BAD_REQUEST,
-            Self::NoTunnel(_) => StatusCode::NOT_FOUND,
+            Self::NoTunnel(..) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) | Self::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -260,6 +266,7 @@ async fn handle(
     tls: bool,
 ) -> Response<access::Logged> {
     let started = std::time::Instant::now();
+    let html = pages::wants_html(req.headers());
     let (method, version) = (req.method().clone(), req.version());
     let path = req.uri().path().chars().take(256).collect();
     let host = authority(&req)
@@ -274,6 +281,7 @@ async fn handle(
             text(e.status(), format!("{e}\n"))
         }
     };
+    let response = if html { pages::as_html(response) } else { response };
     let status = response.status().as_u16();
     let protocol = if version == Version::HTTP_2 {
         "h2"
@@ -305,7 +313,7 @@ async fn route(
         return Ok(redirect(ctx, &req, &host).await);
     }
     if host == ctx.domain {
-        return Ok(apex(req.uri().path()));
+        return Ok(apex(ctx, req.uri().path(), pages::wants_html(req.headers())));
     }
     let key = TunnelKey {
         host: host.clone(),
@@ -313,7 +321,7 @@ async fn route(
     };
     let members = ctx.directory.find(&key).await;
     if members.is_empty() {
-        return Err(ProxyError::NoTunnel(host));
+        return Err(no_tunnel(&host, &ctx.domain));
     }
     let mut req = req;
     if let Err(answer) = guard::check(ctx, &mut req, client.client.ip(), &host, &members).await {
@@ -350,22 +358,35 @@ async fn redirect(ctx: &HttpContext, req: &Request<Incoming>, host: &str) -> Res
     resp
 }
 
-fn apex(path: &str) -> Response<Body> {
+fn apex(ctx: &HttpContext, path: &str, html: bool) -> Response<Body> {
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/" => text(
-            StatusCode::OK,
-            "edgemux: tunnels live at https://<name>-<keyid>.<this domain>\n\
-             open one with: ssh -R myapp:80:localhost:3000 <this domain>\n"
-                .into(),
-        ),
+        "/" => pages::landing(&ctx.domain, ctx.public_port, &ctx.host_key_fingerprint, html),
+        "/docs" => pages::docs(),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
+/// The 404 of a host no tunnel serves, with the command that would (the name is the host's
+/// label without its key id; a vanity host is its own name).
+fn no_tunnel(host: &str, domain: &str) -> ProxyError {
+    let label = host
+        .strip_suffix(domain)
+        .and_then(|l| l.strip_suffix('.'))
+        .unwrap_or(host);
+    let name = match label.rsplit_once('-') {
+        Some((name, keyid)) if crate::names::is_key_id(keyid) => name,
+        _ => label,
+    };
+    ProxyError::NoTunnel(
+        label.to_owned(),
+        format!("ssh -R {name}:80:localhost:3000 {domain}"),
+    )
+}
+
 fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut resp = Response::new(
-        Full::new(Bytes::from(body))
+        Full::new(Bytes::from(body.clone()))
             .map_err(|never| match never {})
             .boxed(),
     );
@@ -374,5 +395,6 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp.extensions_mut().insert(pages::Said(body));
     resp
 }

@@ -34,7 +34,7 @@ pub(crate) fn load_or_generate(path: &Path) -> Result<PrivateKey, HostKeyError> 
         tracing::info!(path = %path.display(), "generated a new SSH host key");
         key
     };
-    tracing::info!(fingerprint = %key.public_key().fingerprint(HashAlg::Sha256), "SSH host key");
+    tracing::info!(fingerprint = %fingerprint(&key), "SSH host key");
     Ok(key)
 }
 
@@ -47,4 +47,9 @@ fn generate() -> Result<PrivateKey, String> {
 fn write_private(path: &Path, key: &PrivateKey) -> Result<(), String> {
     let pem = key.to_openssh(LineEnding::LF).map_err(|e| e.to_string())?;
     crate::secret_file::write_secret(path, pem.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// The key's `SHA256:` fingerprint, as `ssh` shows it: what users pin.
+pub(crate) fn fingerprint(key: &PrivateKey) -> String {
+    key.public_key().fingerprint(HashAlg::Sha256).to_string()
 }

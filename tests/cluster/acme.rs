@@ -12,7 +12,7 @@ use crate::common::config::{Listener, ProxyProtocol};
 use crate::common::haproxy::Haproxy;
 use crate::common::pebble::{self, Challenge, Pebble, ServedCert};
 use crate::common::process::poll_until;
-use crate::common::prom::promtool_check;
+use crate::common::prom::{assert_dashboard_metrics_exist, cluster_or_acme, promtool_check};
 use crate::common::{TestEnv, DOMAIN};
 use crate::until;
 
@@ -161,6 +161,8 @@ fn tls_alpn_01_one_order_fleet_wide_any_replica_answers_and_a_restart_orders_not
         "promtool check metrics:\n{}",
         check.combined()
     );
+    let scrapes: Vec<_> = (1..=REPLICAS).map(|n| fleet.cluster.scrape(n)).collect();
+    assert_dashboard_metrics_exist(&scrapes.iter().collect::<Vec<_>>(), cluster_or_acme);
     scrape.assert_value("edgemux_acme_locks_held", &[("kind", "domain")], 0.0);
     scrape.assert_value(
         "edgemux_acme_lock_acquisitions_total",

@@ -154,9 +154,26 @@ async fn respond(id: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>,
             full(StatusCode::OK, "slept")
         }
         "ws" => websocket_echo(req),
+        "page" => {
+            let mut resp = full(StatusCode::OK, WEBSOCKET_PAGE);
+            let html = header::HeaderValue::from_static("text/html; charset=utf-8");
+            resp.headers_mut().insert(header::CONTENT_TYPE, html);
+            resp
+        }
         _ => full(StatusCode::NOT_FOUND, "no such route"),
     })
 }
+
+/// A page that opens a WebSocket to `/ws` on its own host, sends one message and shows the echo
+/// (or the failure) in the page, for browsers.
+const WEBSOCKET_PAGE: &str = r#"<!doctype html><html><head><meta charset="utf-8"><title>tunnel page</title></head>
+<body><h1>served through the tunnel</h1><p id="ws">websocket: connecting</p><script>
+const out = document.getElementById("ws");
+const ws = new WebSocket("wss://" + location.host + "/ws");
+ws.onopen = () => ws.send("ping from the browser");
+ws.onmessage = (m) => { out.textContent = "websocket echo: " + m.data; ws.close(); };
+ws.onerror = () => { out.textContent = "websocket: failed"; };
+</script></body></html>"#;
 
 /// Hashes a body as it streams in, never holding more than one frame.
 async fn upload(mut body: Incoming) -> Response<Body> {

@@ -334,3 +334,92 @@ fn ready(port: u16) -> bool {
     let mut head = [0u8; 12];
     tcp.write_all(req.as_bytes()).is_ok() && tcp.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
 }
+
+/// Every metric name `deploy/monitoring/grafana-dashboard.json` queries (a histogram by its base
+/// name), sorted.
+pub fn dashboard_metrics() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/monitoring/grafana-dashboard.json");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "the dashboard queries too little: {exprs:?}");
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| metric_names(e))
+        .map(|n| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).filter(|b| b.ends_with("_seconds")));
+            base.unwrap_or(&n).to_owned()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "query" | "definition", Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The `edgemux_…` names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("edgemux_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The dashboard's metrics that only a cluster with ACME exports (`tests/cluster/acme.rs`
+/// checks them; `tests/monitoring.rs` the others, on one gateway with traffic).
+pub fn cluster_or_acme(name: &str) -> bool {
+    ["edgemux_cluster_", "edgemux_peer_", "edgemux_acme_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Fails with the names the dashboard queries, among those `which` selects, that none of
+/// `scrapes` export.
+pub fn assert_dashboard_metrics_exist(scrapes: &[&Scrape], which: fn(&str) -> bool) {
+    let exported: std::collections::BTreeSet<&str> = scrapes
+        .iter()
+        .flat_map(|s| s.samples.iter().map(|x| x.name.as_str()))
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+                .unwrap_or(n)
+        })
+        .collect();
+    let wanted: Vec<String> = dashboard_metrics().into_iter().filter(|n| which(n)).collect();
+    assert!(!wanted.is_empty(), "no dashboard metric selected");
+    let missing: Vec<&String> = wanted.iter().filter(|n| !exported.contains(n.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the gateway does not export: {missing:?}"
+    );
+    println!(
+        "dashboard: all {} of the metrics it queries checked here are exported",
+        wanted.len()
+    );
+}
