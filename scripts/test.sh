@@ -37,6 +37,12 @@ EDGEMUX_SSH_AUDIT="$(cd "$VENV" && pwd)/bin/ssh-audit"
 EDGEMUX_PYTHON="$(cd "$VENV" && pwd)/bin/python"
 export EDGEMUX_SSH_AUDIT EDGEMUX_PYTHON
 
+# cargo-deb, pinned, for the package test (tests/package.rs runs scripts/package.sh).
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
+fi
+
 cargo fmt --all -- --check
 bash scripts/check-vendor.sh
 cargo clippy --all-targets --locked -- -D warnings

@@ -67,6 +67,10 @@ enum Command {
     },
     /// Print a new cluster secret for [cluster] secret_file.
     ClusterSecret,
+    /// Print the shell completion script for SHELL (the package installs bash, zsh and fish).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), generated from these commands and flags.
+    Manpage,
     /// Print a ~/.ssh/config block for a gateway, after which a plain
     /// `ssh -R myapp:80:localhost:3000 HOST` reaches it through TLS.
     SshConfig {
@@ -96,6 +100,14 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Dev { listen, certs, admin } => dev(listen, &certs, admin),
         Command::Keyid { key, fingerprint } => keyid(&key, fingerprint),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "edgemux", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .context("cannot write the manual page"),
         Command::SshConfig {
             host,
             port,

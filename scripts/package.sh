@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the Debian package with cargo-deb: target/debian/edgemux_<version>_<arch>.deb, holding
+# the binary, the systemd unit (deploy/systemd/edgemux.service with the package's paths and its
+# system user), the default config as a conffile, shell completions and the man page (both
+# generated from the binary's own CLI definition).
+#
+#   bash scripts/package.sh            a release build, then the package
+#   bash scripts/package.sh --dev      the package around the current debug build (the tests)
+#
+# Needs cargo-deb: cargo install cargo-deb --locked
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+[ "${1:-}" = "--dev" ] && profile=dev
+command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked" >&2; exit 1; }
+
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+if [ "$profile" = release ]; then
+  cargo build --release --locked
+  bin="$target_dir/release/edgemux"
+else
+  bin="$target_dir/debug/edgemux"
+  [ -x "$bin" ] || cargo build --locked
+fi
+
+assets=target/deb-assets
+mkdir -p "$assets"
+# The one unit, with the package's binary path and a system user (made by the postinst) instead
+# of a dynamic one.
+sed -e 's#/usr/local/bin/edgemux#/usr/bin/edgemux#g' \
+    -e 's#^DynamicUser=yes#User=edgemux\nGroup=edgemux#' \
+    -e 's#^\#   install .*#\#   (installed by the edgemux package)#' \
+    deploy/systemd/edgemux.service > "$assets/edgemux.service"
+grep -q '^User=edgemux$' "$assets/edgemux.service"
+"$bin" completions bash > "$assets/edgemux.bash"
+"$bin" completions zsh > "$assets/_edgemux"
+"$bin" completions fish > "$assets/edgemux.fish"
+"$bin" manpage | gzip -9n > "$assets/edgemux.1.gz"
+
+cargo deb --no-build --locked --profile "$profile" "${@:2}"
