@@ -18,23 +18,41 @@ pub struct SshTarget<'a> {
     pub host_key_alias: Option<&'a str>,
 }
 
-/// Whether `s` is safe as a host name or address in the block: letters, digits, `.-_:[]`.
+/// Whether `s` is safe as a host name or address in the block: letters, digits, `.-_`, not
+/// starting with `-` (openssl would read an option); an IPv6 address in brackets.
 pub fn is_plain_host(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
+    let name = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+    };
+    let v6 = |s: &str| {
+        s.strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+    };
+    s.len() <= 253 && (name(s) || v6(s))
 }
 
-/// A path for a shell command line: as is when plain, else single-quoted.
+/// Whether `path` can go into the block: no control characters (a newline would start a new
+/// line of the user's ssh config).
+pub fn is_plain_path(path: &str) -> bool {
+    !path.is_empty() && !path.chars().any(char::is_control)
+}
+
+/// A path for the ProxyCommand line: as is when plain, else single-quoted for the shell; `%` is
+/// doubled, since ssh expands `%` tokens before the shell sees the command.
 fn shell_word(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
-    {
-        return s.to_owned();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
+    let plain = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b));
+    let word = if !s.is_empty() && plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    };
+    word.replace('%', "%%")
 }
 
 /// The block: the verifying `openssl s_client` as ProxyCommand (the TLS certificate proves the
@@ -99,6 +117,8 @@ mod tests {
             host_key_alias: Some("edgemux-dev"),
         });
         assert!(block.contains(r"-CAfile '/home/a b/it'\''s/ca.pem'"), "{block}");
+        assert_eq!(shell_word("/ca/100%.pem"), "'/ca/100%%.pem'");
+        assert!(!is_plain_path("/ca\nHost *\n"));
         assert!(block.contains("    HostKeyAlias edgemux-dev\n"));
         assert_eq!(shell_word("certs/dev/ca.pem"), "certs/dev/ca.pem");
     }
@@ -107,7 +127,17 @@ mod tests {
     fn only_plain_hosts_go_into_the_block() {
         assert!(is_plain_host("gw.example.com"));
         assert!(is_plain_host("[2001:db8::1]"));
-        for bad in ["", "gw example", "gw\nHost *", "gw;rm", "gw$(x)"] {
+        assert!(is_plain_host("127.0.0.1"));
+        for bad in [
+            "",
+            "gw example",
+            "gw\nHost *",
+            "gw;rm",
+            "gw$(x)",
+            "-proxy",
+            "2001:db8::1",
+            "[gw]",
+        ] {
             assert!(!is_plain_host(bad), "{bad:?}");
         }
     }

@@ -203,7 +203,6 @@ impl Gateway {
             }
         };
         let limits: LiveLimits = Arc::new(ArcSwap::from_pointee(config.limits.clone()));
-        crate::metrics::connection_cap(config.limits.max_connections);
         let budget = Budget::new(limits.clone());
         let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::new(
             tunnels.clone(),
@@ -271,7 +270,6 @@ impl Gateway {
     pub async fn reload(&self, new: Option<&Config>) {
         if let Some(new) = new {
             self.limits.store(Arc::new(new.limits.clone()));
-            crate::metrics::connection_cap(new.limits.max_connections);
             tracing::info!("limits reloaded");
             warn_restart_needed(&self.config, new);
         }

@@ -72,7 +72,10 @@ pub struct Listeners {
 /// Serves until `shutdown` is cancelled, then drains connections up to a deadline.
 pub async fn run(gw: Arc<Gateway>, listeners: Listeners, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(gw.limits().max_connections));
+    let max_connections = gw.limits().max_connections;
+    // The cap in force for the process's life (a reload does not resize it).
+    crate::metrics::connection_cap(max_connections);
+    let slots = Arc::new(Semaphore::new(max_connections));
     let tasks = (shutdown.clone(), tracker.clone());
     for (listener, cfg) in listeners.main.into_iter().zip(gw.config().listeners.iter()) {
         // Logs and metric labels name the address really bound (a config may ask for port 0).

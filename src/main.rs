@@ -180,7 +180,7 @@ fn keyid(path: &Path, full: bool) -> Result<()> {
 }
 
 fn ssh_config(host: &str, port: u16, ca: Option<&Path>, address: Option<&str>) -> Result<()> {
-    use edgemux::client_config::{is_plain_host, ssh_config, SshTarget};
+    use edgemux::client_config::{is_plain_host, is_plain_path, ssh_config, SshTarget};
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     anyhow::ensure!(is_plain_host(&host), "{host:?} is not a host name");
     let address = address.unwrap_or(&host);
@@ -192,10 +192,18 @@ fn ssh_config(host: &str, port: u16, ca: Option<&Path>, address: Option<&str>) -
         Some(path) => {
             anyhow::ensure!(path.is_file(), "--ca {}: no such file", path.display());
             let path = std::fs::canonicalize(path).with_context(|| format!("--ca {}", path.display()))?;
-            Some(path.display().to_string())
+            let path = path.display().to_string();
+            anyhow::ensure!(
+                is_plain_path(&path),
+                "--ca {path:?}: control characters in the path"
+            );
+            Some(path)
         }
         None => None,
     };
+    // The gateway's SSH host key under a name of its own in known_hosts, apart from any sshd on
+    // the same host name.
+    let alias = format!("edgemux-{host}");
     print!(
         "{}",
         ssh_config(&SshTarget {
@@ -203,7 +211,7 @@ fn ssh_config(host: &str, port: u16, ca: Option<&Path>, address: Option<&str>) -
             server_name: &host,
             connect: &format!("{address}:{port}"),
             ca: ca.as_deref(),
-            host_key_alias: None,
+            host_key_alias: Some(&alias),
         })
     );
     Ok(())

@@ -420,6 +420,21 @@ pub fn cert_expiry(name: &str, unix_secs: i64) {
     gauge!(CERT_EXPIRY, "name" => name.to_owned()).set(unix_secs as f64);
 }
 
+/// A certificate no longer renewed (its on-demand tunnel is gone): its expiry becomes NaN, so
+/// alerts on expiry never fire for it and dashboards show no value. (The exporter cannot drop a
+/// series; a tunnel that comes back sets it again.)
+pub fn cert_abandoned(name: &str) {
+    gauge!(CERT_EXPIRY, "name" => name.to_owned()).set(f64::NAN);
+}
+
+/// Orders start at 0 for each result once ACME is configured, so the first failure is an
+/// increase an alert sees.
+pub fn zero_acme_orders() {
+    for result in ["ok", "failed", "budget"] {
+        counter!(ACME_ORDERS, "result" => result).absolute(0);
+    }
+}
+
 pub fn acme_order(result: &'static str) {
     counter!(ACME_ORDERS, "result" => result).increment(1);
 }

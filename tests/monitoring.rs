@@ -52,7 +52,7 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
         .iter()
         .filter_map(|r| r["alert"].as_str())
         .collect();
-    assert_eq!(alerts.len(), 5, "{alerts:?}");
+    assert_eq!(alerts.len(), 6, "{alerts:?}");
     for alert in alerts {
         assert!(
             tests.contains(&format!("alertname: {alert}")),

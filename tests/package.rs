@@ -1,7 +1,8 @@
 //! The Debian package end to end, on this machine (as root): `scripts/package.sh --dev` builds it
 //! with cargo-deb around the test build, `dpkg -i` installs it, the installed binary passes
 //! `edgemux check` on the installed config and `systemd-analyze verify` passes the installed unit,
-//! and `dpkg -r` removes it leaving no file but the conffile (then `dpkg -P` purges that too).
+//! and `dpkg -r` removes it leaving no file but the conffile (then `dpkg -P` purges that too). The
+//! machine is put back as it was (package, user, state) even when a step fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -42,11 +43,30 @@ fn run(env: &TestEnv, name: &str, program: &str, args: &[&str], limit: Duration)
     out
 }
 
-fn is_installed() -> bool {
+/// dpkg's record of the package: `installed`, `config-files`, `half-configured`, …; empty when
+/// it has none.
+fn package_status() -> String {
     Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", "edgemux"])
+        .args(["-W", "-f=${db:Status-Status}", "edgemux"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("installed"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Puts the machine back as it was, whatever happened: the package purged, its user, group and
+/// state gone.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let quiet = |program: &str, args: &[&str]| {
+            let _ = Command::new(program).args(args).output();
+        };
+        quiet("dpkg", &["-P", "edgemux"]);
+        quiet("deluser", &["--system", "edgemux"]);
+        quiet("delgroup", &["--system", "edgemux"]);
+        let _ = std::fs::remove_dir_all("/var/lib/edgemux");
+    }
 }
 
 #[test]
@@ -56,9 +76,10 @@ fn the_deb_builds_installs_verifies_and_uninstalls_cleanly() {
     assert!(Path::new("/usr/bin/dpkg").exists(), "{HINT}");
     let has_deb = Command::new("cargo").args(["deb", "--version"]).output();
     assert!(has_deb.is_ok_and(|o| o.status.success()), "{HINT}");
+    let before = package_status();
     assert!(
-        !is_installed(),
-        "an edgemux package is installed already; remove it first (dpkg -P edgemux)"
+        before.is_empty() || before == "not-installed",
+        "dpkg knows an edgemux package already ({before}); remove it first: dpkg -P edgemux"
     );
     let env = TestEnv::new();
     let repo = env!("CARGO_MANIFEST_DIR");
@@ -77,11 +98,23 @@ fn the_deb_builds_installs_verifies_and_uninstalls_cleanly() {
         deb.ends_with(&format!("edgemux_{version}-1_amd64.deb")),
         "package name: {deb}"
     );
-    let info = run(&env, "dpkg-deb-info", "dpkg-deb", &["-I", &deb], STEP);
-    assert!(info.stdout.contains("Depends: adduser"), "{}", info.stdout);
+    let info = run(
+        &env,
+        "dpkg-deb-depends",
+        "dpkg-deb",
+        &["-f", &deb, "Depends"],
+        STEP,
+    );
+    let depends = info.stdout.trim().to_owned();
+    assert!(
+        depends.split(',').any(|d| d.trim() == "adduser"),
+        "Depends: {depends}"
+    );
 
     // Installed: every file, the conffile marked as one, the system user, the state directory.
+    let _cleanup = Cleanup;
     run(&env, "dpkg-i", "dpkg", &["-i", &deb], STEP);
+    assert_eq!(package_status(), "installed");
     let installed = std::panic::catch_unwind(|| {
         for file in FILES {
             assert!(Path::new(file).is_file(), "{file} not installed");
@@ -149,19 +182,19 @@ fn the_deb_builds_installs_verifies_and_uninstalls_cleanly() {
     run(&env, "dpkg-r", "dpkg", &["-r", "edgemux"], STEP);
     let left: Vec<&&str> = FILES.iter().filter(|f| Path::new(f).exists()).collect();
     let state_left = Path::new("/var/lib/edgemux").exists();
+    let removed = package_status();
     run(&env, "dpkg-P", "dpkg", &["-P", "edgemux"], STEP);
     let after_purge = Path::new("/etc/edgemux/edgemux.toml").exists();
     if let Err(e) = installed {
         std::panic::resume_unwind(e);
     }
+    assert_eq!(removed, "config-files", "after dpkg -r");
     assert_eq!(left, [&"/etc/edgemux/edgemux.toml"], "dpkg -r left these");
     assert!(!state_left, "dpkg -r left an empty /var/lib/edgemux");
     assert!(!after_purge, "dpkg -P left the conffile");
+    let purged = package_status();
     assert!(
-        Command::new("id")
-            .arg("edgemux")
-            .output()
-            .is_ok_and(|o| !o.status.success()),
-        "purge left the edgemux user"
+        purged.is_empty() || purged == "not-installed",
+        "after dpkg -P: {purged}"
     );
 }

@@ -81,6 +81,7 @@ impl AcmeManager {
             forced = false;
             if on_demand && !self.tunnel_exists(domain) {
                 tracing::info!(domain, "tunnel is gone: its certificate is no longer renewed");
+                crate::metrics::cert_abandoned(domain);
                 return;
             }
             let locked = match self.clearance(domain, current.as_ref()).await {

@@ -107,6 +107,7 @@ impl AcmeManager {
         tunnels: Arc<Tunnels>,
         shared: Option<SharedAcme>,
     ) -> Arc<Self> {
+        crate::metrics::zero_acme_orders();
         let store = Store::new(certs_dir);
         let fleet = shared.and_then(|s| {
             challenges.set_fetch(Fleet::fetcher(s.store.clone()));

@@ -281,7 +281,7 @@ async fn handle(
             text(e.status(), format!("{e}\n"))
         }
     };
-    let response = if html { pages::as_html(response) } else { response };
+    let response = pages::negotiate(response, html);
     let status = response.status().as_u16();
     let protocol = if version == Version::HTTP_2 {
         "h2"

@@ -25,9 +25,10 @@ pub(super) fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
-/// `resp` as an HTML page when it is an error the gateway made itself; anything else as it is.
-/// Headers (`WWW-Authenticate`, `Retry-After`, …) and the status stay.
-pub(super) fn as_html(mut resp: Response<Body>) -> Response<Body> {
+/// An error the gateway made itself, as the client reads it: an HTML page when `html`, else its
+/// short text; either way marked as varying by `Accept`. Anything else (answers from tunnels
+/// above all) as it is. Headers (`WWW-Authenticate`, `Retry-After`, …) and the status stay.
+pub(super) fn negotiate(mut resp: Response<Body>, html: bool) -> Response<Body> {
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
@@ -35,6 +36,11 @@ pub(super) fn as_html(mut resp: Response<Body>) -> Response<Body> {
     let Some(Said(text)) = resp.extensions_mut().remove::<Said>() else {
         return resp;
     };
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
+    if !html {
+        return resp;
+    }
     let title = format!(
         "{} {}",
         status.as_u16(),
@@ -58,12 +64,13 @@ pub(super) fn as_html(mut resp: Response<Body>) -> Response<Body> {
 /// fingerprint to pin, a link to the docs. Nothing about the tunnels.
 pub(super) fn landing(domain: &str, port: u16, fingerprint: &str, html: bool) -> Response<Body> {
     let connect = format!("{domain}:{port}");
+    let alias = format!("edgemux-{domain}");
     let block = ssh_config(&SshTarget {
         alias: domain,
         server_name: domain,
         connect: &connect,
         ca: None,
-        host_key_alias: None,
+        host_key_alias: Some(&alias),
     });
     let ssh = format!("ssh -R myapp:80:localhost:3000 {domain}");
     let url = format!(
@@ -97,6 +104,8 @@ pub(super) fn landing(domain: &str, port: u16, fingerprint: &str, html: bool) ->
     let mut r = Response::new(full(body));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
     r
 }
 
@@ -105,7 +114,8 @@ pub(super) fn docs() -> Response<Body> {
     let mut r = Response::new(full(include_str!("../../README.md").to_owned()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/markdown; charset=utf-8"),
+        // Markdown, shown as text: browsers would offer `text/markdown` as a download.
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
 }
@@ -166,10 +176,11 @@ mod tests {
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
-        let r = as_html(r);
+        let r = negotiate(r, true);
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
         assert_eq!(r.headers()[header::CONTENT_TYPE], HTML);
+        assert_eq!(r.headers()[header::VARY], "accept");
         let html = body(r).await;
         assert!(html.contains("<title>429 Too Many Requests</title>"), "{html}");
         assert!(html.contains("<p>too many requests to &lt;app&gt;</p>"), "{html}");
@@ -181,10 +192,10 @@ mod tests {
     #[tokio::test]
     async fn answers_that_are_not_the_gateways_errors_stay_as_they_are() {
         let ok = super::super::text(StatusCode::OK, "fine\n".into());
-        assert_eq!(as_html(ok).headers()[header::CONTENT_TYPE], TEXT);
+        assert_eq!(negotiate(ok, true).headers()[header::CONTENT_TYPE], TEXT);
         let mut upstream = Response::new(full("<h1>app's own 404</h1>".into()));
         *upstream.status_mut() = StatusCode::NOT_FOUND;
-        assert_eq!(body(as_html(upstream)).await, "<h1>app's own 404</h1>");
+        assert_eq!(body(negotiate(upstream, true)).await, "<h1>app's own 404</h1>");
     }
 
     #[tokio::test]

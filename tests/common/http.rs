@@ -169,6 +169,12 @@ async fn respond(id: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>,
 const WEBSOCKET_PAGE: &str = r#"<!doctype html><html><head><meta charset="utf-8"><title>tunnel page</title></head>
 <body><h1>served through the tunnel</h1><p id="ws">websocket: connecting</p><script>
 const out = document.getElementById("ws");
+// A request held for 2 s keeps headless Chromium's virtual time from running out before the
+// echo, which comes back over real sockets.
+fetch("/sleep/2000");
+// A request held for 2 s keeps headless Chromium's virtual time from running out before the
+// echo, which comes back over real sockets.
+fetch("/sleep/2000");
 const ws = new WebSocket("wss://" + location.host + "/ws");
 ws.onopen = () => ws.send("ping from the browser");
 ws.onmessage = (m) => { out.textContent = "websocket echo: " + m.data; ws.close(); };
