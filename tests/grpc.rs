@@ -215,8 +215,17 @@ async fn app_answer(mut req: Request<hyper::body::Incoming>) -> Result<Response<
     Ok(Response::new(Full::new(body)))
 }
 
-#[test]
-fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
+/// A gateway, and `app` served by the hyper h2c app through `ssh -R … -- upstream=h2c`.
+struct H2cSite {
+    env: TestEnv,
+    gw: Gateway,
+    client: SshClient,
+    rt: tokio::runtime::Runtime,
+    host: String,
+    _tunnel: Proc,
+}
+
+fn h2c_site() -> H2cSite {
     common::require_tools();
     let env = TestEnv::new();
     let gw = env.gateway().start();
@@ -230,6 +239,26 @@ fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
     let app = h2c_app(&rt);
     let _tunnel = h2c_tunnel(&client, "app", app);
     let host = key.host("app");
+    H2cSite {
+        env,
+        gw,
+        client,
+        rt,
+        host,
+        _tunnel,
+    }
+}
+
+#[test]
+fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
+    let H2cSite {
+        env,
+        gw,
+        client,
+        rt,
+        host,
+        _tunnel,
+    } = h2c_site();
 
     // A visitor on HTTP/1.1 still reaches an h2c tunnel.
     let out = curl(&env, &gw, &host, &["--http1.1"], "/hello");
@@ -298,19 +327,14 @@ fn a_slow_visitor_does_not_stall_other_streams_on_the_member_connection() {
 
 #[test]
 fn an_rfc_8441_websocket_reaches_an_h2c_app_as_one() {
-    common::require_tools();
-    let env = TestEnv::new();
-    let gw = env.gateway().start();
-    let key = env.key("ws", KeyKind::Ed25519);
-    let client = gw.ssh(&key, Transport::Tls);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let app = h2c_app(&rt);
-    let _tunnel = h2c_tunnel(&client, "app", app);
-    let host = key.host("app");
+    let H2cSite {
+        env,
+        gw,
+        client: _,
+        rt,
+        host,
+        _tunnel,
+    } = h2c_site();
 
     // An HTTP/1.1 Upgrade cannot be carried to an h2c app: said, not attempted.
     let args = [

@@ -4,10 +4,24 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::http::{http_backend, Visitor};
 use common::process::{run_bounded, Proc};
 use common::ssh::KeyKind;
 use common::{edgemux, TestEnv, DOMAIN, SETUP};
+
+/// `ssh -F CONFIG` with nothing else but the key and a private known_hosts file.
+fn plain_ssh(config: &Path, key: &Path, known_hosts: &Path) -> std::process::Command {
+    let mut ssh = std::process::Command::new("ssh");
+    ssh.arg("-F")
+        .arg(config)
+        .arg("-i")
+        .arg(key)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()));
+    ssh
+}
 
 #[test]
 fn the_printed_block_is_all_a_plain_ssh_needs() {
@@ -42,17 +56,8 @@ fn the_printed_block_is_all_a_plain_ssh_needs() {
 
     // Nothing but the key and a private known_hosts besides the block.
     let backend = http_backend("via-config");
-    let mut ssh = std::process::Command::new("ssh");
-    ssh.arg("-F")
-        .arg(&config)
-        .arg("-i")
-        .arg(&key.private)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            env.path().join("known_hosts").display()
-        ))
-        .args(["-N", "-R", &format!("app:80:127.0.0.1:{backend}"), DOMAIN]);
+    let mut ssh = plain_ssh(&config, &key.private, &env.path().join("known_hosts"));
+    ssh.args(["-N", "-R", &format!("app:80:127.0.0.1:{backend}"), DOMAIN]);
     let tunnel = Proc::spawn(env.path(), "ssh-F", ssh);
     let visitor = Visitor::new(&env, &gw);
     let host = key.host("app");
@@ -83,17 +88,8 @@ fn the_printed_block_is_all_a_plain_ssh_needs() {
     let out = run_bounded(env.path(), "ssh-config-other", cmd, SETUP);
     assert!(out.status.success(), "{}", out.combined());
     std::fs::write(&config, &out.stdout).unwrap();
-    let mut ssh = std::process::Command::new("ssh");
-    ssh.arg("-F")
-        .arg(&config)
-        .arg("-i")
-        .arg(&key.private)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            env.path().join("known_hosts2").display()
-        ))
-        .args([DOMAIN, "tunnels"]);
+    let mut ssh = plain_ssh(&config, &key.private, &env.path().join("known_hosts2"));
+    ssh.args([DOMAIN, "tunnels"]);
     let out = run_bounded(env.path(), "ssh-wrong-ca", ssh, SETUP);
     assert!(
         !out.status.success(),

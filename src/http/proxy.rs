@@ -37,16 +37,7 @@ pub(super) async fn proxy(
         return proxy_h2c(ctx, req, caller, &h2c, (host, ws_h2)).await;
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let shown_host = authority(&req)
-        .and_then(|a| HeaderValue::from_bytes(a).ok())
-        .unwrap_or_else(|| HeaderValue::from_static(""));
-    let origin = forward::Origin {
-        client: client.ip(),
-        host,
-        port: ctx.public_port,
-    };
-    let trusted = ctx.settings.trusts(client.ip());
-    prepare_upstream_request(&mut req, shown_host, (&origin, trusted), upgrade);
+    rewrite_for_app(ctx, &mut req, client.ip(), host, upgrade);
     if ws_h2 {
         websocket::to_upgrade(&mut req);
     }
@@ -86,6 +77,28 @@ pub(super) async fn proxy(
     Ok(resp.map(|b| b.boxed()))
 }
 
+/// The rewrite every proxied request gets ([`prepare_upstream_request`]) with what the gateway
+/// knows of its origin; returns the Host shown to the app.
+fn rewrite_for_app(
+    ctx: &HttpContext,
+    req: &mut Request<Incoming>,
+    client: std::net::IpAddr,
+    host: &str,
+    upgrade: bool,
+) -> HeaderValue {
+    let shown_host = authority(req)
+        .and_then(|a| HeaderValue::from_bytes(a).ok())
+        .unwrap_or_else(|| HeaderValue::from_static(""));
+    let origin = forward::Origin {
+        client,
+        host,
+        port: ctx.public_port,
+    };
+    let trusted = ctx.settings.trusts(client);
+    prepare_upstream_request(req, shown_host.clone(), (&origin, trusted), upgrade);
+    shown_host
+}
+
 /// A member here whose owner asked for `upstream=h2c` (other replicas' members speak HTTP/1.1:
 /// their replica refuses to open an h2c one for a peer).
 fn speaks_h2c(m: &Reach) -> bool {
@@ -115,16 +128,7 @@ async fn proxy_h2c(
         .headers()
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let shown_host = authority(&req)
-        .and_then(|a| HeaderValue::from_bytes(a).ok())
-        .unwrap_or_else(|| HeaderValue::from_static(""));
-    let origin = forward::Origin {
-        client: client.ip(),
-        host,
-        port: ctx.public_port,
-    };
-    let trusted = ctx.settings.trusts(client.ip());
-    prepare_upstream_request(&mut req, shown_host.clone(), (&origin, trusted), false);
+    let shown_host = rewrite_for_app(ctx, &mut req, client.ip(), host, false);
     to_h2(&mut req, &shown_host, trailers);
 
     let ip = client.ip().to_canonical().to_string();
