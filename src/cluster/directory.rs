@@ -180,18 +180,20 @@ impl ClusterDirectory {
                 key: entry.key,
                 host: key.host.clone(),
                 route: key.route,
+                upstream: entry.upstream,
                 retired: AtomicBool::new(false),
             })
         });
-        if handle.key != entry.key {
-            // The host changed hands on that replica: a new handle, so nothing kept alive for the
-            // old owner is reused.
+        if handle.key != entry.key || handle.upstream != entry.upstream {
+            // The host changed hands on that replica, or its app is spoken to otherwise now: a
+            // new handle, so nothing kept alive for the old one is reused.
             *handle = Arc::new(RemoteMembers {
                 id: REMOTE_ID_BIT | self.ids.fetch_add(1, Ordering::Relaxed),
                 replica: rid.to_string(),
                 key: entry.key,
                 host: key.host.clone(),
                 route: key.route,
+                upstream: entry.upstream,
                 retired: AtomicBool::new(false),
             });
         }

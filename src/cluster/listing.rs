@@ -281,6 +281,7 @@ mod tests {
             http,
             tcp: Default::default(),
             since: 1,
+            upstream: Default::default(),
         }
     }
 

@@ -64,12 +64,12 @@ impl PeerHandler for OwnerSide {
             }
             // A tunnel's access rules are checked where its HTTP requests are read, and that is
             // the visitor's replica, which does not have them: such tunnels are served only by
-            // the replica their client is connected to, never opened to a peer unchecked. The
-            // same holds for the protocol the app speaks (h2c, TLS passthrough).
+            // the replica their client is connected to, never opened to a peer unchecked. So are
+            // passthrough tunnels (their TLS is the owner's own: nothing for a peer to route).
             if key.route == Route::Http && !open_to_peers(&members).await {
                 return Err((
                     Status::OpenFailed,
-                    "this tunnel has access rules or is not HTTP/1.1 (upstream=, tls=), which only the replica its client is connected to knows"
+                    "this tunnel has access rules or passes TLS through, which only the replica its client is connected to applies"
                         .to_owned(),
                 ));
             }

@@ -99,11 +99,13 @@ fn rewrite_for_app(
     shown_host
 }
 
-/// A member here whose owner asked for `upstream=h2c` (other replicas' members speak HTTP/1.1:
-/// their replica refuses to open an h2c one for a peer).
+/// A member whose owner asked for `upstream=h2c`: here, by its options; on another replica, as
+/// that replica published it.
 fn speaks_h2c(m: &Reach) -> bool {
-    m.local()
-        .is_some_and(|m| m.gate.upstream() == Some(Upstream::H2c))
+    match m {
+        Reach::Local(m) => m.gate.upstream() == Some(Upstream::H2c),
+        Reach::Remote(r) => r.upstream == Upstream::H2c,
+    }
 }
 
 /// The request on one stream of a member's shared HTTP/2 connection: requests, responses and
@@ -168,7 +170,8 @@ async fn proxy_h2c(
         Ok(Err(e)) => return Err(ProxyError::Upstream(e)),
         Ok(Ok(r)) => r,
     };
-    resp.extensions_mut().insert(Hop("local"));
+    let hop = Hop(if member.local().is_some() { "local" } else { "peer" });
+    resp.extensions_mut().insert(hop);
     if let (StatusCode::OK, Some(downstream)) = (resp.status(), downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut resp);
         let accepted = websocket::accepted(&resp);

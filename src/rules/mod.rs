@@ -94,10 +94,11 @@ impl Rules {
         }
     }
 
-    /// A peer replica may be handed a channel into this tunnel: it has no rule to check and
-    /// speaks HTTP/1.1 (other replicas know neither the rules nor the protocol).
+    /// A peer replica may be handed a channel into this tunnel: it has no rule to check (other
+    /// replicas do not know the rules) and its TLS is terminated by the gateway. Peers speak
+    /// HTTP/1.1 or h2c to it, as the directory says the owner asked.
     pub fn open_to_peers(&self) -> bool {
-        self.is_open() && self.upstream == Upstream::Http1
+        self.is_open() && self.upstream != Upstream::Passthrough
     }
 
     /// No rule at all: every visitor passes, and nothing of the request need be read.

@@ -69,14 +69,21 @@ impl Handler {
             host: host.clone(),
             route: Route::for_port(*port),
         };
-        if let (Route::Http, Some(hook)) = (key.route, &self.ctx.on_http_tunnel) {
-            // Once the owner's options are known: a TLS passthrough tunnel's certificate is the
-            // owner's, and a refused tunnel needs none.
-            let (hook, gate, host) = (hook.clone(), self.shared.gate.clone(), key.host.clone());
+        if key.route == Route::Http {
+            // Once the owner's options are known: on-demand ACME (a TLS passthrough tunnel's
+            // certificate is the owner's, and a refused tunnel needs none), and the cluster's
+            // directory, which publishes how the app is spoken to.
+            let (hook, gate) = (self.ctx.on_http_tunnel.clone(), self.shared.gate.clone());
+            let (tunnels, key) = (self.ctx.tunnels.clone(), key.clone());
             tokio::spawn(async move {
-                let rules = gate.ready(crate::rules::SETTLE_WITHIN).await;
-                if rules.is_some_and(|r| r.upstream != crate::rules::Upstream::Passthrough) {
-                    hook(&host);
+                let Some(rules) = gate.ready(crate::rules::SETTLE_WITHIN).await else {
+                    return;
+                };
+                if rules.upstream != crate::rules::Upstream::Http1 {
+                    tunnels.touch(&key);
+                }
+                if let (Some(hook), true) = (hook, rules.upstream != crate::rules::Upstream::Passthrough) {
+                    hook(&key.host);
                 }
             });
         }

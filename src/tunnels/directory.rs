@@ -31,6 +31,8 @@ pub(crate) struct RemoteMembers {
     pub(crate) key: KeyFingerprint,
     pub(crate) host: String,
     pub(crate) route: Route,
+    /// How the owner's app is spoken to, as the owner's replica published it.
+    pub(crate) upstream: crate::rules::Upstream,
     /// Set once the replica drains, leaves, or no longer serves the pool: streams kept alive to
     /// it are closed, so its channels close and a draining owner can let its clients go.
     pub(crate) retired: AtomicBool,

@@ -143,6 +143,12 @@ impl<M: Send + Sync + 'static> Registry<M> {
         self.observer.set(ObserverSlot(observer)).is_ok()
     }
 
+    /// Tells the observer that something it reads of `key`'s pool changed without a member
+    /// coming or going (a member's options became known).
+    pub(crate) fn touch(&self, key: &TunnelKey) {
+        self.changed(key);
+    }
+
     fn changed(&self, key: &TunnelKey) {
         if let Some(ObserverSlot(observe)) = self.observer.get() {
             observe(key);

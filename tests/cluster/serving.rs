@@ -309,3 +309,41 @@ fn forward_auth_guards_a_tunnel_reached_through_another_replica() {
         "{seen}"
     );
 }
+
+/// An `upstream=h2c` tunnel on r1 is served through r2 too: r1 publishes how its app is spoken
+/// to once the options arrive, and r2 speaks HTTP/2 to it across the peer link.
+#[test]
+fn an_h2c_tunnel_is_served_through_another_replica() {
+    let env = TestEnv::new();
+    let key = env.key("owner", KeyKind::Ed25519);
+    let cluster = Cluster::start(env, |c| c);
+    let spec = format!("app:80:127.0.0.1:{}", crate::common::http::h2c_backend("alpha"));
+    let _owner =
+        cluster
+            .ssh(&key, Via::Replica(1))
+            .spawn("ssh-R-h2c", &["-R", &spec], &["--", "upstream=h2c"]);
+    let host = key.host("app");
+    cluster.wait_placement(&host, &[("r1", 1)]);
+    let via_r2 = cluster.visitor(Via::Replica(2));
+    let started = Instant::now();
+    let answered = poll_until(SETUP, || {
+        let got = via_r2.get(&host, "/id", &[]);
+        (got.status == 200).then(|| got.text())
+    });
+    assert_eq!(
+        answered.as_deref(),
+        Some("h2c alpha"),
+        "r2 never spoke HTTP/2 to r1's h2c tunnel"
+    );
+    eprintln!(
+        "h2c through the hop: served via r2 {:?} after placement",
+        started.elapsed()
+    );
+    cluster.scrape(2).assert_at_least(
+        "edgemux_tunnel_upstream_requests_total",
+        &[("upstream", "h2c")],
+        1.0,
+    );
+    let listed = cluster.tunnels(2).to_string();
+    assert!(listed.contains(&host), "{listed}");
+}

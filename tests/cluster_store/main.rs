@@ -108,6 +108,7 @@ impl Replica {
             http,
             tcp: BTreeMap::from([(5432, 1)]),
             since: 1,
+            upstream: Default::default(),
         };
         self.local.0.lock().unwrap().insert(host.into(), entry);
         self.store.marker().mark(host);

@@ -144,6 +144,7 @@ async fn entries_whose_host_is_not_their_keys_are_dropped_and_counted() {
             http: 1,
             tcp: BTreeMap::new(),
             since: 0,
+            upstream: Default::default(),
         })
         .unwrap()
     };

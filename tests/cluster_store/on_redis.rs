@@ -123,6 +123,7 @@ async fn a_gap_in_the_feed_forces_a_resync_that_gets_it_right() {
             http: 1,
             tcp: BTreeMap::new(),
             since: 1,
+            upstream: Default::default(),
         })
         .unwrap(),
     )

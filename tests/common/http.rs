@@ -122,6 +122,40 @@ pub fn http_backend(id: &str) -> u16 {
     port
 }
 
+/// Starts an h2c backend (prior-knowledge HTTP/2, no TLS) on `127.0.0.1:0` that answers
+/// `h2c ID` to every request, so a visitor can tell it spoke HTTP/2 to the app; returns its port.
+pub fn h2c_backend(id: &str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind h2c backend");
+    let port = listener.local_addr().expect("backend addr").port();
+    listener.set_nonblocking(true).expect("nonblocking backend");
+    let answer = Bytes::from(format!("h2c {id}"));
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        assert_eq!(req.version(), hyper::Version::HTTP_2);
+                        Ok::<_, Infallible>(Response::new(Full::new(answer)))
+                    }
+                });
+                let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                tokio::spawn(async move {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+    });
+    port
+}
+
 async fn respond(id: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let (route, arg) = path[1..].split_once('/').unwrap_or((&path[1..], ""));

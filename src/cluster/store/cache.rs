@@ -372,6 +372,7 @@ mod tests {
             http,
             tcp: BTreeMap::new(),
             since: 7,
+            upstream: Default::default(),
         })
         .unwrap()
     }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::cluster_defaults;
 use crate::names::{is_domain, is_key_id, KeyFingerprint};
+use crate::rules::Upstream;
 
 /// A value is at most this long (SCALEOUT §3.2). Every replica holds every entry: about 200 B
 /// typical, 1 KiB at most, keeps 10,000 tunnels × 3 replicas within a few MB.
@@ -137,6 +138,8 @@ pub struct RouteEntry {
     pub tcp: BTreeMap<u32, u32>,
     /// Unix seconds since the host has been served here.
     pub since: u64,
+    /// How the owner's apps are spoken to (`upstream=h2c`); HTTP/1.1 when not said.
+    pub upstream: Upstream,
 }
 
 /// The JSON form of a [`RouteEntry`]. Unknown fields are ignored, so a newer replica may add
@@ -149,6 +152,9 @@ struct RouteWire {
     #[serde(default)]
     tcp: BTreeMap<String, u32>,
     since: u64,
+    /// `h2c` or `passthrough`; absent for HTTP/1.1 (and from replicas older than the option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
 }
 
 /// What a key under the cluster's prefix names.
@@ -247,6 +253,7 @@ pub fn encode_route(entry: &RouteEntry) -> Result<Vec<u8>, EntryError> {
         http: entry.http,
         tcp: entry.tcp.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
         since: entry.since,
+        upstream: (entry.upstream != Upstream::Http1).then(|| entry.upstream.label().to_owned()),
     };
     let value = serde_json::to_vec(&wire).map_err(|_| EntryError::Malformed)?;
     bounded(value)
@@ -271,6 +278,14 @@ pub(crate) fn decode_route(host: &str, value: &[u8], reserved: &Reserved) -> Res
     if wire.http == 0 && tcp.is_empty() {
         return Err(EntryError::Malformed);
     }
+    // An upstream this replica does not know is refused, not guessed: the host is then served
+    // by its own replica only.
+    let upstream = match wire.upstream.as_deref() {
+        None | Some("h1") => Upstream::Http1,
+        Some("h2c") => Upstream::H2c,
+        Some("passthrough") => Upstream::Passthrough,
+        Some(_) => return Err(EntryError::Malformed),
+    };
     match host_key_id(host) {
         Some(id) if id == key.key_id() => {}
         _ if reserved(host, &key) => {}
@@ -282,6 +297,7 @@ pub(crate) fn decode_route(host: &str, value: &[u8], reserved: &Reserved) -> Res
         http: wire.http,
         tcp,
         since: wire.since,
+        upstream,
     })
 }
 
@@ -309,6 +325,7 @@ mod tests {
             http: 2,
             tcp: BTreeMap::from([(5432, 1)]),
             since: 1_700_000_000,
+            upstream: Upstream::Http1,
         }
     }
 
@@ -359,6 +376,27 @@ mod tests {
         assert!(text.contains("\"tcp\":{\"5432\":1}"), "{text}");
         assert!(text.contains(&FP.to_string()), "{text}");
         assert_eq!(decode_route(&host(), &value, &none), Ok(route()));
+    }
+
+    #[test]
+    fn the_upstream_travels_and_an_unknown_one_is_refused() {
+        let h2c = RouteEntry {
+            upstream: Upstream::H2c,
+            ..route()
+        };
+        let value = encode_route(&h2c).unwrap();
+        assert!(String::from_utf8_lossy(&value).contains("\"upstream\":\"h2c\""));
+        assert_eq!(decode_route(&host(), &value, &none), Ok(h2c));
+        let plain = String::from_utf8(encode_route(&route()).unwrap()).unwrap();
+        assert!(
+            !plain.contains("upstream"),
+            "HTTP/1.1 is said by saying nothing: {plain}"
+        );
+        let future = plain.replacen('{', "{\"upstream\":\"h3\",", 1);
+        assert_eq!(
+            decode_route(&host(), future.as_bytes(), &none),
+            Err(EntryError::Malformed)
+        );
     }
 
     #[test]

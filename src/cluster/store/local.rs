@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::entry::RouteEntry;
-use crate::tunnels::{PoolSummary, Registry, Route};
+use crate::rules::Upstream;
+use crate::tunnels::{PoolSummary, Registry, Route, TunnelKey};
 
 /// This replica's routes, as the publisher reads them. `Send + Sync`: the publisher task holds
 /// it.
@@ -19,14 +20,47 @@ pub trait LocalRoutes: Send + Sync {
     fn all(&self) -> HashMap<String, RouteEntry>;
 }
 
-impl<M: Send + Sync + 'static> LocalRoutes for Registry<M> {
+/// A pool member that says how its app is spoken to, once its owner's options are known.
+pub(crate) trait SpeaksUpstream {
+    fn upstream(&self) -> Option<Upstream>;
+}
+
+impl SpeaksUpstream for crate::tunnels::Member {
+    fn upstream(&self) -> Option<Upstream> {
+        self.gate.upstream()
+    }
+}
+
+impl<M: SpeaksUpstream + Send + Sync + 'static> LocalRoutes for Registry<M> {
     fn routes(&self, hosts: &HashSet<String>) -> HashMap<String, RouteEntry> {
-        route_entries(self.summaries(|h| hosts.contains(h)))
+        with_upstreams(self, route_entries(self.summaries(|h| hosts.contains(h))))
     }
 
     fn all(&self) -> HashMap<String, RouteEntry> {
-        route_entries(self.summaries(|_| true))
+        with_upstreams(self, route_entries(self.summaries(|_| true)))
     }
+}
+
+/// Each HTTP route says `h2c` or `passthrough` when a member here was opened with it (a pool is
+/// as its strictest member), else nothing (HTTP/1.1, or options not known yet: the host is
+/// published again once they are).
+fn with_upstreams<M: SpeaksUpstream + Send + Sync + 'static>(
+    registry: &Registry<M>,
+    mut routes: HashMap<String, RouteEntry>,
+) -> HashMap<String, RouteEntry> {
+    for (host, entry) in routes.iter_mut().filter(|(_, e)| e.http > 0) {
+        let key = TunnelKey {
+            host: host.clone(),
+            route: Route::Http,
+        };
+        for upstream in [Upstream::Passthrough, Upstream::H2c] {
+            if registry.any_member(&key, |m| m.upstream() == Some(upstream)) {
+                entry.upstream = upstream;
+                break;
+            }
+        }
+    }
+    routes
 }
 
 /// Folds pools into one entry per host: HTTP members, TCP members per port, the owner's key, and
@@ -43,6 +77,7 @@ pub(crate) fn route_entries(pools: Vec<PoolSummary>) -> HashMap<String, RouteEnt
             http: 0,
             tcp: Default::default(),
             since,
+            upstream: Upstream::Http1,
         });
         if entry.key != pool.owner {
             tracing::warn!(host = %pool.key.host, "pools of one host with two owners; publishing the first");
@@ -83,6 +118,24 @@ mod tests {
             host: host.into(),
             route,
         }
+    }
+
+    /// Member 9 was opened with `upstream=h2c`, the others said nothing yet.
+    impl SpeaksUpstream for u8 {
+        fn upstream(&self) -> Option<Upstream> {
+            (*self == 9).then_some(Upstream::H2c)
+        }
+    }
+
+    #[test]
+    fn a_pool_with_an_h2c_member_is_published_as_h2c() {
+        let reg = Registry::<u8>::new();
+        let _a = reg.register(key("a", Route::Http), A, |_| 1).unwrap();
+        let _b = reg.register(key("b", Route::Http), A, |_| 1).unwrap();
+        let _b9 = reg.register(key("b", Route::Http), A, |_| 9).unwrap();
+        let all = reg.all();
+        assert_eq!(all["a"].upstream, Upstream::Http1);
+        assert_eq!(all["b"].upstream, Upstream::H2c);
     }
 
     #[test]
