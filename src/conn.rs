@@ -309,7 +309,14 @@ async fn route_tls<S: Stream>(
     if let (Some(sni), false) = (hello.sni(), hello.offers_acme()) {
         // Options still on their way are waited for, within the handshake's own deadline.
         let wait = crate::rules::SETTLE_WITHIN.min(gw.limits().tls_handshake_timeout / 2);
-        if let Some(target) = passthrough::find(gw.tunnels(), &gw.config().domain, sni, wait).await {
+        if let Some(target) = passthrough::find(
+            (gw.tunnels(), gw.directory().as_ref()),
+            &gw.config().domain,
+            sni,
+            wait,
+        )
+        .await
+        {
             let (raw, stream) = hello.into_raw();
             let stream: BoxStream = Box::new(Prefixed::new(raw, stream));
             return Ok(Some((Dest::Passthrough, Transport::Passthrough(target), stream)));

@@ -7,6 +7,7 @@
 //! never briefly terminated), within the TLS stage's own deadline. Only the rules that need no HTTP apply: `allow`, and the
 //! operator's rate, counted per TLS connection.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,11 +19,13 @@ use crate::tunnels::{first_member, Directory, Member, Opened, Reach, Route, Tunn
 /// carry one.
 const SPLICE_BUFFER: usize = 16 * 1024 + 256;
 
-/// A host served by passthrough, and the members here that serve it that way.
+/// A host served by passthrough: the members here that serve it that way, with their rules,
+/// and those other replicas hold (checked by their own replica).
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) host: String,
     members: Vec<(Arc<Member>, Arc<Rules>)>,
+    remote: Vec<Reach>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +54,12 @@ impl PassthroughError {
 /// Whether `sni` names a tunnel host whose members here pass TLS through, waiting at most `wait`
 /// for options still on their way. Members on other replicas are not asked: their replica alone
 /// knows their options, and refuses to open them for a peer.
-pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str, wait: Duration) -> Option<Target> {
+pub(crate) async fn find(
+    (tunnels, directory): (&Tunnels, &dyn Directory),
+    domain: &str,
+    sni: &str,
+    wait: Duration,
+) -> Option<Target> {
     let host = crate::names::canonical_host(sni, domain)?;
     let key = TunnelKey {
         host,
@@ -61,7 +69,13 @@ pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str, wait: Durat
     // the pool's round-robin turn is the HTTP requests').
     let maybe = |m: &Member| !matches!(m.gate.upstream(), Some(Upstream::Http1 | Upstream::H2c));
     if !tunnels.any_member(&key, maybe) {
-        return None;
+        // Held on another replica, which published that it passes TLS through.
+        let remote = directory.passthrough_members(&key);
+        return (!remote.is_empty()).then_some(Target {
+            host: key.host,
+            members: Vec::new(),
+            remote,
+        });
     }
     let mut passthrough = false;
     for m in tunnels.members_in_place(&key) {
@@ -83,7 +97,32 @@ pub(crate) async fn find(tunnels: &Tunnels, domain: &str, sni: &str, wait: Durat
     (!members.is_empty()).then_some(Target {
         host: key.host,
         members,
+        remote: Vec::new(),
     })
+}
+
+/// Lets `client` in if every distinct connection's rules among `members` do (a pool is as
+/// strict as its strictest member): the addresses first, so a refused visitor takes no one's
+/// rate. Also what the owner replica checks for a visitor another replica passes on.
+pub(crate) fn admit(members: &[(Arc<Member>, Arc<Rules>)], client: IpAddr) -> Result<(), PassthroughError> {
+    let mut distinct: Vec<&(Arc<Member>, Arc<Rules>)> = Vec::new();
+    for m in members {
+        if !distinct.iter().any(|d| Arc::ptr_eq(&d.0.gate, &m.0.gate)) {
+            distinct.push(m);
+        }
+    }
+    if distinct.iter().any(|(_, rules)| !rules.allows(client)) {
+        return Err(refused(PassthroughError::Address));
+    }
+    for (member, rules) in distinct {
+        let bucket = member
+            .bucket
+            .get_or_init(|| rules.rate.map(|r| Bucket::new(r, Instant::now())));
+        if bucket.as_ref().is_some_and(|b| b.take(Instant::now()).is_err()) {
+            return Err(refused(PassthroughError::Rate));
+        }
+    }
+    Ok(())
 }
 
 /// Checks `client` against the members' rules, opens a channel to the first member that takes
@@ -97,29 +136,12 @@ pub(crate) async fn serve(
     open_timeout: Duration,
 ) -> Result<(), PassthroughError> {
     let ip = client.client.ip();
-    // Every distinct connection's rules (a pool is as strict as its strictest member): the
-    // addresses first, so a refused visitor takes no one's rate.
-    let mut distinct: Vec<&(Arc<Member>, Arc<Rules>)> = Vec::new();
-    for m in &target.members {
-        if !distinct.iter().any(|d| Arc::ptr_eq(&d.0.gate, &m.0.gate)) {
-            distinct.push(m);
-        }
-    }
-    if distinct.iter().any(|(_, rules)| !rules.allows(ip)) {
-        return Err(refused(PassthroughError::Address));
-    }
-    for (member, rules) in distinct {
-        let bucket = member
-            .bucket
-            .get_or_init(|| rules.rate.map(|r| Bucket::new(r, Instant::now())));
-        if bucket.as_ref().is_some_and(|b| b.take(Instant::now()).is_err()) {
-            return Err(refused(PassthroughError::Rate));
-        }
-    }
+    admit(&target.members, ip)?;
     let members: Vec<Reach> = target
         .members
         .iter()
         .map(|(m, _)| Reach::Local(m.clone()))
+        .chain(target.remote.iter().cloned())
         .collect();
     let origin = ip.to_canonical().to_string();
     let visitor = Visitor {

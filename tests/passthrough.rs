@@ -5,46 +5,21 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::Command;
 
 use common::config::{Listener, ProxyProtocol};
 use common::haproxy::{Haproxy, SendProxy};
 use common::http::{http_backend, pattern, Visitor};
-use common::pki::{leaf, Pki};
-use common::process::{poll_until, run_bounded, Proc};
+use common::process::{run_bounded, Proc};
 use common::prom::Admin;
 use common::ssh::{KeyKind, SshKey, Transport};
 use common::{Gateway, TestEnv, SETUP};
 
 const BODY_LEN: usize = 1024 * 1024;
 
-/// The developer's own TLS server: `openssl s_server -WWW` with a certificate for `host` from a
-/// CA of its own (not the gateway's), serving `body.bin`. Returns the server, its port and the
-/// CA to verify it with.
+/// The developer's own TLS server for `host`, serving `body.bin` (1 MiB).
 fn developer_server(env: &TestEnv, host: &str) -> (Proc, u16, std::path::PathBuf) {
-    let dir = env.path().join("developer");
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = Pki::generate(&dir);
-    let pki_dir = pki.ca.parent().unwrap().to_owned();
-    let cert = leaf(&pki_dir, "app", "developer app", &format!("DNS:{host}"), "7");
-    std::fs::write(dir.join("body.bin"), pattern(BODY_LEN as u64)).unwrap();
-    let port = {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let mut cmd = Command::new("openssl");
-    cmd.current_dir(&dir)
-        .args(["s_server", "-quiet", "-WWW", "-accept"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-cert")
-        .arg(&cert.chain)
-        .arg("-key")
-        .arg(&cert.key);
-    let server = Proc::spawn(&dir, "s_server", cmd);
-    poll_until(SETUP, || std::net::TcpStream::connect(("127.0.0.1", port)).ok())
-        .unwrap_or_else(|| panic!("openssl s_server never listened\n{}", server.describe()));
-    (server, port, pki.ca)
+    common::pki::own_tls_server(&env.path().join("developer"), host, &pattern(BODY_LEN as u64))
 }
 
 struct Site {

@@ -19,6 +19,7 @@ use super::peer::link::client::{PeerClient, PeerError};
 use super::select::{self, Candidate, Target};
 use super::store::{Lookup, ReplicaId, ReplicaState, RouteEntry};
 use crate::config::Spread;
+use crate::rules::Upstream;
 use crate::tunnels::{
     Directory, Finding, MemberId, Opened, Opening, Reach, RemoteMembers, RemoteTunnel, Route, TunnelKey,
     Visitor,
@@ -399,6 +400,20 @@ impl Directory for ClusterDirectory {
                 }
             }
         })
+    }
+
+    fn passthrough_members(&self, key: &TunnelKey) -> Vec<Reach> {
+        let routes = self
+            .listed
+            .routes(&key.host, self.lookup.routes(&key.host), self.copy_addr());
+        let routes: Vec<_> = routes
+            .into_iter()
+            .filter(|(rid, entry)| *rid != self.me && entry.upstream == Upstream::Passthrough)
+            .collect();
+        if routes.is_empty() {
+            return Vec::new();
+        }
+        self.spread(key, Vec::new(), routes)
     }
 
     fn remote_tunnels(&self) -> Vec<RemoteTunnel> {

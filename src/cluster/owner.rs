@@ -66,12 +66,8 @@ impl PeerHandler for OwnerSide {
             // the visitor's replica, which does not have them: such tunnels are served only by
             // the replica their client is connected to, never opened to a peer unchecked. So are
             // passthrough tunnels (their TLS is the owner's own: nothing for a peer to route).
-            if key.route == Route::Http && !open_to_peers(&members).await {
-                return Err((
-                    Status::OpenFailed,
-                    "this tunnel has access rules or passes TLS through, which only the replica its client is connected to applies"
-                        .to_owned(),
-                ));
+            if key.route == Route::Http {
+                admit_peer(&members, req.source().ip()).await?;
             }
             let source = req.source();
             let ip = source.ip().to_canonical().to_string();
@@ -172,13 +168,30 @@ fn route_of(req: &PeerRequest) -> Route {
     }
 }
 
-/// Whether the rules of `members`' connections (awaited while they are being set) let anyone in.
-async fn open_to_peers(members: &[crate::tunnels::Reach]) -> bool {
+/// Whether a peer may open `members` for the visitor at `source`: their connections' rules
+/// (awaited while they are being set) let anyone in, or they pass TLS through and their `allow`
+/// and rate let this visitor in (checked here, where the rules are).
+async fn admit_peer(
+    members: &[crate::tunnels::Reach],
+    source: std::net::IpAddr,
+) -> Result<(), (Status, String)> {
+    let mut passthrough = Vec::new();
     for m in members.iter().filter_map(crate::tunnels::Reach::local) {
         match m.gate.ready(crate::rules::SETTLE_WITHIN).await {
+            Some(rules) if rules.upstream == crate::rules::Upstream::Passthrough => {
+                passthrough.push((m.clone(), rules));
+            }
             Some(rules) if rules.open_to_peers() => {}
-            _ => return false,
+            _ => {
+                let why =
+                    "this tunnel has access rules, applied only on the replica its client is connected to";
+                return Err((Status::OpenFailed, why.to_owned()));
+            }
         }
     }
-    true
+    if passthrough.is_empty() {
+        return Ok(());
+    }
+    crate::passthrough::admit(&passthrough, source.to_canonical())
+        .map_err(|e| (Status::OpenFailed, format!("refused by the tunnel's rules: {e}")))
 }

@@ -29,6 +29,10 @@ pub(super) async fn check(
     members: &[Reach],
 ) -> Result<(), Response<Body>> {
     let forward = ctx.settings.forward_auth.as_ref();
+    let remote_passthrough = |m: &Reach| matches!(m, Reach::Remote(r) if r.upstream == Upstream::Passthrough);
+    if members.iter().any(remote_passthrough) {
+        return Err(misdirected(host));
+    }
     // Nearly every request: no operator check, and every member here settled with no rule.
     if forward.is_none() && members.iter().filter_map(Reach::local).all(|m| m.gate.is_open()) {
         return Ok(());
@@ -50,9 +54,7 @@ pub(super) async fn check(
         strictest.push((m, rules));
     }
     if strictest.iter().any(|(_, r)| r.upstream == Upstream::Passthrough) {
-        // Reached with another SNI (or none): this host's TLS is its owner's, not ours.
-        let why = format!("tunnel {host} is served by TLS passthrough: connect with TLS and SNI {host}\n");
-        return Err(text(StatusCode::MISDIRECTED_REQUEST, why));
+        return Err(misdirected(host));
     }
     if forward.is_none() && strictest.iter().all(|(_, r)| r.is_open()) {
         return Ok(());
@@ -96,6 +98,13 @@ pub(super) async fn check(
         }
     }
     Ok(())
+}
+
+/// HTTP for a passthrough host, reached with another SNI (or none): this host's TLS is its
+/// owner's, not the gateway's.
+fn misdirected(host: &str) -> Response<Body> {
+    let why = format!("tunnel {host} is served by TLS passthrough: connect with TLS and SNI {host}\n");
+    text(StatusCode::MISDIRECTED_REQUEST, why)
 }
 
 fn redeemed(location: String, set_cookie: String) -> Response<Body> {

@@ -159,6 +159,12 @@ pub(crate) trait Directory: Send + Sync {
     fn open<'a>(&'a self, member: &'a Reach, visitor: Visitor<'a>) -> Opening<'a>;
 
     /// Pools other replicas serve (none without a cluster).
+    /// Other replicas' members of `key`'s pool that pass TLS through, in the order to try;
+    /// cheap when there are none (asked on every TLS handshake naming a tunnel host).
+    fn passthrough_members(&self, _key: &TunnelKey) -> Vec<Reach> {
+        Vec::new()
+    }
+
     fn remote_tunnels(&self) -> Vec<RemoteTunnel> {
         Vec::new()
     }

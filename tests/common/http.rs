@@ -343,6 +343,12 @@ impl Visitor {
         self
     }
 
+    /// The same visitor trusting `ca` instead of the test CA (a tunnel's own certificate).
+    pub fn trusting(mut self, ca: &Path) -> Visitor {
+        ca.clone_into(&mut self.ca);
+        self
+    }
+
     /// `https://HOST:PORT/PATH` on the gateway.
     pub fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.port)

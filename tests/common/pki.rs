@@ -149,3 +149,32 @@ pub fn client_config(ca_der: &Path, alpn: Vec<Vec<u8>>) -> std::sync::Arc<rustls
     config.alpn_protocols = alpn;
     std::sync::Arc::new(config)
 }
+
+/// A developer's own TLS server, as a passthrough tunnel's app: `openssl s_server -WWW` in `dir`
+/// with a certificate for `host` (CN `developer app`) from a CA of its own, not the gateway's,
+/// serving `body` as `/body.bin`. Returns the server, its port and the CA to verify it with.
+pub fn own_tls_server(dir: &Path, host: &str, body: &[u8]) -> (super::process::Proc, u16, PathBuf) {
+    fs::create_dir_all(dir).expect("create the server's dir");
+    let pki = Pki::generate(dir);
+    let pki_dir = pki.ca.parent().expect("the PKI dir").to_owned();
+    let cert = leaf(&pki_dir, "app", "developer app", &format!("DNS:{host}"), "7");
+    fs::write(dir.join("body.bin"), body).expect("write body.bin");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir)
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert.chain)
+        .arg("-key")
+        .arg(&cert.key);
+    let server = super::process::Proc::spawn(dir, "s_server", cmd);
+    super::process::poll_until(super::SETUP, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .unwrap_or_else(|| panic!("openssl s_server never listened\n{}", server.describe()));
+    (server, port, pki.ca)
+}

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <prefix><cluster>/replicas/<rid>       {"peer_addr","version","state","started","config_hash"}
-//! <prefix><cluster>/routes/<host>/<rid>  {"key","http","tcp":{"5432":n},"since"}
+//! <prefix><cluster>/routes/<host>/<rid>  {"key","http","tcp":{"5432":n},"since"[,"upstream"]}
 //! ```
 //!
 //! Both live under the writing replica's lease. A host carries its owner's key id, so a route
