@@ -51,9 +51,9 @@ impl PassthroughError {
     }
 }
 
-/// Whether `sni` names a tunnel host whose members here pass TLS through, waiting at most `wait`
-/// for options still on their way. Members on other replicas are not asked: their replica alone
-/// knows their options, and refuses to open them for a peer.
+/// Whether `sni` names a tunnel host whose members pass TLS through: those here, waiting at most
+/// `wait` for options still on their way, else those other replicas published as passthrough
+/// (their replica checks their rules when asked to open one).
 pub(crate) async fn find(
     (tunnels, directory): (&Tunnels, &dyn Directory),
     domain: &str,
@@ -69,7 +69,10 @@ pub(crate) async fn find(
     // the pool's round-robin turn is the HTTP requests').
     let maybe = |m: &Member| !matches!(m.gate.upstream(), Some(Upstream::Http1 | Upstream::H2c));
     if !tunnels.any_member(&key, maybe) {
-        // Held on another replica, which published that it passes TLS through.
+        if tunnels.contains(&key) {
+            return None;
+        }
+        // Held only on other replicas: passed through if one published that it passes TLS.
         let remote = directory.passthrough_members(&key);
         return (!remote.is_empty()).then_some(Target {
             host: key.host,

@@ -375,9 +375,12 @@ impl Directory for ClusterDirectory {
         Box::pin(async move {
             let rid = ReplicaId::parse(&r.replica)?;
             let (peer_addr, _) = self.reach(&rid)?;
-            let (op, port) = match r.route {
-                Route::Http => (Op::DialHttp, 0),
-                Route::Tcp(port) => (Op::DialTcp, u16::try_from(port).ok()?),
+            // The op says what the stream carries, so the owner opens only members that speak it.
+            let (op, port) = match (r.route, r.upstream) {
+                (Route::Http, Upstream::Http1) => (Op::DialHttp, 0),
+                (Route::Http, Upstream::H2c) => (Op::DialH2c, 0),
+                (Route::Http, Upstream::Passthrough) => (Op::DialTls, 0),
+                (Route::Tcp(port), _) => (Op::DialTcp, u16::try_from(port).ok()?),
             };
             let (addr, port_from) = visitor.origin;
             let ip = addr.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));

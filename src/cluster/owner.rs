@@ -14,7 +14,8 @@ use super::peer::link::server::{Dialing, Killing, Looking, PeerHandler, MAX_LIST
 use super::peer::status::Status;
 use super::store::{encode_route, LocalRoutes};
 use crate::io::ClientKey;
-use crate::tunnels::{first_member, Directory, Opened, Route, TunnelKey, Tunnels, Visitor};
+use crate::rules::Upstream;
+use crate::tunnels::{first_member, Directory, Opened, Reach, Route, TunnelKey, Tunnels, Visitor};
 
 /// Serves peer dials and kills from this replica's own tunnels.
 pub(crate) struct OwnerSide {
@@ -66,9 +67,10 @@ impl PeerHandler for OwnerSide {
             // the visitor's replica, which does not have them: such tunnels are served only by
             // the replica their client is connected to, never opened to a peer unchecked. So are
             // passthrough tunnels (their TLS is the owner's own: nothing for a peer to route).
-            if key.route == Route::Http {
-                admit_peer(&members, req.source().ip()).await?;
-            }
+            let members = match key.route {
+                Route::Http => admit_peer(members, req.op(), req.source().ip()).await?,
+                Route::Tcp(_) => members,
+            };
             let source = req.source();
             let ip = source.ip().to_canonical().to_string();
             // The visitor is charged here as if it had landed here: shares and budget.
@@ -163,35 +165,49 @@ impl PeerHandler for OwnerSide {
 /// The route a request names: HTTP for `dial_http` (and a lookup of port 0), else the TCP port.
 fn route_of(req: &PeerRequest) -> Route {
     match (req.op(), req.port()) {
-        (Op::DialHttp, _) | (Op::Lookup, 0) => Route::Http,
+        (Op::DialHttp | Op::DialH2c | Op::DialTls, _) | (Op::Lookup, 0) => Route::Http,
         (_, port) => Route::Tcp(u32::from(port)),
     }
 }
 
-/// Whether a peer may open `members` for the visitor at `source`: their connections' rules
-/// (awaited while they are being set) let anyone in, or they pass TLS through and their `allow`
-/// and rate let this visitor in (checked here, where the rules are).
+/// The members a peer may open for the visitor at `source` with `op`: those whose app is spoken
+/// to as the op says (a peer sends HTTP/1.1 only to HTTP/1.1 members, TLS only to passthrough
+/// ones), once their options are known. HTTP members must have no access rule (the peer cannot
+/// check them); passthrough ones are checked here, `allow` and rate, against the visitor.
 async fn admit_peer(
-    members: &[crate::tunnels::Reach],
+    members: Vec<Reach>,
+    op: Op,
     source: std::net::IpAddr,
-) -> Result<(), (Status, String)> {
-    let mut passthrough = Vec::new();
-    for m in members.iter().filter_map(crate::tunnels::Reach::local) {
-        match m.gate.ready(crate::rules::SETTLE_WITHIN).await {
-            Some(rules) if rules.upstream == crate::rules::Upstream::Passthrough => {
-                passthrough.push((m.clone(), rules));
+) -> Result<Vec<Reach>, (Status, String)> {
+    let wanted = match op {
+        Op::DialH2c => Upstream::H2c,
+        Op::DialTls => Upstream::Passthrough,
+        _ => Upstream::Http1,
+    };
+    let (mut admitted, mut passthrough, mut guarded) = (Vec::new(), Vec::new(), false);
+    for m in members {
+        let Reach::Local(local) = &m else { continue };
+        match local.gate.ready(crate::rules::SETTLE_WITHIN).await {
+            Some(rules) if rules.upstream != wanted => {}
+            Some(rules) if wanted == Upstream::Passthrough => {
+                passthrough.push((local.clone(), rules));
+                admitted.push(m);
             }
-            Some(rules) if rules.open_to_peers() => {}
-            _ => {
-                let why =
-                    "this tunnel has access rules, applied only on the replica its client is connected to";
-                return Err((Status::OpenFailed, why.to_owned()));
-            }
+            Some(rules) if rules.open_to_peers() => admitted.push(m),
+            _ => guarded = true,
         }
     }
-    if passthrough.is_empty() {
-        return Ok(());
+    if guarded {
+        let why = "this tunnel has access rules, applied only on the replica its client is connected to";
+        return Err((Status::OpenFailed, why.to_owned()));
     }
-    crate::passthrough::admit(&passthrough, source.to_canonical())
-        .map_err(|e| (Status::OpenFailed, format!("refused by the tunnel's rules: {e}")))
+    if admitted.is_empty() {
+        let why = format!("no member here takes a {} stream", op.label());
+        return Err((Status::OpenFailed, why));
+    }
+    if !passthrough.is_empty() {
+        crate::passthrough::admit(&passthrough, source.to_canonical())
+            .map_err(|e| (Status::OpenFailed, format!("refused by the tunnel's rules: {e}")))?;
+    }
+    Ok(admitted)
 }

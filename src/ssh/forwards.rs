@@ -72,16 +72,15 @@ impl Handler {
         if key.route == Route::Http {
             // Once the owner's options are known: on-demand ACME (a TLS passthrough tunnel's
             // certificate is the owner's, and a refused tunnel needs none), and the cluster's
-            // directory, which publishes how the app is spoken to.
+            // directory, which publishes the pool then, with how its app is spoken to.
             let (hook, gate) = (self.ctx.on_http_tunnel.clone(), self.shared.gate.clone());
             let (tunnels, key) = (self.ctx.tunnels.clone(), key.clone());
             tokio::spawn(async move {
                 let Some(rules) = gate.ready(crate::rules::SETTLE_WITHIN).await else {
                     return;
                 };
-                if rules.upstream != crate::rules::Upstream::Http1 {
-                    tunnels.touch(&key);
-                }
+                // The directory publishes an HTTP pool only once its options are known.
+                tunnels.touch(&key);
                 if let (Some(hook), true) = (hook, rules.upstream != crate::rules::Upstream::Passthrough) {
                     hook(&key.host);
                 }

@@ -110,6 +110,10 @@ pub(crate) enum Op {
     Kill,
     /// Liveness and the owner's store health (`store=up` | `store=down`), for fencing.
     Ping,
+    /// A stream the dialer speaks HTTP/2 on, to an `upstream=h2c` tunnel.
+    DialH2c,
+    /// A visitor's TLS, ClientHello included, to a `tls=passthrough` tunnel.
+    DialTls,
 }
 
 impl Op {
@@ -121,6 +125,8 @@ impl Op {
             Op::List => 4,
             Op::Kill => 5,
             Op::Ping => 6,
+            Op::DialH2c => 7,
+            Op::DialTls => 8,
         }
     }
 
@@ -132,13 +138,15 @@ impl Op {
             4 => Op::List,
             5 => Op::Kill,
             6 => Op::Ping,
+            7 => Op::DialH2c,
+            8 => Op::DialTls,
             _ => return None,
         })
     }
 
     /// The ops that open a stream (a kill answers and closes).
     pub(crate) fn is_dial(self) -> bool {
-        matches!(self, Op::DialHttp | Op::DialTcp)
+        matches!(self, Op::DialHttp | Op::DialTcp | Op::DialH2c | Op::DialTls)
     }
 
     pub(crate) fn label(self) -> &'static str {
@@ -149,6 +157,8 @@ impl Op {
             Op::List => "list",
             Op::Kill => "kill",
             Op::Ping => "ping",
+            Op::DialH2c => "dial_h2c",
+            Op::DialTls => "dial_tls",
         }
     }
 }
@@ -771,7 +781,7 @@ mod tests {
         // An unknown op, signed.
         let at = position(&bytes, &[SUB_OP, 0, 1, 1, SUB_PORT]) + 3;
         let mut op = bytes.clone();
-        op[at] = 7;
+        op[at] = 9;
         assert_eq!(
             parse_request(&resign(op), &key()),
             Parse::Invalid(CodecError::Field("op"))

@@ -42,8 +42,9 @@ impl<M: SpeaksUpstream + Send + Sync + 'static> LocalRoutes for Registry<M> {
 }
 
 /// Each HTTP route says `h2c` or `passthrough` when a member here was opened with it (a pool is
-/// as its strictest member), else nothing (HTTP/1.1, or options not known yet: the host is
-/// published again once they are).
+/// as its strictest member), else nothing (HTTP/1.1). An HTTP pool whose options are not all
+/// known yet is not published: other replicas would take it for HTTP/1.1 and, for a passthrough
+/// tunnel, terminate its TLS. It is published once they are (the gate's settling touches it).
 fn with_upstreams<M: SpeaksUpstream + Send + Sync + 'static>(
     registry: &Registry<M>,
     mut routes: HashMap<String, RouteEntry>,
@@ -53,6 +54,10 @@ fn with_upstreams<M: SpeaksUpstream + Send + Sync + 'static>(
             host: host.clone(),
             route: Route::Http,
         };
+        if registry.any_member(&key, |m| m.upstream().is_none()) {
+            entry.http = 0;
+            continue;
+        }
         for upstream in [Upstream::Passthrough, Upstream::H2c] {
             if registry.any_member(&key, |m| m.upstream() == Some(upstream)) {
                 entry.upstream = upstream;
@@ -60,6 +65,7 @@ fn with_upstreams<M: SpeaksUpstream + Send + Sync + 'static>(
             }
         }
     }
+    routes.retain(|_, e| e.http > 0 || !e.tcp.is_empty());
     routes
 }
 
@@ -120,10 +126,16 @@ mod tests {
         }
     }
 
-    /// Member 9 was opened with `upstream=h2c`, the others said nothing yet.
+    /// Member 9 was opened with `upstream=h2c`, 7 with `tls=passthrough`, 8's options are not
+    /// known yet, the others are HTTP/1.1.
     impl SpeaksUpstream for u8 {
         fn upstream(&self) -> Option<Upstream> {
-            (*self == 9).then_some(Upstream::H2c)
+            match self {
+                9 => Some(Upstream::H2c),
+                7 => Some(Upstream::Passthrough),
+                8 => None,
+                _ => Some(Upstream::Http1),
+            }
         }
     }
 
@@ -136,6 +148,25 @@ mod tests {
         let all = reg.all();
         assert_eq!(all["a"].upstream, Upstream::Http1);
         assert_eq!(all["b"].upstream, Upstream::H2c);
+        let _b7 = reg.register(key("b", Route::Http), A, |_| 7).unwrap();
+        assert_eq!(
+            reg.all()["b"].upstream,
+            Upstream::Passthrough,
+            "the strictest wins"
+        );
+        let _c = reg.register(key("c", Route::Http), A, |_| 8).unwrap();
+        let _c2 = reg.register(key("c", Route::Tcp(5432)), A, |_| 1).unwrap();
+        let _d = reg.register(key("d", Route::Http), A, |_| 8).unwrap();
+        let all = reg.all();
+        assert_eq!(
+            (all["c"].http, all["c"].tcp.len()),
+            (0, 1),
+            "pending: not published as HTTP"
+        );
+        assert!(
+            !all.contains_key("d"),
+            "nothing to publish until its options are known"
+        );
     }
 
     #[test]
