@@ -30,6 +30,10 @@ pub(crate) struct Inputs {
     pub(crate) fence_after: Option<Duration>,
     /// The last round of pings; `None` when none was sent.
     pub(crate) answers: Option<Answers>,
+    /// The round before, with the store not serving this replica either, heard a peer say `up`.
+    /// Evidence counts only twice in a row: after a store-wide outage the replicas come back a
+    /// moment apart, and the first one back says `up` to one whose watch is still reconnecting.
+    pub(crate) heard_up_before: bool,
     pub(crate) fenced: bool,
 }
 
@@ -68,7 +72,7 @@ pub(crate) fn decide(inputs: Inputs) -> Decision {
         return Decision::Stay;
     }
     match inputs.answers {
-        Some(a) if a.up > 0 => Decision::Fence,
+        Some(a) if a.up > 0 && inputs.heard_up_before => Decision::Fence,
         _ => Decision::Stay,
     }
 }
@@ -120,10 +124,32 @@ mod tests {
                 store_down_for,
                 fence_after,
                 answers,
+                heard_up_before: true,
                 fenced,
             };
             assert_eq!(decide(inputs), want, "{what}");
         }
+    }
+
+    #[test]
+    fn a_first_up_is_not_enough() {
+        let first = Inputs {
+            store_down_for: Some(S(12)),
+            fence_after: Some(S(3)),
+            answers: answers(1, 0, 0),
+            heard_up_before: false,
+            fenced: false,
+        };
+        assert_eq!(
+            decide(first),
+            Decision::Stay,
+            "one peer back first, this one reconnecting"
+        );
+        let again = Inputs {
+            heard_up_before: true,
+            ..first
+        };
+        assert_eq!(decide(again), Decision::Fence, "still cut a round later");
     }
 
     #[test]

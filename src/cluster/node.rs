@@ -157,6 +157,7 @@ impl FenceWatch {
     /// once that is past `fence_after`, and applies [`decide`] (`cluster::fence`).
     async fn run(self, stop: CancellationToken) {
         let mut down_since: Option<Instant> = None;
+        let mut heard_up = false;
         let mut ticks = tokio::time::interval(FENCE_CHECK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -181,8 +182,10 @@ impl FenceWatch {
                 store_down_for,
                 fence_after: self.fence_after,
                 answers,
+                heard_up_before: heard_up,
                 fenced,
             };
+            heard_up = store_down_for.is_some() && answers.is_some_and(|a| a.up > 0);
             match decide(inputs) {
                 Decision::Fence => {
                     tracing::warn!(
