@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::http::{pattern, tls_connect};
+use common::http::{h2_ready, pattern, tls_connect};
 use common::process::{run_bounded, Proc};
 use common::prom::Admin;
 use common::ssh::{KeyKind, SshClient, Transport};
@@ -353,18 +353,7 @@ fn an_rfc_8441_websocket_reaches_an_h2c_app_as_one() {
 
     let (ca, port) = (env.pki.ca_der.clone(), gw.port());
     rt.block_on(async move {
-        let tls = tls_connect(&ca, port, &host, &[b"h2"]).await;
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
-        tokio::spawn(conn);
-        // A first request, so the gateway's SETTINGS (extended CONNECT enabled) have arrived.
-        let hello = Request::get(format!("https://{host}:{port}/hello"))
-            .version(Version::HTTP_2)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        assert_eq!(sender.send_request(hello).await.expect("GET").status(), 200);
+        let mut sender = h2_ready(&ca, port, &host, "/hello").await;
         let connect = Request::builder()
             .method(hyper::Method::CONNECT)
             .version(Version::HTTP_2)

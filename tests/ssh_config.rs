@@ -9,7 +9,7 @@ use std::path::Path;
 use common::http::{http_backend, Visitor};
 use common::process::{run_bounded, Proc};
 use common::ssh::KeyKind;
-use common::{edgemux, TestEnv, DOMAIN, SETUP};
+use common::{edgemux, Gateway, TestEnv, DOMAIN, SETUP};
 
 /// `ssh -F CONFIG` with nothing else but the key and a private known_hosts file.
 fn plain_ssh(config: &Path, key: &Path, known_hosts: &Path) -> std::process::Command {
@@ -23,23 +23,29 @@ fn plain_ssh(config: &Path, key: &Path, known_hosts: &Path) -> std::process::Com
     ssh
 }
 
+/// `edgemux ssh-config gw.test` for `gw`'s port, connecting to 127.0.0.1, trusting `ca`.
+fn ssh_config(env: &TestEnv, gw: &Gateway, ca: &Path) -> common::process::Output {
+    let mut cmd = edgemux();
+    let port = gw.port().to_string();
+    cmd.args([
+        "ssh-config",
+        DOMAIN,
+        "--port",
+        &port,
+        "--address",
+        "127.0.0.1",
+        "--ca",
+    ])
+    .arg(ca);
+    run_bounded(env.path(), "ssh-config", cmd, SETUP)
+}
+
 #[test]
 fn the_printed_block_is_all_a_plain_ssh_needs() {
     let env = TestEnv::new();
     let gw = env.gateway().start();
     let key = env.key("dev", KeyKind::Ed25519);
-    let mut cmd = edgemux();
-    cmd.args([
-        "ssh-config",
-        DOMAIN,
-        "--port",
-        &gw.port().to_string(),
-        "--address",
-        "127.0.0.1",
-        "--ca",
-    ])
-    .arg(&env.pki.ca);
-    let out = run_bounded(env.path(), "ssh-config", cmd, SETUP);
+    let out = ssh_config(&env, &gw, &env.pki.ca);
     assert!(out.status.success(), "{}", out.combined());
     let block = out.stdout;
     assert!(block.starts_with(&format!("Host {DOMAIN}\n")), "{block}");
@@ -73,19 +79,8 @@ fn the_printed_block_is_all_a_plain_ssh_needs() {
     );
 
     // A CA that is not the gateway's: the ProxyCommand refuses, so ssh never talks to it.
-    let mut cmd = edgemux();
     let stranger = common::pki::Pki::generate(&env.path().join("stranger"));
-    cmd.args([
-        "ssh-config",
-        DOMAIN,
-        "--port",
-        &gw.port().to_string(),
-        "--address",
-        "127.0.0.1",
-        "--ca",
-    ])
-    .arg(&stranger.ca);
-    let out = run_bounded(env.path(), "ssh-config-other", cmd, SETUP);
+    let out = ssh_config(&env, &gw, &stranger.ca);
     assert!(out.status.success(), "{}", out.combined());
     std::fs::write(&config, &out.stdout).unwrap();
     let mut ssh = plain_ssh(&config, &key.private, &env.path().join("known_hosts2"));

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::{http_backend, tls_connect};
+use common::http::{h2_ready, http_backend};
 use common::ssh::{KeyKind, Transport};
 use common::{TestEnv, SETUP};
 use futures_util::{SinkExt, StreamExt};
@@ -15,7 +15,7 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper::ext::Protocol;
 use hyper::{Method, Request, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -38,20 +38,7 @@ fn an_rfc_8441_websocket_echoes_100_messages_and_outlives_the_connections_idle_t
         .build()
         .unwrap();
     rt.block_on(async move {
-        let tls = tls_connect(&ca, port, &host, &[b"h2"]).await;
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
-        tokio::spawn(conn);
-        // A plain request first: by its answer the gateway's SETTINGS (with
-        // SETTINGS_ENABLE_CONNECT_PROTOCOL) have arrived.
-        let hello = Request::get(format!("https://{host}:{port}/id"))
-            .version(Version::HTTP_2)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let hello = sender.send_request(hello).await.expect("GET over h2");
-        assert_eq!(hello.status(), StatusCode::OK);
+        let mut sender = h2_ready(&ca, port, &host, "/id").await;
 
         let connect = Request::builder()
             .method(Method::CONNECT)

@@ -91,13 +91,13 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     resp
 }
 
-/// Starts an HTTP/1.1 backend on `127.0.0.1:0` that answers `id` on `/`; returns its port. Its
-/// thread and runtime live until the test process ends.
-pub fn http_backend(id: &str) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http backend");
+/// Binds `127.0.0.1:0` and hands every accepted connection to `serve` (called within a runtime
+/// of its own, so it may spawn), in a thread that lives until the test process ends; returns the
+/// port.
+fn spawn_backend(serve: impl Fn(tokio::net::TcpStream) + Send + 'static) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
     let port = listener.local_addr().expect("backend addr").port();
     listener.set_nonblocking(true).expect("nonblocking backend");
-    let id: Arc<str> = id.into();
     thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -107,53 +107,71 @@ pub fn http_backend(id: &str) -> u16 {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             while let Ok((stream, _)) = listener.accept().await {
-                let id = id.clone();
-                let service = hyper::service::service_fn(move |req| respond(id.clone(), req));
-                tokio::spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades();
-                    // A visitor that goes away mid-body ends the connection; nothing to report.
-                    let _ = conn.await;
-                });
+                serve(stream);
             }
         });
     });
     port
 }
 
+/// Starts an HTTP/1.1 backend on `127.0.0.1:0` that answers `id` on `/`; returns its port.
+pub fn http_backend(id: &str) -> u16 {
+    let id: Arc<str> = id.into();
+    spawn_backend(move |stream| {
+        let id = id.clone();
+        let service = hyper::service::service_fn(move |req| respond(id.clone(), req));
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            // A visitor that goes away mid-body ends the connection; nothing to report.
+            let _ = conn.await;
+        });
+    })
+}
+
 /// Starts an h2c backend (prior-knowledge HTTP/2, no TLS) on `127.0.0.1:0` that answers
 /// `h2c ID` to every request, so a visitor can tell it spoke HTTP/2 to the app; returns its port.
 pub fn h2c_backend(id: &str) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind h2c backend");
-    let port = listener.local_addr().expect("backend addr").port();
-    listener.set_nonblocking(true).expect("nonblocking backend");
     let answer = Bytes::from(format!("h2c {id}"));
-    thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("backend runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-            while let Ok((stream, _)) = listener.accept().await {
-                let answer = answer.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let answer = answer.clone();
-                    async move {
-                        assert_eq!(req.version(), hyper::Version::HTTP_2);
-                        Ok::<_, Infallible>(Response::new(Full::new(answer)))
-                    }
-                });
-                let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-                tokio::spawn(async move {
-                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                });
+    spawn_backend(move |stream| {
+        let answer = answer.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let answer = answer.clone();
+            async move {
+                assert_eq!(req.version(), hyper::Version::HTTP_2);
+                Ok::<_, Infallible>(Response::new(Full::new(answer)))
             }
         });
-    });
-    port
+        let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        tokio::spawn(async move {
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        });
+    })
+}
+
+/// An h2 connection to the gateway for `host` (TLS, ALPN `h2`, its driver spawned), once one
+/// GET of `path` has been answered 200: the gateway's SETTINGS (extended CONNECT among them)
+/// have arrived by then.
+pub async fn h2_ready(
+    ca_der: &Path,
+    port: u16,
+    host: &str,
+    path: &str,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let tls = tls_connect(ca_der, port, host, &[b"h2"]).await;
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(TokioIo::new(tls))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let hello = Request::get(format!("https://{host}:{port}{path}"))
+        .version(hyper::Version::HTTP_2)
+        .body(http_body_util::Empty::new())
+        .expect("a GET");
+    let status = sender.send_request(hello).await.expect("GET over h2").status();
+    assert_eq!(status, StatusCode::OK, "GET {path} over h2");
+    sender
 }
 
 async fn respond(id: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
