@@ -174,9 +174,8 @@ impl Shared {
     }
 
     /// Forgets the connections that closed, idle past [`IDLE_TIMEOUT`] (or never opened), or of
-    /// members that have gone (their streams in flight keep them until they end). Returns how
-    /// many stay.
-    pub(crate) fn sweep(&self) -> usize {
+    /// members that have gone (their streams in flight keep them until they end).
+    pub(crate) fn sweep(&self) {
         let mut members = self.lock();
         members.retain(|_, conns| {
             if !conns.member.is_alive() {
@@ -190,7 +189,6 @@ impl Shared {
             });
             !conns.live.is_empty()
         });
-        members.values().map(|c| c.live.len()).sum()
     }
 
     /// Keeps nothing from now on (shutdown).

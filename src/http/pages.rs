@@ -143,7 +143,7 @@ fn page(title: &str, body: &str) -> String {
 }
 
 /// HTML-escapes `s` for text and attribute values.
-pub(super) fn escape(s: &str) -> String {
+fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
